@@ -1,0 +1,32 @@
+"""safeckpt: save and restore PyTorch training state without pickle, and read the checkpoints
+people already have (torch ``.pt``, Lightning ``.ckpt``, safetensors, sharded and DCP
+directories) without executing a byte of pickle.
+
+Example:
+    >>> import safeckpt
+    >>> safeckpt.save("run.safeckpt", {"model": model, "optimizer": opt, "step": 7})
+    >>> remainder = safeckpt.load("run.safeckpt", {"model": model, "optimizer": opt})
+    >>> safeckpt.load_raw("friend.pt", model)   # read through the restricted unpickler
+"""
+
+from .api import convert, load, load_raw, open, save
+from .errors import CheckpointError, CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
+from .tree import AttributeDict, Checkpoint, TensorRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttributeDict",
+    "Checkpoint",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "TensorRef",
+    "UnknownFormatError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "convert",
+    "load",
+    "load_raw",
+    "open",
+    "save",
+]

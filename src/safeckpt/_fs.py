@@ -1,0 +1,138 @@
+"""Atomic, streaming file writes and memory-mapped reads shared by every format."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from .errors import CorruptCheckpointError
+
+# Writes go out in pieces of this size so a crc can run on one piece while the next is written,
+# and so no single write() exceeds what Linux accepts in one call (2 GiB - 4 KiB).
+CHUNK = 64 << 20
+
+
+def target_file(path: str | os.PathLike[str]) -> Path:
+    """The file a save to ``path`` writes: symlinks followed, a directory refused, parents created."""
+    p = Path(os.path.realpath(os.fspath(path)))
+    if p.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory; give a file path (e.g. {Path(path) / 'checkpoint.safeckpt'}), "
+            "or pass max_shard_size= to write a sharded checkpoint directory"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing: a temporary sibling, fsync, then ``os.replace``.
+
+    On any exception the temporary file is removed and an existing file at ``path`` is untouched.
+    The new file's mode follows the umask, like any file the user creates.
+
+    Example:
+        >>> with atomic_write("out.bin") as f:
+        ...     f.write(b"data")
+    """
+    target = target_file(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            yield f  # type: ignore[misc]
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_all(f: BinaryIO, data: memoryview | bytes) -> None:
+    """Write every byte of ``data``, in pieces no larger than `CHUNK`."""
+    view = memoryview(data).cast("B")
+    fd = f.fileno()
+    pos, n = 0, len(view)
+    while pos < n:
+        pos += os.write(fd, view[pos : pos + CHUNK])
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor's logical value, C-ordered, without a copy when it is already
+    contiguous on the CPU (non-contiguous, lazily conjugated or non-CPU tensors are copied once)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class MappedFile:
+    """A file mapped once (copy-on-write) and cut into tensors on demand.
+
+    Tensors share the map, so opening many costs nothing until their pages are touched; writing
+    to a tensor never changes the file. The file must still be the one that was opened (same
+    size and modification time), else `CorruptCheckpointError`.
+    """
+
+    def __init__(self, path: Path, expect_size: int | None = None) -> None:
+        self.path = path
+        st = os.stat(path)
+        self._stamp = (st.st_size, st.st_mtime_ns)
+        if expect_size is not None and st.st_size != expect_size:
+            raise CorruptCheckpointError(f"{path}: expected {expect_size} bytes, the file has {st.st_size}")
+        self._map: mmap.mmap | None = None
+
+    @property
+    def map(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_size, st.st_mtime_ns) != self._stamp:
+                    raise CorruptCheckpointError(
+                        f"{self.path}: the file changed after it was opened; open it again"
+                    )
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if st.st_size else None
+        assert self._map is not None
+        return self._map
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor stored at ``offset`` (``nbytes`` long) as ``dtype`` and ``shape``, backed by the map."""
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if offset < 0 or offset + nbytes > self._stamp[0]:
+            raise CorruptCheckpointError(f"{self.path}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file")
+        raw = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
+        if offset % dtype.itemsize:
+            raw = raw.clone()  # unaligned data from another writer: copy rather than hand out a misaligned view
+        return raw.view(dtype).reshape(shape)

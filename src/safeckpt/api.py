@@ -1,0 +1,283 @@
+"""save / load / load_raw / open / convert: orchestration only.
+
+Data flows one way: ``path -> formats.detect -> format.read -> Checkpoint -> state.apply -> objects``
+and ``objects -> state.to_saveable -> Checkpoint -> format.write -> path``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import formats, state as st
+from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
+
+PathLike = str | os.PathLike[str]
+TensorFilter = Callable[[str, TensorRef], bool]
+
+__all__ = ["convert", "load", "load_raw", "open", "save"]
+
+
+def _local(path: PathLike) -> Path:
+    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``)."""
+    text = os.fspath(path)
+    if text.startswith("hf://"):
+        from . import hub
+
+        return hub.resolve(text)
+    return Path(text)
+
+
+def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:  # noqa: A001 - mirrors the builtin on purpose
+    """Open any checkpoint the registry reads, reading headers only.
+
+    Args:
+        path: a file or directory (``.safeckpt``, ``.safetensors``, ``.pt``/``.pth``/``.bin``/``.ckpt``,
+            a sharded or DCP directory) or an ``hf://repo/file`` URI.
+        allow: extra pickle globals (``"module.Name"``) to admit as inert data when reading a
+            pickle-based file; see ``formats/torch.md``.
+
+    Example:
+        >>> ckpt = safeckpt.open("friend.pt")
+        >>> ckpt.format, list(ckpt.tensors())[:2]
+        ('torch', ['l1.weight', 'l1.bias'])
+        >>> ckpt.tensors()["l1.weight"].load()   # reads just this tensor
+    """
+    local = _local(path)
+    fmt = formats.detect(local)
+    return fmt.read(local, allow=tuple(allow))
+
+
+def save(
+    path: PathLike,
+    state: Mapping[str, Any] | nn.Module,
+    *,
+    filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
+    format: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Save training state without pickle, atomically (Fabric's ``fabric.save``).
+
+    Top-level modules (unwrapped from DDP, ``torch.compile`` and Fabric), optimizers and any
+    object with ``state_dict``/``load_state_dict`` are saved as their state dicts; every other
+    value is stored as itself. A value that cannot be stored without pickle raises ``TypeError``
+    naming its path before a byte is written; a failed save leaves the previous file intact.
+
+    Args:
+        path: the file to write (parent directories are created).
+        state: a dict of objects (``{"model": model, "optimizer": opt, "step": 7}``), or a module,
+            which saves its bare state dict.
+        filter: ``{key: fn(name, value) -> bool}`` keeps only the items of ``state[key]``'s state dict
+            that ``fn`` accepts; a key whose filter keeps nothing is left out.
+        format: ``"safeckpt"`` (the default), ``"safetensors"`` (tensors only), ``"torch"`` (export).
+            Without it, a ``.safetensors`` path holding only tensors is written as plain safetensors.
+        max_shard_size: write a sharded directory with shards of at most this size ("2GB" or bytes).
+
+    Example:
+        >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
+        PosixPath('run/step-100.safeckpt')
+    """
+    if isinstance(state, nn.Module):
+        tree: Any = st.module_state_dict(st.unwrap(state))
+    else:
+        tree = st.to_saveable(state, filter)
+    ckpt = Checkpoint(tree, format="memory", path="<memory>")
+    fmt, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
+    return fmt.write(ckpt, Path(os.fspath(path)), **opts)
+
+
+def _writer(path: Path, format: str | None, max_shard_size: int | str | None, tree: Any) -> tuple[Any, dict[str, Any]]:
+    opts: dict[str, Any] = {}
+    if max_shard_size is not None:
+        opts["max_shard_size"] = max_shard_size
+        format = format or "safeckpt-sharded"
+    if format is None:
+        format = "safetensors" if path.suffix.lower() == ".safetensors" and _only_tensors(tree) else "safeckpt"
+    fmt = formats.get(format)
+    if not hasattr(fmt, "write"):
+        raise ValueError(f"format {format!r} can be read but not written; writable formats: {', '.join(formats.writable())}")
+    return fmt, opts
+
+
+def _only_tensors(tree: Any) -> bool:
+    leaves = list(iter_leaves(tree))
+    return isinstance(tree, dict) and bool(leaves) and all(isinstance(v, (torch.Tensor, TensorRef)) for _, v in leaves)
+
+
+def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool = True, verify: bool = False) -> dict[Any, Any]:
+    """Load a checkpoint, into ``state``'s objects in place if given (Fabric's ``fabric.load``).
+
+    Without ``state`` the whole checkpoint comes back as plain Python with CPU tensors. With it,
+    modules get ``load_state_dict(sd, strict)``, optimizers and other stateful objects
+    ``load_state_dict(sd)``, and plain values are replaced in ``state``. Everything is checked
+    first (every requested key present unless ``strict=False``; every module's keys and shapes),
+    so a failed load leaves every object untouched.
+
+    Returns:
+        The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
+
+    Example:
+        >>> state = {"model": model, "optimizer": opt, "step": 0}
+        >>> remainder = safeckpt.load("run/step-100.safeckpt", state)
+        >>> state["step"]
+        100
+    """
+    local = _local(path)
+    ckpt = open(local)
+    if verify:
+        _verify(ckpt)
+    if not state:
+        return ckpt.to_python()
+    tree = ckpt.tree
+    if not isinstance(tree, dict):
+        raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
+    if strict:
+        for key in state:
+            if key not in tree:
+                raise KeyError(
+                    f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
+                    "To disable strict loading, set `strict=False`."
+                )
+    targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+    for key, obj in targets.items():
+        sd = tree[key]
+        if isinstance(obj, nn.Module):
+            sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True))) if isinstance(sd, Mapping) else sd
+        st.check(obj, sd, strict, f"{path} (key {key!r})")
+    full = ckpt.to_python()
+    for key, obj in targets.items():
+        value = full.pop(key)
+        if isinstance(obj, nn.Module):
+            st.apply(obj, st.strip_wrapper_prefix(value, set(obj.state_dict(keep_vars=True))), strict)
+        elif st.is_stateful(obj):
+            st.apply(obj, value, strict)
+        else:
+            state[key] = value  # type: ignore[index]
+    return full
+
+
+def load_raw(path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: bool = True) -> None:
+    """Load a bare state dict (a friend's ``torch.save(model.state_dict())``, a safetensors file,
+    a sharded directory) into a module or optimizer (Fabric's ``fabric.load_raw``).
+
+    A Lightning Trainer checkpoint contributes its ``state_dict`` entry. A wrapped checkpoint
+    (``{"model": ..., "optimizer": ...}``) whose keys match nothing in the module is an error that
+    names the keys found, never a silent no-op.
+
+    Example:
+        >>> model = MyModel()
+        >>> safeckpt.load_raw("friend.pt", model)          # restricted unpickler, nothing runs
+        >>> safeckpt.load_raw("model.safetensors", model, strict=False)
+    """
+    target = st.unwrap(obj)
+    ckpt = open(_local(path))
+    tree = ckpt.tree
+    if isinstance(target, nn.Module):
+        sd = tree["state_dict"] if _is_trainer_checkpoint(tree) else tree
+        own = set(target.state_dict(keep_vars=True))
+        if isinstance(sd, Mapping):
+            sd = st.strip_wrapper_prefix(sd, own)
+            if own and not own & set(sd) and _is_wrapped(sd):
+                keys = ", ".join(repr(k) for k in list(sd)[:10])
+                raise RuntimeError(
+                    f"{path} is a wrapped checkpoint with top-level keys {keys}, not a bare state dict: none of "
+                    f"its keys match {type(target).__name__}'s parameters. Load one entry with "
+                    f"safeckpt.load(path, {{'model': model}}) (use the key that holds the weights), or extract it "
+                    f"with `safeckpt convert {path} weights.safetensors --key model`."
+                )
+        st.check_module(target, sd, strict, str(path))
+        st.apply(target, ckpt.to_python(sd), strict)
+    elif isinstance(target, torch.optim.Optimizer):
+        if isinstance(tree, Mapping) and "param_groups" not in tree and _is_wrapped(tree):
+            keys = ", ".join(repr(k) for k in list(tree)[:10])
+            raise ValueError(
+                f"{path} is a wrapped checkpoint with top-level keys {keys}, not a bare optimizer state dict. "
+                "Load it with safeckpt.load(path, {'optimizer': optimizer}) using the key that holds it."
+            )
+        st.check_optimizer(target, tree, str(path))
+        st.apply(target, ckpt.to_python(), strict)
+    else:
+        raise TypeError(
+            f"load_raw takes a torch.nn.Module or torch.optim.Optimizer, got {type(obj).__name__}; "
+            "for other objects use safeckpt.load(path, {'key': obj})"
+        )
+
+
+def _is_trainer_checkpoint(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and isinstance(tree.get("state_dict"), Mapping) and (
+        "pytorch-lightning_version" in tree or ("global_step" in tree and "epoch" in tree)
+    )
+
+
+def _is_wrapped(sd: Mapping[Any, Any]) -> bool:
+    return any(isinstance(v, Mapping) for v in sd.values())
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    format: str | None = None,
+    filter: TensorFilter | None = None,
+    max_shard_size: int | str | None = None,
+    key: Any = None,
+) -> Path:
+    """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
+
+    Args:
+        src: any file, directory or ``hf://`` URI the registry reads.
+        dst: where to write; the format comes from ``format``, else from ``dst``'s extension
+            (``.safetensors`` holding only tensors -> plain safetensors, anything else -> safeckpt).
+        filter: ``fn(name, tensor_ref) -> bool`` keeps the tensors it accepts (``name`` is the
+            tensor's path, e.g. ``model/l1.weight``); non-tensor values are kept.
+        max_shard_size: write a sharded directory.
+        key: convert only this top-level entry (e.g. ``"model"`` or a Trainer's ``"state_dict"``).
+
+    Example:
+        >>> safeckpt.convert("friend.pt", "friend.safetensors")
+        PosixPath('friend.safetensors')
+    """
+    ckpt = open(src)
+    tree = ckpt.tree
+    if key is not None:
+        if not isinstance(tree, Mapping) or key not in tree:
+            found = list(tree)[:10] if isinstance(tree, Mapping) else type(tree).__name__
+            raise KeyError(f"{src} has no top-level key {key!r}; its keys are {found}")
+        tree = tree[key]
+    if filter is not None:
+        tree = _filter_tensors(tree, filter)
+    out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
+    fmt, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
+    return fmt.write(out, Path(os.fspath(dst)), **opts)
+
+
+def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:
+    drop = object()
+    filtered = map_leaves(tree, lambda p, x: drop if isinstance(x, TensorRef) and not keep(path_name(p), x) else x)
+
+    def prune(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = type(node)() if type(node) is not dict else {}
+            for k, v in node.items():
+                if v is not drop:
+                    out[k] = prune(v)
+            return out
+        if type(node) in (list, tuple):
+            return type(node)(prune(v) for v in node if v is not drop)
+        return node
+
+    return prune(filtered)
+
+
+def _verify(ckpt: Checkpoint) -> None:
+    fmt = formats.get(ckpt.format)
+    problems = fmt.verify(ckpt.path) if hasattr(fmt, "verify") else []
+    if problems:
+        from .errors import CorruptCheckpointError
+
+        raise CorruptCheckpointError("; ".join(problems))

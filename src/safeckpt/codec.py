@@ -1,0 +1,260 @@
+"""msgpack encoding of the non-tensor part of a checkpoint.
+
+Plain msgpack carries ``None``, ``bool``, 64-bit ints, ``float`` (``nan``/``inf`` included), ``str``,
+``bytes``, lists and dicts with any scalar keys. Everything else that may appear in training state
+is a msgpack *ext* type whose payload is itself msgpack (codes below; ``formats/safeckpt.md`` is
+the specification). Tensors never go through here: the tree holds a `TENSOR` ext naming the
+tensor stored beside it. Nothing is ever imported or called on decode: each code maps to one
+constructor from a fixed table.
+
+Example:
+    >>> data = encode({"step": 3, "betas": (0.9, 0.999), 0: {1, 2}}, tensor_name=None)
+    >>> decode(data, tensor=None)
+    {'step': 3, 'betas': (0.9, 0.999), 0: {1, 2}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from .errors import CorruptCheckpointError
+from .tree import AttributeDict
+
+__all__ = ["Ext", "decode", "encode", "where"]
+
+
+class Ext:
+    """msgpack ext codes used by safeckpt (stable: part of the file format)."""
+
+    TENSOR = 1  # [name, flags] -> the tensor stored under `name`
+    TUPLE = 2  # [items]
+    SET = 3  # [items]
+    FROZENSET = 4  # [items]
+    BIGINT = 5  # two's-complement big-endian bytes of an int outside [-2**63, 2**64)
+    ORDERED_DICT = 6  # [map, _metadata or nil]
+    ATTRIBUTE_DICT = 7  # map
+    NAMESPACE = 8  # map of str -> value (argparse.Namespace)
+    SIZE = 9  # [ints] (torch.Size)
+    DTYPE = 10  # str, e.g. "float32"
+    DEVICE = 11  # str, e.g. "cuda:1"
+    NP_SCALAR = 12  # [dtype.str, raw bytes]
+    NP_ARRAY = 13  # [dtype.str, shape, raw C-order bytes]
+    PATH = 14  # [class name, str]
+    COMPLEX = 15  # [real, imag]
+    BYTEARRAY = 16  # bytes
+
+
+_PATH_TYPES: dict[str, type] = {
+    c.__name__: c
+    for c in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path)
+}
+_LIGHTNING_ATTRIBUTE_DICTS = {
+    "lightning_fabric.utilities.data",
+    "lightning.fabric.utilities.data",
+    "pytorch_lightning.utilities.parsing",
+    "lightning.pytorch.utilities.parsing",
+}
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+MAX_DEPTH = 512
+
+
+def where(path: tuple[Any, ...], root: str = "state") -> str:
+    """Spell a tree path the way a user would index it: ``state['hparams']['callback']``."""
+    return root + "".join(f"[{k!r}]" for k in path)
+
+
+def _is_attribute_dict(obj: Any) -> bool:
+    cls = type(obj)
+    return cls is AttributeDict or (cls.__name__ == "AttributeDict" and cls.__module__ in _LIGHTNING_ATTRIBUTE_DICTS)
+
+
+def encode(obj: Any, tensor_name: Callable[[tuple[Any, ...], torch.Tensor | Any], list[Any]] | None) -> bytes:
+    """Encode a tree to msgpack bytes.
+
+    ``tensor_name(path, tensor)`` returns the ``[name, flags]`` payload recorded for a tensor leaf
+    (or for a `TensorRef`); with ``None``, tensors are refused. Any value outside the supported
+    types raises ``TypeError`` naming its path, before anything is written.
+    """
+    return msgpack.packb(_prepare(obj, (), tensor_name, 0), use_bin_type=True, strict_types=True)
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, strict_types=True)
+
+
+def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> Any:
+    """Turn a value into msgpack natives and ExtTypes, checking every type on the way."""
+    if depth > MAX_DEPTH:
+        raise TypeError(f"{where(path)} is nested more than {MAX_DEPTH} levels deep; flatten it before saving")
+    cls = type(obj)
+    if obj is None or cls in (bool, str, bytes, float):
+        return obj
+    if cls is int:
+        if _INT64_MIN <= obj <= _UINT64_MAX:
+            return obj
+        n = (obj.bit_length() + 8) // 8
+        return _ext(Ext.BIGINT, obj.to_bytes(n, "big", signed=True))
+    if cls is list:
+        return [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)]
+    if cls is dict:
+        return _prepare_map(obj, path, tensor_name, depth)
+    if cls is tuple:
+        return _ext(Ext.TUPLE, [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)])
+    if isinstance(obj, torch.Tensor) or _is_tensor_ref(obj):
+        if tensor_name is None:
+            raise TypeError(f"{where(path)} is a tensor where only plain values may appear (a dict key or set?)")
+        return _ext(Ext.TENSOR, tensor_name(path, obj))
+    if cls is OrderedDict:
+        meta = getattr(obj, "_metadata", None)
+        meta_enc = _prepare(meta, path + ("_metadata",), None, depth + 1) if meta is not None else None
+        return _ext(Ext.ORDERED_DICT, [_prepare_map(obj, path, tensor_name, depth), meta_enc])
+    if _is_attribute_dict(obj):
+        return _ext(Ext.ATTRIBUTE_DICT, _prepare_map(obj, path, tensor_name, depth))
+    if cls is argparse.Namespace:
+        return _ext(Ext.NAMESPACE, _prepare_map(vars(obj), path, tensor_name, depth))
+    if cls in (set, frozenset):
+        items = [_prepare(v, path + ("<item>",), None, depth + 1) for v in obj]
+        return _ext(Ext.SET if cls is set else Ext.FROZENSET, items)
+    if cls is torch.Size:
+        return _ext(Ext.SIZE, list(obj))
+    if cls is torch.dtype:
+        return _ext(Ext.DTYPE, str(obj).removeprefix("torch."))
+    if cls is torch.device:
+        return _ext(Ext.DEVICE, str(obj))
+    if cls.__name__ in _PATH_TYPES and _PATH_TYPES[cls.__name__] is cls:
+        return _ext(Ext.PATH, [cls.__name__, str(obj)])
+    if cls is complex:
+        return _ext(Ext.COMPLEX, [obj.real, obj.imag])
+    if cls is bytearray:
+        return _ext(Ext.BYTEARRAY, bytes(obj))
+    if isinstance(obj, np.generic) and cls.__module__ == "numpy":
+        return _ext(Ext.NP_SCALAR, [_np_dtype_str(obj.dtype, path), obj.tobytes()])
+    if cls is np.ndarray:
+        dt = _np_dtype_str(obj.dtype, path)
+        return _ext(Ext.NP_ARRAY, [dt, list(obj.shape), np.ascontiguousarray(obj).tobytes()])
+    raise TypeError(
+        f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, which safeckpt cannot store without pickle. "
+        "Store its state instead (a dict of plain values and tensors), or leave it out of the checkpoint"
+    )
+
+
+def _prepare_map(obj: dict[Any, Any], path: tuple[Any, ...], tensor_name: Any, depth: int) -> dict[Any, Any]:
+    out = {}
+    for k, v in obj.items():
+        out[_prepare(k, path + ("<key>",), None, depth + 1)] = _prepare(v, path + (k,), tensor_name, depth + 1)
+    return out
+
+
+def _np_dtype_str(dtype: np.dtype, path: tuple[Any, ...]) -> str:
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufcSUmM":
+        raise TypeError(f"{where(path)} is a numpy value of dtype {dtype}; only plain numeric numpy data can be stored")
+    return dtype.str
+
+
+def _ext(code: int, payload: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(code, _pack(payload))
+
+
+def _is_tensor_ref(obj: Any) -> bool:
+    from .tree import TensorRef
+
+    return isinstance(obj, TensorRef)
+
+
+def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<bytes>") -> Any:
+    """Decode msgpack bytes written by `encode`; ``tensor(payload)`` builds each tensor leaf.
+
+    Unknown ext codes, malformed payloads and over-deep nesting raise `CorruptCheckpointError`
+    naming ``source``.
+    """
+
+    def hook(code: int, payload: bytes) -> Any:
+        value = _unpack(payload)
+        if code == Ext.TENSOR:
+            return _tensor(value)
+        if code not in _BUILD:
+            raise CorruptCheckpointError(f"{source}: unknown msgpack ext type {code} in the skeleton")
+        return _BUILD[code](value)
+
+    def _tensor(value: Any) -> Any:
+        if tensor is None:
+            raise CorruptCheckpointError(f"{source}: a tensor reference where none may appear")
+        return tensor(value)
+
+    def _unpack(payload: bytes) -> Any:
+        return msgpack.unpackb(payload, ext_hook=hook, raw=False, strict_map_key=False, use_list=True)
+
+    try:
+        return _unpack(data)
+    except CorruptCheckpointError:
+        raise
+    except RecursionError:
+        raise CorruptCheckpointError(f"{source}: the skeleton is nested too deeply") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({e})") from None
+
+
+def _ordered(value: list[Any]) -> OrderedDict[Any, Any]:
+    items, meta = value
+    out = OrderedDict(items)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
+def _np_scalar(value: list[Any]) -> Any:
+    dt, raw = value
+    return np.frombuffer(raw, dtype=_np_dtype(dt), count=1)[0]
+
+
+def _np_array(value: list[Any]) -> Any:
+    dt, shape, raw = value
+    dtype = _np_dtype(dt)
+    if math.prod(shape) * dtype.itemsize != len(raw):
+        raise ValueError(f"numpy array of shape {shape} and dtype {dt} needs {math.prod(shape) * dtype.itemsize} bytes")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def _np_dtype(spec: str) -> np.dtype:
+    dtype = np.dtype(spec)
+    if dtype.hasobject or dtype.fields is not None:
+        raise ValueError(f"numpy dtype {spec!r} is not allowed")
+    return dtype
+
+
+def _path(value: list[Any]) -> Any:
+    name, text = value
+    return _PATH_TYPES[name](text)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+_BUILD: dict[int, Callable[[Any], Any]] = {
+    Ext.TUPLE: tuple,
+    Ext.SET: set,
+    Ext.FROZENSET: frozenset,
+    Ext.BIGINT: lambda b: int.from_bytes(b, "big", signed=True),
+    Ext.ORDERED_DICT: _ordered,
+    Ext.ATTRIBUTE_DICT: AttributeDict,
+    Ext.NAMESPACE: lambda m: argparse.Namespace(**m),
+    Ext.SIZE: torch.Size,
+    Ext.DTYPE: _dtype,
+    Ext.DEVICE: torch.device,
+    Ext.NP_SCALAR: _np_scalar,
+    Ext.NP_ARRAY: _np_array,
+    Ext.PATH: _path,
+    Ext.COMPLEX: lambda v: complex(*v),
+    Ext.BYTEARRAY: bytearray,
+}

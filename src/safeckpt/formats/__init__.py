@@ -1,0 +1,83 @@
+"""The format registry: one table, read by content, write by name.
+
+Every format is a module exposing the same names:
+
+- ``NAME``: its registry name; ``EXTENSIONS``: the file extensions it usually carries;
+- ``sniff(head: bytes, path: Path) -> bool``: does this content look like mine? (``head`` is the
+  file's first `HEAD_BYTES` bytes, ``b""`` for a directory; a sniffer never parses beyond headers);
+- ``read(path: Path, *, allow=()) -> Checkpoint``;
+- ``write(ckpt: Checkpoint, path: Path, **opts) -> Path``, if the format is writable.
+
+Formats are tried in table order and imported only when needed. The extension is a tie-breaker,
+never the security boundary: a ``.safetensors`` file holding a pickle is read as the pickle it is,
+by the restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+from ..errors import UnknownFormatError
+
+__all__ = ["HEAD_BYTES", "detect", "get", "names", "writable"]
+
+HEAD_BYTES = 4096
+
+# name -> module, in sniff order (more specific formats first)
+_FORMATS: dict[str, str] = {
+    "safeckpt": "safeckpt.formats.safeckpt",
+}
+
+
+def names() -> list[str]:
+    """Every registered format name, in sniff order."""
+    return list(_FORMATS)
+
+
+def get(name: str) -> ModuleType:
+    """The module implementing format ``name``.
+
+    Example:
+        >>> get("safeckpt").EXTENSIONS
+        ('.safeckpt',)
+    """
+    try:
+        return importlib.import_module(_FORMATS[name])
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(_FORMATS)}") from None
+
+
+def writable() -> list[str]:
+    """Names of the formats that can be written."""
+    return [n for n in _FORMATS if hasattr(get(n), "write")]
+
+
+def detect(path: str | os.PathLike[str]) -> ModuleType:
+    """The format module that reads ``path``, chosen by content (the extension breaks ties).
+
+    Raises ``FileNotFoundError`` for a missing path and `UnknownFormatError`, listing the
+    formats tried, when none recognises it.
+
+    Example:
+        >>> detect("model.safetensors").NAME
+        'safetensors'
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    head = b""
+    if p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    hits = [m for m in map(get, _FORMATS) if m.sniff(head, p)]
+    if not hits:
+        what = "directory" if p.is_dir() else f"file ({p.stat().st_size} bytes)"
+        raise UnknownFormatError(
+            f"{path}: not a checkpoint safeckpt can read; this {what} matched none of the formats tried: "
+            f"{', '.join(_FORMATS)}"
+        )
+    suffix = p.suffix.lower()
+    return next((m for m in hits if suffix in m.EXTENSIONS), hits[0])

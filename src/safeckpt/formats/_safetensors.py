@@ -1,0 +1,296 @@
+"""Reading and writing the safetensors container, shared by every format built on it.
+
+Reading validates more than the safetensors library does (duplicate keys, a tensor named
+``__metadata__``, non-string metadata), and is bounded: the header length is checked against the
+100 MB cap and the file size before a byte of it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._fs import CHUNK, MappedFile, atomic_write, tensor_bytes, write_all
+from ..errors import CorruptCheckpointError
+
+MAX_HEADER = 100_000_000
+MAGIC_MIN = 8 + 2  # length prefix + "{}"
+
+# safetensors dtype code -> torch dtype (F4 counts 4-bit elements: torch's last dim is halved)
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "C64": torch.complex64,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F4": torch.float4_e2m1fn_x2,
+}
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+# dtypes safetensors lacks, stored as their real view: complex128 as F64 [..., 2], complex32 as F16 [..., 2]
+AS_REAL = {torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors header; ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    code: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.code]
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        if self.code == "F4":
+            return self.shape[:-1] + (self.shape[-1] // 2,)
+        return self.shape
+
+
+@dataclass
+class Header:
+    path: Path
+    size: int  # file size
+    data_start: int
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+
+
+def looks_like(head: bytes) -> bool:
+    """Cheap content check: a plausible u64 header length followed by a JSON object."""
+    if len(head) < MAGIC_MIN:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER and head[8 : 8 + n].lstrip(b" \t\r\n")[:1] == b"{"
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate the header of the safetensors file at ``path``.
+
+    Raises `CorruptCheckpointError` naming the file and the problem for anything the format
+    forbids: a header longer than the file or than 100 MB, invalid UTF-8 or JSON, duplicate keys,
+    a tensor named ``__metadata__``, non-string metadata, unknown dtypes, negative dims, sizes that
+    disagree with shape and dtype, holes, overlaps or trailing bytes.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptCheckpointError(f"{path}: {size} bytes is too small for a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER:
+            raise CorruptCheckpointError(f"{path}: declared header of {n} bytes exceeds the 100 MB limit")
+        if 8 + n > size:
+            raise CorruptCheckpointError(f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?")
+        raw = f.read(n)
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """Validate header bytes ``raw`` of a file of ``size`` bytes (see `read_header`)."""
+
+    def bad(msg: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: invalid safetensors header: {msg}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"not UTF-8 ({e})") from None
+    if not text.lstrip().startswith("{"):
+        raise bad("it must be a JSON object starting with '{'")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise bad(f"duplicate key {e.args[0]!r}") from None
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not valid JSON ({e})") from None
+    meta = obj.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ must map strings to strings")
+    data_start = 8 + len(raw)
+    entries: dict[str, Entry] = {}
+    for name, info in obj.items():
+        entries[name] = _entry(name, info, data_start, bad)
+    pos = data_start
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            raise bad(f"tensor {e.name!r} starts at data offset {e.begin - data_start}, expected {pos - data_start} (hole or overlap)")
+        pos = e.end
+    if pos != size:
+        raise bad(f"tensor data ends at byte {pos} but the file has {size} bytes (truncated or trailing data)")
+    return Header(path, size, data_start, entries, meta)
+
+
+def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception]) -> Entry:
+    if not name:
+        raise bad("empty tensor name")
+    if not isinstance(info, dict):
+        raise bad(f"entry {name!r} must be an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in DTYPES and code not in BITS:
+        raise bad(f"tensor {name!r} has unknown dtype {code!r}; known: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise bad(f"tensor {name!r}: shape {shape} of {code} needs {bits / 8:g} bytes, data_offsets give {offsets[1] - offsets[0]}")
+    if code == "F4" and (not shape or shape[-1] % 2):
+        raise bad(f"tensor {name!r}: F4 needs an even last dimension to map onto torch.float4_e2m1fn_x2")
+    return Entry(name, code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def entry_tensor(mapped: MappedFile, e: Entry) -> torch.Tensor:
+    """The tensor an entry describes, backed by the file's map."""
+    if e.code not in DTYPES:
+        raise CorruptCheckpointError(f"{mapped.path}: tensor {e.name!r} has dtype {e.code}, which torch cannot represent")
+    return mapped.tensor(e.begin, e.end - e.begin, e.dtype, e.torch_shape)
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """A tensor to write: its name, what it is declared as, and how to get its bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    get: Callable[[], torch.Tensor]
+
+
+def stored_as(dtype: torch.dtype, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
+    """The safetensors dtype code and header shape a torch tensor is written with."""
+    if dtype in AS_REAL:
+        return CODES[AS_REAL[dtype]], [*shape, 2]
+    if dtype not in CODES:
+        raise TypeError(
+            f"{where} has dtype {dtype}, which safetensors cannot hold and safeckpt has no lossless encoding for; "
+            "convert it (e.g. a quantized tensor's .int_repr() and its scale) before saving"
+        )
+    if dtype == torch.float4_e2m1fn_x2:
+        return "F4", [*shape[:-1], shape[-1] * 2] if shape else [2]
+    return CODES[dtype], list(shape)
+
+
+def write(
+    path: str | os.PathLike[str],
+    items: Iterable[Item],
+    metadata: dict[str, str],
+    *,
+    align: int = 64,
+    checksum_key: str | None = None,
+) -> Path:
+    """Write a safetensors file atomically, streaming each tensor from its own memory.
+
+    Tensors are laid out largest element size first (so each is naturally aligned) and the
+    header is padded with spaces so the data starts on an ``align``-byte boundary. With
+    ``checksum_key``, the metadata entry of that name holds each tensor's CRC-32 (8 hex digits, in
+    data order), computed while writing.
+    """
+    items = sorted(items, key=lambda it: -AS_REAL.get(it.dtype, it.dtype).itemsize)
+    header: dict[str, Any] = {}
+    offset = 0
+    for it in items:
+        code, shape = stored_as(it.dtype, it.shape, it.name)
+        nbytes = _nbytes(it.dtype, it.shape)
+        header[it.name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    meta = dict(metadata)
+    if checksum_key:
+        meta[checksum_key] = "0" * 8 * len(items)
+    blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(blob) > MAX_HEADER:
+        raise ValueError(f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors")
+    blob += b" " * (-(8 + len(blob)) % align)
+    crcs: list[int] = []
+    with atomic_write(path) as f:
+        write_all(f, struct.pack("<Q", len(blob)) + blob)
+        for it in items:
+            t = it.get()
+            if t.dtype != it.dtype or tuple(t.shape) != tuple(it.shape):
+                raise ValueError(f"{path}: tensor {it.name!r} changed while saving (was {it.dtype} {list(it.shape)})")
+            data = tensor_bytes(t)
+            crc = 0
+            for i in range(0, len(data), CHUNK):
+                piece = data[i : i + CHUNK]
+                write_all(f, piece)
+                if checksum_key:
+                    crc = zlib.crc32(piece, crc)
+            crcs.append(crc)
+        if checksum_key:
+            marker = f'"{checksum_key}":"'.encode()
+            at = 8 + blob.index(marker) + len(marker)
+            os.pwrite(f.fileno(), "".join(f"{c:08x}" for c in crcs).encode(), at)
+    return Path(path)
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def checksums(header: Header, key: str) -> dict[str, int] | None:
+    """The per-tensor CRC-32s recorded under metadata ``key`` (data order), or None if absent."""
+    text = header.metadata.get(key)
+    if text is None:
+        return None
+    order = sorted(header.entries.values(), key=lambda e: (e.begin, e.end))
+    if len(text) != 8 * len(order):
+        raise CorruptCheckpointError(f"{header.path}: metadata {key!r} lists {len(text) // 8} checksums for {len(order)} tensors")
+    try:
+        return {e.name: int(text[8 * i : 8 * i + 8], 16) for i, e in enumerate(order)}
+    except ValueError:
+        raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is not hexadecimal") from None

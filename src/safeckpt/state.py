@@ -1,0 +1,170 @@
+"""Objects <-> state dicts: unwrapping on save, validating and applying on load (Fabric's semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .tree import TensorRef
+
+Filter = Mapping[str, Callable[[str, Any], bool]]
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(obj: Any) -> Any:
+    """Strip the wrappers training code puts around a module or optimizer: Fabric's
+    ``_FabricModule``/``_FabricOptimizer``, ``torch.compile``, ``DistributedDataParallel``/``DataParallel``.
+
+    Example:
+        >>> unwrap(torch.compile(model)) is model
+        True
+    """
+    for _ in range(16):
+        name = type(obj).__name__
+        if name == "_FabricModule" and hasattr(obj, "_forward_module"):
+            obj = obj._forward_module
+        elif name == "_FabricOptimizer" and hasattr(obj, "optimizer"):
+            obj = obj.optimizer
+        elif name == "OptimizedModule" and hasattr(obj, "_orig_mod"):
+            obj = obj._orig_mod
+        elif isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            obj = obj.module
+        else:
+            return obj
+    return obj
+
+
+def is_stateful(obj: Any) -> bool:
+    """Fabric's ``_Stateful``: has both ``state_dict`` and ``load_state_dict``."""
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def module_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` without ``_orig_mod.`` components left by compiled submodules."""
+    sd = module.state_dict()
+    if not any("_orig_mod." in k for k in sd):
+        return sd
+    out = type(sd)()
+    for k, v in sd.items():
+        out[".".join(part for part in k.split(".") if part != "_orig_mod")] = v
+    return out
+
+
+def to_saveable(state: Mapping[str, Any], filter: Filter | None) -> dict[Any, Any]:
+    """Fabric's save conversion: top-level modules, optimizers and stateful objects become their
+    state dicts (unwrapped), then each ``filter[key](name, value)`` keeps the items it accepts.
+
+    Example:
+        >>> to_saveable({"model": nn.Linear(2, 2), "step": 3}, {"model": lambda k, v: "weight" in k})
+        {'model': {'weight': tensor(...)}, 'step': 3}
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of objects to save, e.g. {{'model': model}}; got {type(state).__name__}")
+    if filter is not None:
+        if not isinstance(filter, dict):
+            raise TypeError(f"Filter should be a dictionary, given {filter!r}")
+        unknown = set(filter) - set(state)
+        if unknown:
+            raise ValueError(f"The filter keys {unknown} are not present in the state keys {set(state)}.")
+        for k, fn in filter.items():
+            if not callable(fn):
+                raise TypeError(f"Expected `save(filter=...)` for key {k!r} to be a callable, given {fn!r}")
+    out: dict[Any, Any] = {}
+    for key, value in state.items():
+        obj = unwrap(value)
+        if isinstance(obj, nn.Module):
+            value = module_state_dict(obj)
+        elif is_stateful(obj):
+            value = obj.state_dict()
+        if filter is not None and key in filter and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if filter[key](k, v)}
+            if not value:
+                continue  # Fabric drops a key whose filter rejected everything
+        out[key] = value
+    return out
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    if isinstance(x, TensorRef):
+        return x.shape
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    return None
+
+
+def strip_wrapper_prefix(sd: Mapping[str, Any], expected: set[str]) -> Mapping[str, Any]:
+    """Drop a ``module.`` or ``_orig_mod.`` prefix that every key carries and the model does not
+    expect (a state dict saved from a DDP-wrapped or compiled model)."""
+    keys = [k for k in sd if isinstance(k, str)]
+    for prefix in _WRAPPER_PREFIXES:
+        if keys and len(keys) == len(sd) and all(k.startswith(prefix) for k in keys):
+            if not any(k.startswith(prefix) for k in expected):
+                return {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
+    """Raise what ``module.load_state_dict(sd, strict)`` would, before anything is copied.
+
+    Missing and unexpected keys are errors only when ``strict``; a shape mismatch always is.
+    """
+    name = type(module).__name__
+    if not isinstance(sd, Mapping):
+        raise RuntimeError(f"Error(s) in loading state_dict for {name} from {where}: expected a dict of tensors, found a {type(sd).__name__}")
+    own = module.state_dict(keep_vars=True)
+    errors = []
+    if strict:
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if missing:
+            errors.append("Missing key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in missing)))
+        if unexpected:
+            errors.append("Unexpected key(s) in state_dict: {}. ".format(", ".join(f'"{k}"' for k in unexpected)))
+    for k, v in own.items():
+        if k not in sd or isinstance(v, nn.parameter.UninitializedParameter):
+            continue
+        theirs, mine = _shape(sd[k]), _shape(v)
+        if theirs is not None and mine is not None and theirs != mine:
+            errors.append(
+                f"size mismatch for {k}: copying a param with shape {torch.Size(theirs)} from checkpoint, "
+                f"the shape in current model is {torch.Size(mine)}."
+            )
+    if errors:
+        hint = "\nTo load only the keys that match, pass strict=False." if strict and not any("size mismatch" in e for e in errors) else ""
+        raise RuntimeError(f"Error(s) in loading state_dict for {name} from {where}:\n\t" + "\n\t".join(errors) + hint)
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, sd: Any, where: str) -> None:
+    """Raise what ``optimizer.load_state_dict(sd)`` would about the groups, before anything changes."""
+    if not isinstance(sd, Mapping) or "param_groups" not in sd or "state" not in sd:
+        found = list(sd)[:8] if isinstance(sd, Mapping) else type(sd).__name__
+        raise ValueError(f"{where} is not an optimizer state dict (no 'state' and 'param_groups'; found {found})")
+    groups, saved = optimizer.param_groups, sd["param_groups"]
+    if not isinstance(saved, (list, tuple)) or len(groups) != len(saved):
+        raise ValueError(f"loaded state dict has a different number of parameter groups ({where})")
+    for g, s in zip(groups, saved):
+        if not isinstance(s, Mapping) or len(g["params"]) != len(s.get("params", ())):
+            raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's group ({where})")
+
+
+def check(obj: Any, sd: Any, strict: bool, where: str) -> None:
+    """Validate one load target against its (lazy) state."""
+    if isinstance(obj, nn.Module):
+        check_module(obj, sd, strict, where)
+    elif isinstance(obj, torch.optim.Optimizer):
+        check_optimizer(obj, sd, where)
+
+
+def apply(obj: Any, sd: Any, strict: bool) -> None:
+    """Load materialized state ``sd`` into a module, optimizer or other stateful object."""
+    if isinstance(obj, nn.Module):
+        obj.load_state_dict(sd, strict=strict)
+    else:
+        obj.load_state_dict(sd)

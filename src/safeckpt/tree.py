@@ -1,0 +1,330 @@
+"""The common in-memory representation: a `Checkpoint` tree whose tensor leaves are lazy `TensorRef`s.
+
+Every format reads into a `Checkpoint` and writes from one. Walking it, printing it and summing
+its sizes read no tensor data; a tensor's bytes are read (memory-mapped where the file allows)
+only when `TensorRef.load()` is called.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["AttributeDict", "Checkpoint", "TensorRef", "alias_key", "describe", "iter_leaves", "map_leaves", "path_name"]
+
+
+class AttributeDict(dict):  # type: ignore[type-arg]
+    """A dict whose keys are also attributes; saved and loaded back as an `AttributeDict`.
+
+    It behaves like Lightning's ``AttributeDict``, and Lightning's own loads back as this class.
+
+    Example:
+        >>> hp = AttributeDict(lr=0.1, batch_size=32)
+        >>> hp.lr
+        0.1
+        >>> hp.epochs = 3
+        >>> hp["epochs"]
+        3
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'") from e
+
+    def __setattr__(self, key: str, val: Any) -> None:
+        self[key] = val
+
+    def __delattr__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        del self[key]
+
+    def __repr__(self) -> str:
+        if not len(self):
+            return ""
+        width = max(len(str(k)) for k in self) + 3
+        return "\n".join(f"{chr(34) + str(k) + chr(34) + ':':{width}s} {self[k]}" for k in sorted(self, key=str))
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A tensor in a checkpoint, described without reading its bytes.
+
+    Attributes:
+        name: the tensor's name in its file (``model/l1.weight``, ``optimizer/state/0/exp_avg``).
+        dtype: the torch dtype it loads as.
+        shape: its shape.
+        source: the file its bytes live in.
+        storage: identity of the bytes it views: references with equal ``storage`` and ``view``
+            are the same tensor (tied weights); equal ``storage`` alone means shared memory.
+        view: where in ``storage`` this tensor sits (format-specific, hashable).
+        requires_grad / parameter: what the producer recorded about the tensor.
+
+    Example:
+        >>> ref = safeckpt.open("ckpt.safeckpt").tensors()["model/l1.weight"]
+        >>> ref.shape, ref.dtype, ref.nbytes
+        ((2, 2), torch.float32, 16)
+        >>> ref.load()  # reads (maps) the bytes now
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: str
+    loader: Callable[[], torch.Tensor] = field(repr=False)
+    storage: Hashable | None = None
+    view: Hashable | None = None
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def alias_key(self) -> Hashable:
+        """Equal for two references to the same tensor (tied weights); unique otherwise."""
+        if self.storage is None:
+            return id(self)
+        return (self.storage, self.view, self.dtype, self.shape)
+
+    def load(self) -> torch.Tensor:
+        """Read the tensor (memory-mapped where the source allows) and check it is what was declared."""
+        t = self.loader()
+        if t.dtype != self.dtype or tuple(t.shape) != self.shape:
+            from .errors import CorruptCheckpointError
+
+            raise CorruptCheckpointError(
+                f"{self.source}: tensor {self.name!r} declared {self.dtype} {list(self.shape)} "
+                f"but reads as {t.dtype} {list(t.shape)}; the file is damaged"
+            )
+        if self.parameter:
+            t = torch.nn.Parameter(t, requires_grad=self.requires_grad)
+        return t
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.name!r}, {str(self.dtype).removeprefix('torch.')}, {list(self.shape)})"
+
+
+def _is_container(obj: Any) -> bool:
+    return isinstance(obj, dict) or type(obj) in (list, tuple)
+
+
+def iter_leaves(tree: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Yield ``(path, leaf)`` for every leaf of a tree of dicts, lists and tuples, in order.
+
+    Example:
+        >>> list(iter_leaves({"a": [1, 2], "b": {"c": 3}}))
+        [(('a', 0), 1), (('a', 1), 2), (('b', 'c'), 3)]
+    """
+    stack: list[tuple[tuple[Any, ...], Any]] = [(prefix, tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((path + (k,), v) for k, v in reversed(list(node.items())))
+        elif type(node) in (list, tuple):
+            stack.extend((path + (i,), v) for i, v in reversed(list(enumerate(node))))
+        else:
+            yield path, node
+
+
+def map_leaves(tree: Any, fn: Callable[[tuple[Any, ...], Any], Any], prefix: tuple[Any, ...] = ()) -> Any:
+    """Rebuild a tree with ``fn(path, leaf)`` at every leaf, keeping container types (and a
+    state dict's ``_metadata``).
+
+    Example:
+        >>> map_leaves({"a": (1, 2)}, lambda path, x: x * 10)
+        {'a': (10, 20)}
+    """
+    if isinstance(tree, dict):
+        out = type(tree)() if type(tree) in (dict, OrderedDict, AttributeDict) else {}
+        for k, v in tree.items():
+            out[k] = map_leaves(v, fn, prefix + (k,))
+        meta = getattr(tree, "_metadata", None)
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
+    if type(tree) is list:
+        return [map_leaves(v, fn, prefix + (i,)) for i, v in enumerate(tree)]
+    if type(tree) is tuple:
+        return tuple(map_leaves(v, fn, prefix + (i,)) for i, v in enumerate(tree))
+    return fn(prefix, tree)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """The readable name of a tree path: its keys joined by ``/``.
+
+    Example:
+        >>> path_name(("optimizer", "state", 0, "exp_avg"))
+        'optimizer/state/0/exp_avg'
+    """
+    return "/".join(str(k) for k in path)
+
+
+class Checkpoint:
+    """A checkpoint as a lazy tree: dicts, lists and tuples whose leaves are plain values or
+    `TensorRef`s. What `safeckpt.open` returns and what every format reads into and writes from.
+
+    Attributes:
+        tree: the root (usually a dict).
+        format: the registry name of the format it was read from.
+        path: the file or directory it was read from.
+        metadata: string metadata the format carries (safetensors ``__metadata__``, HF index metadata).
+        info: facts the reader found worth reporting (producer, Lightning version, globals seen).
+
+    Example:
+        >>> ckpt = safeckpt.open("friend.pt")   # reads headers only
+        >>> ckpt.format, len(ckpt.tensors()), ckpt.nbytes
+        ('torch', 4, 1296)
+        >>> weights = ckpt.to_python()          # plain dict of tensors
+    """
+
+    def __init__(
+        self,
+        tree: Any,
+        *,
+        format: str,
+        path: str | Path,
+        metadata: dict[str, str] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.format = format
+        self.path = Path(path)
+        self.metadata = dict(metadata or {})
+        self.info = dict(info or {})
+
+    # -- mapping-like access to the root -------------------------------------------------
+    def __getitem__(self, key: Any) -> Any:
+        return self.tree[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(self.tree, dict) and key in self.tree
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.tree) if isinstance(self.tree, dict) else iter(())
+
+    def __len__(self) -> int:
+        return len(self.tree) if isinstance(self.tree, dict) else 0
+
+    def keys(self) -> list[Any]:
+        """The root's keys (``[]`` if the root is not a dict)."""
+        return list(self.tree) if isinstance(self.tree, dict) else []
+
+    # -- tensors ------------------------------------------------------------------------
+    def tensors(self) -> dict[str, TensorRef]:
+        """Every tensor leaf by its path name (``model/l1.weight``), in tree order."""
+        return {path_name(p): leaf for p, leaf in iter_leaves(self.tree) if isinstance(leaf, TensorRef)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data, each tied tensor counted once."""
+        return sum(r.nbytes for r in self._unique())
+
+    @property
+    def numel(self) -> int:
+        """Number of tensor elements, each tied tensor counted once."""
+        return sum(r.numel for r in self._unique())
+
+    def _unique(self) -> list[TensorRef]:
+        seen: dict[Hashable, TensorRef] = {}
+        for _, leaf in iter_leaves(self.tree):
+            if isinstance(leaf, TensorRef):
+                seen.setdefault(leaf.alias_key, leaf)
+        return list(seen.values())
+
+    def tied(self) -> list[list[str]]:
+        """Groups of tensor names that are the same tensor (tied weights), written once on save."""
+        groups: dict[Hashable, list[str]] = {}
+        for name, ref in self.tensors().items():
+            groups.setdefault(ref.alias_key, []).append(name)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def to_python(self, subtree: Any = None) -> Any:
+        """Materialize the tree (or ``subtree``, a part of it) as plain Python with CPU tensors.
+
+        Tied tensors come back as one tensor object, as ``torch.load`` gives them.
+        """
+        cache: dict[Hashable, torch.Tensor] = {}
+
+        def leaf(_: tuple[Any, ...], x: Any) -> Any:
+            if isinstance(x, TensorRef):
+                key = x.alias_key
+                if key not in cache:
+                    cache[key] = x.load()
+                return cache[key]
+            return x
+
+        return map_leaves(self.tree if subtree is None else subtree, leaf)
+
+    def __repr__(self) -> str:
+        refs = self._unique()
+        return (
+            f"<Checkpoint format={self.format!r} path='{self.path}' tensors={len(refs)} "
+            f"bytes={sum(r.nbytes for r in refs)}>"
+        )
+
+    def __str__(self) -> str:
+        return describe(self.tree, title=f"{self.path} ({self.format})")
+
+
+def describe(tree: Any, *, title: str = "", depth: int | None = None, width: int = 60) -> str:
+    """An indented outline of a tree: tensors as dtype and shape, small values as themselves.
+
+    Example:
+        >>> print(describe({"step": 3, "model": {"w": ref}}))
+        step: 3
+        model:
+          w: float32 [2, 2]
+    """
+    lines = [title] if title else []
+
+    def short(x: Any) -> str:
+        if isinstance(x, TensorRef):
+            return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+        if isinstance(x, torch.Tensor):
+            return f"tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+        text = repr(x) if not isinstance(x, AttributeDict) else repr(dict(x))
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    def walk(node: Any, indent: int) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            pad = "  " * indent
+            if _is_container(v) and len(v) and (depth is None or indent + 1 < depth):
+                lines.append(f"{pad}{k}:")
+                walk(v, indent + 1)
+            elif _is_container(v) and len(v):
+                lines.append(f"{pad}{k}: <{type(v).__name__} of {len(v)}>")
+            else:
+                lines.append(f"{pad}{k}: {short(v)}")
+
+    if _is_container(tree):
+        walk(tree, 0)
+    else:
+        lines.append(short(tree))
+    return "\n".join(lines)
+
+
+
+def alias_key(x: torch.Tensor | TensorRef) -> Hashable:
+    """Equal for two tensor leaves that are the same tensor (tied weights), live or lazy."""
+    if isinstance(x, TensorRef):
+        return x.alias_key
+    if x.numel() == 0 or x.device.type == "meta":
+        return id(x)
+    return ("live", x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.stride(), x.dtype, tuple(x.shape))
