@@ -113,8 +113,8 @@ class TensorRef:
                 f"but reads as {t.dtype} {list(t.shape)}; the file is damaged"
             )
         if self.parameter:
-            t = torch.nn.Parameter(t, requires_grad=self.requires_grad)
-        return t
+            return torch.nn.Parameter(t, requires_grad=self.requires_grad)
+        return t.requires_grad_() if self.requires_grad and (t.is_floating_point() or t.is_complex()) else t
 
     def __repr__(self) -> str:
         return f"TensorRef({self.name!r}, {str(self.dtype).removeprefix('torch.')}, {list(self.shape)})"
@@ -325,6 +325,6 @@ def alias_key(x: torch.Tensor | TensorRef) -> Hashable:
     """Equal for two tensor leaves that are the same tensor (tied weights), live or lazy."""
     if isinstance(x, TensorRef):
         return x.alias_key
-    if x.numel() == 0 or x.device.type == "meta":
+    if x.layout != torch.strided or x.device.type == "meta" or x.numel() == 0:
         return id(x)
     return ("live", x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.stride(), x.dtype, tuple(x.shape))
