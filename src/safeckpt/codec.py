@@ -112,7 +112,7 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         return _ext(Ext.TUPLE, [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)])
     if isinstance(obj, torch.Tensor) or _is_tensor_ref(obj):
         if tensor_name is None:
-            raise TypeError(f"{where(path)} is a tensor where only plain values may appear (a dict key or set?)")
+            raise TypeError(f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict")
         return _ext(Ext.TENSOR, tensor_name(path, obj))
     if cls is OrderedDict:
         meta = getattr(obj, "_metadata", None)
@@ -121,7 +121,7 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
     if _is_attribute_dict(obj):
         return _ext(Ext.ATTRIBUTE_DICT, _prepare_map(obj, path, tensor_name, depth))
     if cls is argparse.Namespace:
-        return _ext(Ext.NAMESPACE, _prepare_map(vars(obj), path, tensor_name, depth))
+        return _ext(Ext.NAMESPACE, _prepare_map(vars(obj), path, None, depth))
     if cls in (set, frozenset):
         items = [_prepare(v, path + ("<item>",), None, depth + 1) for v in obj]
         return _ext(Ext.SET if cls is set else Ext.FROZENSET, items)
