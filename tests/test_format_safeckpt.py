@@ -86,3 +86,40 @@ def test_round_trip_full_state(tmp_path: Path) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 5}
     path = safeckpt.save(tmp_path / "x.safeckpt", state)
     assert_bits_equal(state, safeckpt.load(path))
+
+
+def test_walking_printing_and_sizing_read_no_tensor_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Net()
+    path = safeckpt.save(tmp_path / "c.safeckpt", {"model": model, "step": 3})
+
+    def no_data(self: object) -> None:
+        raise AssertionError("tensor data was read")
+
+    from safeckpt import _fs
+
+    monkeypatch.setattr(_fs.MappedFile, "map", property(no_data))
+    ckpt = safeckpt.open(path)
+    assert "model" in str(ckpt) and "l1.weight" in str(ckpt)
+    assert ckpt.nbytes == sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert ckpt["step"] == 3 and ckpt.tensors()["model/l1.weight"].shape == (3, 4)
+    with pytest.raises(AssertionError, match="tensor data was read"):
+        ckpt.tensors()["model/l1.weight"].load()
+
+
+def _rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
+def test_load_into_a_module_copies_from_the_map_without_a_second_copy(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(24)])  # ~100 MB
+    path = safeckpt.save(tmp_path / "big.safeckpt", {"model": model})
+    target = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(24)])
+    size = sum(p.numel() * 4 for p in model.parameters())
+    before = _rss_anon()
+    safeckpt.load(path, {"model": target})
+    grown = _rss_anon() - before
+    assert grown < size // 10, f"anonymous memory grew by {grown >> 20} MiB loading a {size >> 20} MiB model"
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters()))
