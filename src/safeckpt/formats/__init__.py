@@ -29,6 +29,8 @@ HEAD_BYTES = 4096
 # name -> module, in sniff order (more specific formats first)
 _FORMATS: dict[str, str] = {
     "safeckpt": "safeckpt.formats.safeckpt",
+    "safetensors": "safeckpt.formats.safetensors_file",
+    "hf-sharded": "safeckpt.formats.hf_sharded",
 }
 
 

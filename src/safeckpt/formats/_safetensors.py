@@ -117,7 +117,7 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     """Validate header bytes ``raw`` of a file of ``size`` bytes (see `read_header`)."""
 
     def bad(msg: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: invalid safetensors header: {msg}")
+        return CorruptCheckpointError(f"{path}: invalid safetensors header: {msg if len(msg) <= 500 else msg[:500] + '...'}")
 
     try:
         text = raw.decode("utf-8")
@@ -132,8 +132,13 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     except (ValueError, RecursionError) as e:
         raise bad(f"not valid JSON ({e})") from None
     meta = obj.pop("__metadata__", {})
+    if isinstance(meta, dict) and "data_offsets" in meta:
+        raise bad("a tensor is named '__metadata__', a name the format reserves for metadata; no reader accepts it")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise bad("__metadata__ must map strings to strings")
+    for s in (*obj, *meta, *meta.values()):
+        if not _is_unicode(s):
+            raise bad(f"string {s.encode('utf-8', 'backslashreplace')[:80]!r} holds an unpaired surrogate escape, which is not Unicode")
     data_start = 8 + len(raw)
     entries: dict[str, Entry] = {}
     for name, info in obj.items():
@@ -155,25 +160,41 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"entry {name!r} must be an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if code not in DTYPES and code not in BITS:
-        raise bad(f"tensor {name!r} has unknown dtype {code!r}; known: {', '.join(DTYPES)}")
+        raise bad(f"tensor {name!r} has unknown dtype {_short(code)}; known: {', '.join([*DTYPES, *BITS])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    numel = 1
-    for d in shape:
-        numel *= d
-    bits = numel * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
-    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
-        raise bad(f"tensor {name!r}: shape {shape} of {code} needs {bits / 8:g} bytes, data_offsets give {offsets[1] - offsets[0]}")
+        raise bad(f"tensor {name!r} has invalid data_offsets {_short(offsets)} (two integers, begin <= end)")
     if code == "F4" and (not shape or shape[-1] % 2):
         raise bad(f"tensor {name!r}: F4 needs an even last dimension to map onto torch.float4_e2m1fn_x2")
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel > 1 << 64:  # already larger than any file; stop before a long shape makes this quadratic
+            break
+    bits = numel * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        need = f"{bits // 8}" if numel <= 1 << 64 else "more than 2**64"
+        raise bad(f"tensor {name!r}: shape {_short(shape)} of {code} needs {need} bytes, data_offsets give {offsets[1] - offsets[0]}")
     return Entry(name, code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    text = repr(x) if not isinstance(x, list) or len(x) <= 16 else repr(x[:16])[:-1] + f", ... ({len(x)} items)]"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Duplicate(Exception):
@@ -294,3 +315,23 @@ def checksums(header: Header, key: str) -> dict[str, int] | None:
         return {e.name: int(text[8 * i : 8 * i + 8], 16) for i, e in enumerate(order)}
     except ValueError:
         raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is not hexadecimal") from None
+
+
+def checksum_problems(header: Header, key: str) -> list[str] | None:
+    """Recompute every tensor's CRC-32 and compare with metadata ``key``; None if nothing is recorded."""
+    recorded = checksums(header, key)
+    if recorded is None:
+        return None
+    mapped = MappedFile(header.path, header.size)
+    problems = []
+    for name, entry in header.entries.items():
+        if entry.end == entry.begin:
+            continue
+        data = memoryview(mapped.map)[entry.begin : entry.end]
+        crc = 0
+        for i in range(0, len(data), CHUNK):
+            crc = zlib.crc32(data[i : i + CHUNK], crc)
+        data.release()
+        if crc != recorded[name]:
+            problems.append(f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})")
+    return problems
