@@ -1,0 +1,1142 @@
+"""A restricted pickle VM: reads protocols 0-5 without importing or calling anything named by the data.
+
+Every ``GLOBAL``/``STACK_GLOBAL`` is looked up, by its exact ``module.name`` string, in a fixed
+table of `Handler`s (`BASE` plus the caller's ``extra``). A handler is our own code: it checks its
+arguments and builds a plain value (an ``OrderedDict``, a ``torch.Size``, a numpy array from its
+bytes). A name outside the table raises `UnsafeCheckpointError` before the VM runs: the whole
+pickle is scanned first (`globals_in`), so a refused file builds nothing. Opcodes that resolve
+classes without a global (``INST``, ``OBJ``, ``EXT*``) and out-of-band buffers are refused, and
+every length, the memo and the nesting are bounded by the input (spec: ``formats/torch.md``).
+
+Example:
+    >>> unpickle(pickle.dumps({"step": 3, "betas": (0.9, 0.99)}), source="x.pkl")
+    {'step': 3, 'betas': (0.9, 0.99)}
+    >>> unpickle(b"cposix\\nsystem\\n(S'id'\\ntR.", source="evil.pkl")
+    Traceback (most recent call last):
+    safeckpt.errors.UnsafeCheckpointError: evil.pkl: the pickle refers to global 'posix.system', ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import math
+import pathlib
+import re
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..tree import AttributeDict
+
+__all__ = [
+    "BASE",
+    "DENIED_MODULES",
+    "Global",
+    "Handler",
+    "Inert",
+    "globals_in",
+    "is_denied",
+    "unpickle",
+    "unpickle_at",
+]
+
+MAX_MEMO = 1 << 22  # memo entries (each costs at least one byte of input)
+MAX_MARK_DEPTH = 10_000  # open MARKs
+MAX_LONG_BYTES = 4096  # LONG1/LONG4 payload: a 32768-bit integer is already absurd in a checkpoint
+MAX_KEY_ITEMS = 1024  # elements in a tuple/frozenset used as a dict key or set member (hashing cost)
+HIGHEST_PROTOCOL = 5
+
+_NO_VALUE: Any = object()
+
+
+@dataclass(frozen=True)
+class Handler:
+    """What one allowed global does in the VM. Every callable is safeckpt's own code.
+
+    Attributes:
+        value: pushed by ``GLOBAL`` when the name is a plain value (a dtype, a storage type).
+            Without it, ``GLOBAL`` pushes a `Global` reference to this handler.
+        call: ``REDUCE``: ``call(*args) -> object``.
+        new: ``NEWOBJ``/``NEWOBJ_EX``: ``new(*args) -> object`` (keyword arguments are refused).
+        build: ``BUILD`` on an object that ``call``/``new`` made: ``build(obj, state) -> obj``; it may
+            return a different object, which replaces ``obj`` on the stack and in the memo.
+
+    A handler raises `CorruptCheckpointError` (or `UnsafeCheckpointError`) for arguments it does
+    not accept; ``TypeError``/``ValueError`` from it are turned into `CorruptCheckpointError`.
+
+    Example:
+        >>> extra = {"mylib.Point": Handler(call=lambda x, y: (float(x), float(y)))}
+    """
+
+    value: Any = _NO_VALUE
+    call: Callable[..., Any] | None = None
+    new: Callable[..., Any] | None = None
+    build: Callable[[Any, Any], Any] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Global:
+    """A reference to an allowed global on the VM's stack (a class or function we never import)."""
+
+    name: str
+    handler: Handler
+
+    def __repr__(self) -> str:
+        return f"<global {self.name}>"
+
+
+@dataclass(eq=False)
+class Inert:
+    """An object of a global admitted with ``allow=``: a record of how the pickle built it.
+
+    Nothing of the named class is imported or called; ``args`` are what ``REDUCE``/``NEWOBJ``
+    passed, ``state`` what ``BUILD`` set, ``items``/``listitems`` what ``SETITEM(S)``/``APPEND(S)``
+    added. `as_dict` is the plain-dict form readers put in the checkpoint tree.
+    """
+
+    name: str
+    args: tuple[Any, ...] | None = None
+    state: Any = None
+    items: dict[Any, Any] = field(default_factory=dict)
+    listitems: list[Any] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"__global__": self.name}
+        if self.args is not None:
+            out["args"] = self.args
+        if self.state is not None:
+            out["state"] = self.state
+        if self.items:
+            out["items"] = self.items
+        if self.listitems:
+            out["listitems"] = self.listitems
+        return out
+
+
+# -- the refusal list: never admitted, not even with allow= ----------------------------------------
+
+DENIED_MODULES = frozenset(
+    """os posix nt subprocess sys runpy importlib pkgutil operator functools pickle _pickle pickletools
+    copyreg copy_reg marshal shutil socket webbrowser pty ctypes code codeop types inspect dill joblib
+    cloudpickle asyncio multiprocessing threading signal tempfile io builtins __builtin__ torch.jit
+    torch._inductor torch.utils._config_module numpy.lib.npyio""".split()  # noqa: SIM905
+)
+DENIED_NAMES = frozenset(
+    {
+        "torch.load",
+        "torch.serialization.load",
+        "torch.serialization._load",
+        "torch.serialization._legacy_load",
+        "torch.storage._load_from_bytes",
+        "torch._utils._rebuild_device_tensor_from_numpy",
+        "numpy.load",
+        "numpy.loads",
+    }
+)
+_GLOBAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# python 2 module names written by protocol <= 2 writers (torch.save's default protocol is 2)
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+_PY2_NAMES = {"builtins.xrange": "builtins.range", "builtins.unicode": "builtins.str", "builtins.long": "builtins.int"}
+
+
+def is_denied(name: str) -> bool:
+    """True for globals that can run code or load other pickles; ``allow=`` cannot admit them.
+
+    Example:
+        >>> is_denied("posix.system"), is_denied("builtins.str.__class__"), is_denied("omegaconf.DictConfig")
+        (True, True, False)
+    """
+    if name in DENIED_NAMES or "__" in name.rpartition(".")[2] or ".__" in name:
+        return True
+    return any(name == m or name.startswith(m + ".") for m in DENIED_MODULES)
+
+
+def _full_name(module: str, name: str) -> str:
+    full = f"{_PY2_MODULES.get(module, module)}.{name}"
+    return _PY2_NAMES.get(full, full)
+
+
+def _allowed_by(patterns: Iterable[str]) -> Callable[[str], bool]:
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for p in patterns:
+        if not isinstance(p, str) or not _GLOBAL_NAME.match(p.removesuffix(".*")):
+            raise ValueError(f"allow= takes global names like 'package.module.Class' or 'package.*', got {p!r}")
+        if p.endswith(".*"):
+            prefixes.append(p[:-1])
+        else:
+            exact.add(p)
+    return lambda name: name in exact or any(name.startswith(q) for q in prefixes)
+
+
+# -- the base table: values every pickle-based reader may meet ---------------------------------------
+
+
+def _bad(what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(what)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "latin_1", "utf-8", "utf8"):
+        raise _bad(f"_codecs.encode only turns text into bytes, got ({type(text).__name__}, {encoding!r})")
+    return text.encode(encoding)
+
+
+def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
+    if isinstance(data, str) and encoding is not None:
+        data = _codecs_encode(data, encoding)
+    if not isinstance(data, (bytes, bytearray)):
+        raise _bad(f"bytearray from a {type(data).__name__}")
+    return bytearray(data)
+
+
+def _check_key(obj: Any) -> None:
+    """Refuse set members / dict keys that are not plain hashable data, or cost much to hash."""
+    if isinstance(obj, (tuple, frozenset)):
+        todo, seen = [obj], 0
+        while todo:
+            item = todo.pop()
+            if isinstance(item, (tuple, frozenset)):
+                seen += len(item)
+                if seen > MAX_KEY_ITEMS:
+                    raise _bad(f"a dict key or set member holds more than {MAX_KEY_ITEMS} items")
+                todo.extend(item)
+            else:
+                _check_key(item)
+    elif isinstance(obj, (list, dict, set, bytearray, Inert)):
+        raise _bad(f"a {type(obj).__name__} cannot be a dict key or set member")
+
+
+def _set(items: Any = ()) -> set[Any]:
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise _bad(f"set() of a {type(items).__name__}")
+    for x in items:
+        _check_key(x)
+    return set(items)
+
+
+def _frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_set(items))
+
+
+def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    if not all(type(x) in (int, float) for x in (real, imag)):
+        raise _bad("complex() takes two numbers")
+    return complex(real, imag)
+
+
+def _ordered_dict(items: Any = ()) -> collections.OrderedDict[Any, Any]:
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items):
+        raise _bad("OrderedDict() takes a list of (key, value) pairs")
+    for k, _ in items:
+        _check_key(k)
+    return collections.OrderedDict(items)
+
+
+def _ordered_dict_build(obj: collections.OrderedDict[Any, Any], state: Any) -> Any:
+    # torch's state_dict() carries its per-module versions in `_metadata`; nothing else is expected
+    if state in (None, {}):
+        return obj
+    if not isinstance(state, dict) or set(state) != {"_metadata"}:
+        keys = sorted(map(repr, state)) if isinstance(state, dict) else type(state).__name__
+        raise _bad(f"an OrderedDict may only carry the attribute '_metadata', this one sets {keys}")
+    obj._metadata = state["_metadata"]  # type: ignore[attr-defined]
+    return obj
+
+
+def _counter(items: Any = None) -> collections.Counter[Any]:
+    if items is not None and not isinstance(items, dict):
+        raise _bad("Counter() takes a dict")
+    for k in items or ():
+        _check_key(k)
+    return collections.Counter(items or {})
+
+
+def _attribute_dict(*args: Any) -> AttributeDict:
+    if args and not (len(args) == 1 and isinstance(args[0], dict)):
+        raise _bad("AttributeDict() takes at most one dict")
+    return AttributeDict(args[0]) if args else AttributeDict()
+
+
+def _empty_build(obj: Any, state: Any) -> Any:
+    if state not in (None, {}):
+        raise _bad(f"{type(obj).__name__} carries no attributes, the pickle sets {type(state).__name__} state")
+    return obj
+
+
+def _namespace(*args: Any) -> argparse.Namespace:
+    if args:
+        raise _bad("argparse.Namespace() takes no positional arguments")
+    return argparse.Namespace()
+
+
+def _namespace_build(ns: argparse.Namespace, state: Any) -> argparse.Namespace:
+    if not isinstance(state, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+        raise _bad("argparse.Namespace state must be a dict of attribute names")
+    for k, v in state.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def _path(cls: type[pathlib.PurePath]) -> Callable[..., pathlib.PurePath]:
+    def make(*parts: Any) -> pathlib.PurePath:
+        if not all(isinstance(p, str) for p in parts):
+            raise _bad(f"{cls.__name__}() takes strings")
+        return cls(*parts)
+
+    return make
+
+
+def _size(dims: Any = ()) -> torch.Size:
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int and d >= 0 for d in dims):
+        raise _bad(f"torch.Size() takes non-negative ints, got {dims!r}")
+    return torch.Size(dims)
+
+
+_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]{1,6})?\Z")
+
+
+def _device(kind: Any, index: Any = None) -> torch.device:
+    if (
+        not isinstance(kind, str)
+        or not _DEVICE.match(kind)
+        or not (index is None or (type(index) is int and 0 <= index < 1 << 20))
+    ):
+        raise _bad(f"torch.device({kind!r}, {index!r}) is not a device")
+    try:
+        return torch.device(kind) if index is None else torch.device(kind, index)
+    except RuntimeError as e:
+        raise _bad(f"torch.device({kind!r}): {e}") from None
+
+
+_LAYOUTS = {
+    f"torch.{n}": getattr(torch, n)
+    for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged")
+    if hasattr(torch, n)
+}
+
+
+def _layout(name: Any) -> torch.layout:
+    if name not in _LAYOUTS:
+        raise _bad(f"unknown torch layout {name!r}")
+    return _LAYOUTS[name]
+
+
+# numpy: plain numeric and string data only; object and structured dtypes never.
+_NP_SPEC = re.compile(r"(b1|i[1248]|u[1248]|f[248]|c(8|16)|[SU][0-9]{1,9})\Z")
+
+
+class _NumpyDtype:
+    """A numpy dtype waiting for its BUILD state (the byte order lives there)."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+
+def _np_dtype(spec: Any, align: Any = False, copy: Any = True) -> _NumpyDtype:
+    if not isinstance(spec, str) or not _NP_SPEC.match(spec) or type(align) is not bool or type(copy) is not bool:
+        raise UnsafeCheckpointError(
+            f"numpy dtype {spec!r} is not allowed (only bool, int, uint, float, complex and string dtypes; "
+            "object arrays carry nested pickles)"
+        )
+    return _NumpyDtype(spec)
+
+
+def _np_dtype_build(obj: _NumpyDtype, state: Any) -> np.dtype:
+    if not (isinstance(state, tuple) and len(state) == 8 and state[0] in (3, 4) and state[1] in ("<", ">", "|", "=")):
+        raise _bad(f"numpy dtype {obj.spec!r}: unexpected state {state!r:.80}")
+    _, order, subarray, names, fields, elsize, _alignment, _flags = state
+    if subarray is not None or names is not None or fields is not None:
+        raise UnsafeCheckpointError(f"numpy dtype {obj.spec!r}: structured and sub-array dtypes are not allowed")
+    kind, order = obj.spec[0], "" if order in "|=" else order
+    if kind in "SU" and type(elsize) is int and 0 <= elsize < 1 << 30:
+        return np.dtype(f"{order}{kind}{elsize // 4 if kind == 'U' else elsize}")
+    return np.dtype(f"{order}{obj.spec}")
+
+
+def _real_dtype(d: Any) -> np.dtype:
+    if isinstance(d, _NumpyDtype):
+        return np.dtype(d.spec)
+    if not isinstance(d, np.dtype):
+        raise _bad(f"expected a numpy dtype, got {type(d).__name__}")
+    return d
+
+
+def _np_scalar(dtype: Any, data: Any = None) -> Any:
+    dtype = _real_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise _bad(f"numpy scalar of {dtype} needs {dtype.itemsize} bytes")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+class _NumpyArray:
+    """A numpy array waiting for its BUILD state (shape, dtype and bytes live there)."""
+
+
+def _np_reconstruct(cls: Any, shape: Any = (0,), typecode: Any = b"b") -> _NumpyArray:
+    if not (isinstance(cls, Global) and cls.name in ("numpy.ndarray",)):
+        raise UnsafeCheckpointError(f"numpy _reconstruct of {cls!r}: only numpy.ndarray is allowed")
+    return _NumpyArray()
+
+
+def _array(shape: Any, dtype: np.dtype, fortran: Any, raw: Any) -> np.ndarray:
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape) or type(fortran) is not bool:
+        raise _bad("numpy array: bad shape or order")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise UnsafeCheckpointError(
+            "numpy array without raw bytes: object arrays carry nested pickles and are not allowed"
+        )
+    if math.prod(shape) * dtype.itemsize != len(raw):
+        raise _bad(
+            f"numpy array of shape {shape} and dtype {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, has {len(raw)}"
+        )
+    flat = np.frombuffer(bytes(raw), dtype=dtype)
+    return flat.reshape(shape, order="F" if fortran else "C").copy(order="F" if fortran else "C")
+
+
+def _np_reconstruct_build(obj: _NumpyArray, state: Any) -> np.ndarray:
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+        raise _bad("numpy array: unexpected state")
+    _, shape, dtype, fortran, raw = state
+    return _array(shape, _real_dtype(dtype), fortran, raw)
+
+
+def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    # protocol 5 arrays pickled in-band: numpy.core.numeric._frombuffer(bytes, dtype, shape, order)
+    if order not in ("C", "F"):
+        raise _bad("numpy _frombuffer: bad order")
+    return _array(tuple(shape) if isinstance(shape, (list, tuple)) else shape, _real_dtype(dtype), order == "F", buf)
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    names = """float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex128 complex64 complex32
+    uint16 uint32 uint64 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2
+    qint8 quint8 qint32 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2 bits8 bits16
+    float double half long int short cfloat cdouble chalf""".split()  # noqa: SIM905
+    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
+
+
+TORCH_DTYPES = _torch_dtypes()
+
+
+def _base() -> dict[str, Handler]:
+    table: dict[str, Handler] = {
+        "collections.OrderedDict": Handler(call=_ordered_dict, new=_ordered_dict, build=_ordered_dict_build),
+        "collections.Counter": Handler(call=_counter),
+        "_codecs.encode": Handler(call=_codecs_encode),
+        "builtins.set": Handler(call=_set),
+        "builtins.frozenset": Handler(call=_frozenset),
+        "builtins.complex": Handler(call=_complex),
+        "builtins.bytearray": Handler(call=_bytearray),
+        "argparse.Namespace": Handler(call=_namespace, new=_namespace, build=_namespace_build),
+        "torch.Size": Handler(call=_size),
+        "torch.device": Handler(call=_device),
+        "torch.serialization._get_layout": Handler(call=_layout),
+        "numpy.dtype": Handler(call=_np_dtype, build=_np_dtype_build),
+        "numpy.ndarray": Handler(),
+    }
+    for mod in ("numpy.core", "numpy._core"):
+        table[f"{mod}.multiarray.scalar"] = Handler(call=_np_scalar)
+        table[f"{mod}.multiarray._reconstruct"] = Handler(call=_np_reconstruct, build=_np_reconstruct_build)
+        table[f"{mod}.numeric._frombuffer"] = Handler(call=_np_frombuffer)
+    # a path made on another OS becomes its pure flavour here (a WindowsPath cannot exist on Linux)
+    here = type(pathlib.Path())
+    for mod in ("pathlib", "pathlib._local"):
+        for cls in (
+            pathlib.PurePath,
+            pathlib.PurePosixPath,
+            pathlib.PureWindowsPath,
+            pathlib.Path,
+            pathlib.PosixPath,
+            pathlib.WindowsPath,
+        ):
+            real: type[pathlib.PurePath] = cls
+            if cls in (pathlib.PosixPath, pathlib.WindowsPath) and cls is not here:
+                real = pathlib.PurePosixPath if cls is pathlib.PosixPath else pathlib.PureWindowsPath
+            table[f"{mod}.{cls.__name__}"] = Handler(call=_path(real))
+    for mod in (
+        "lightning_fabric.utilities.data",
+        "lightning.fabric.utilities.data",
+        "pytorch_lightning.utilities.parsing",
+        "lightning.pytorch.utilities.parsing",
+        "safeckpt.tree",
+    ):
+        table[f"{mod}.AttributeDict"] = Handler(call=_attribute_dict, new=_attribute_dict, build=_empty_build)
+    for name, dtype in TORCH_DTYPES.items():
+        table[f"torch.{name}"] = Handler(value=dtype)
+    return table
+
+
+BASE: dict[str, Handler] = _base()
+
+
+# -- the VM ----------------------------------------------------------------------------------------
+
+
+class _Mark:
+    __slots__ = ()
+
+
+_MARK = _Mark()
+
+
+def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> UnsafeCheckpointError:
+    opcodes = [n for n in names if n.startswith("<")]
+    real = [n for n in names if not n.startswith("<")]
+    parts = []
+    if real:
+        listing = ", ".join(repr(n) for n in real[:8]) + (", ..." if len(real) > 8 else "")
+        parts.append(f"refers to global{'s' if len(real) > 1 else ''} {listing}")
+    if opcodes:
+        parts.append(
+            f"uses {', '.join(opcodes)} (builds objects without naming an allowed global; torch never writes it)"
+        )
+    msg = f"{source}: the pickle {' and '.join(parts)}, which safeckpt does not allow; nothing was imported or run."
+    denied = [n for n in real if is_denied(n)]
+    if denied:
+        msg += f" {denied[0]!r} can execute code or load another pickle: do not load this file unless you made it."
+    elif real and not opcodes:
+        msg += (
+            " If you trust this file and these classes only hold data, read them as inert records with "
+            f"safeckpt.open(path, allow={real!r}) (see formats/torch.md)."
+        )
+    return UnsafeCheckpointError(msg)
+
+
+class _VM:
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview,
+        pos: int,
+        source: str,
+        table: Mapping[str, Handler],
+        allowed: Callable[[str], bool],
+        persistent_load: Callable[[Any], Any] | None,
+    ) -> None:
+        self.data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        self.n = len(self.data)
+        self.pos = pos
+        self.source = source
+        self.table = table
+        self.allowed = allowed
+        self.persistent_load = persistent_load
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+        self.buildable: dict[int, tuple[Any, Callable[[Any, Any], Any]]] = {}
+        self.proto = 0
+
+    # -- reading ------------------------------------------------------------------------------
+    def err(self, what: str, at: int | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.source}: malformed pickle at byte {self.pos if at is None else at}: {what}"
+        )
+
+    def read(self, k: int) -> bytes:
+        if k < 0 or k > self.n - self.pos:
+            raise self.err(f"needs {k} bytes, only {self.n - self.pos} remain (truncated, or a bogus length)")
+        out = bytes(self.data[self.pos : self.pos + k])
+        self.pos += k
+        return out
+
+    def unpack(self, fmt: str, size: int) -> Any:
+        return struct.unpack(fmt, self.read(size))[0]
+
+    def line(self) -> bytes:
+        start = i = self.pos
+        step = 256
+        while i < self.n:
+            j = min(self.n, i + step)
+            k = bytes(self.data[i:j]).find(b"\n")
+            if k >= 0:
+                self.pos = i + k + 1
+                return bytes(self.data[start : i + k])
+            i, step = j, min(step * 2, 1 << 20)
+        raise self.err("a text opcode's line has no end (truncated)")
+
+    # -- stack ---------------------------------------------------------------------------------
+    def pop(self) -> Any:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise self.err("stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise self.err("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise self.err("no MARK to pop to")
+        at = self.marks.pop()
+        items = self.stack[at:]
+        del self.stack[at:]
+        return items
+
+    def memo_put(self, idx: int) -> None:
+        if len(self.memo) >= MAX_MEMO and idx not in self.memo:
+            raise self.err(f"more than {MAX_MEMO} memo entries")
+        self.memo[idx] = self.top()
+
+    def memo_get(self, idx: int) -> None:
+        if idx not in self.memo:
+            raise self.err(f"memo entry {idx} was never stored")
+        self.stack.append(self.memo[idx])
+
+    # -- globals and calls ---------------------------------------------------------------------
+    def find(self, module: Any, name: Any) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise self.err("STACK_GLOBAL operands must be strings")
+        full = _full_name(module, name)
+        handler = self.table.get(full)
+        if handler is None:
+            if not self.allowed(full) or is_denied(full) or not _GLOBAL_NAME.match(full):
+                raise _refusal(self.source, [full], self.allowed)
+            handler = Handler(call=lambda *a, _n=full: Inert(_n, args=a), new=lambda *a, _n=full: Inert(_n, args=a))
+        return handler.value if handler.value is not _NO_VALUE else Global(full, handler)
+
+    def invoke(self, ref: Any, fn: str, args: Any) -> Any:
+        if not isinstance(ref, Global):
+            raise UnsafeCheckpointError(
+                f"{self.source}: the pickle calls a {type(ref).__name__}, which is not an allowed callable"
+            )
+        impl = getattr(ref.handler, fn)
+        if impl is None:
+            how = "called" if fn == "call" else "instantiated (NEWOBJ)"
+            raise UnsafeCheckpointError(
+                f"{self.source}: the pickle tries to have {ref.name} {how}, which safeckpt does not allow"
+            )
+        if not isinstance(args, tuple):
+            raise self.err(f"{ref.name} is given arguments that are not a tuple")
+        try:
+            obj = impl(*args)
+        except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+            raise type(e)(f"{self.source}: {ref.name}: {e}") from None
+        except (TypeError, ValueError, OverflowError, KeyError, IndexError, RecursionError) as e:
+            raise self.err(f"bad arguments to {ref.name}: {e}") from None
+        if ref.handler.build is not None:
+            self.buildable[id(obj)] = (obj, ref.handler.build)
+        elif isinstance(obj, Inert):
+            self.buildable[id(obj)] = (obj, _inert_build)
+        return obj
+
+    def build(self) -> None:
+        state = self.pop()
+        obj = self.top()
+        entry = self.buildable.get(id(obj))
+        if entry is None or entry[0] is not obj:
+            raise UnsafeCheckpointError(
+                f"{self.source}: the pickle sets the state of a {type(obj).__name__} (BUILD), which safeckpt does not allow"
+            )
+        try:
+            new = entry[1](obj, state)
+        except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+            raise type(e)(f"{self.source}: {e}") from None
+        except (TypeError, ValueError, OverflowError, KeyError, IndexError, RecursionError) as e:
+            raise self.err(f"bad state for a {type(obj).__name__}: {e}") from None
+        if new is not obj:
+            self.stack[-1] = new
+            for k, v in self.memo.items():
+                if v is obj:
+                    self.memo[k] = new
+
+    def setitems(self, target: Any, items: list[Any]) -> None:
+        if len(items) % 2:
+            raise self.err("SETITEMS with an odd number of items")
+        if isinstance(target, Inert):
+            target = target.items
+        if type(target) not in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
+            raise UnsafeCheckpointError(
+                f"{self.source}: the pickle sets items on a {type(target).__name__} (SETITEM), which is not a dict"
+            )
+        try:
+            for i in range(0, len(items), 2):
+                _check_key(items[i])
+                target[items[i]] = items[i + 1]
+        except CorruptCheckpointError as e:
+            raise self.err(str(e)) from None
+        except (TypeError, RecursionError) as e:
+            raise self.err(f"unhashable dict key: {e}") from None
+
+    def appends(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, Inert):
+            target = target.listitems
+        if type(target) is not list:
+            raise UnsafeCheckpointError(
+                f"{self.source}: the pickle appends to a {type(target).__name__} (APPEND), which is not a list"
+            )
+        target.extend(items)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, allow_trailing: bool) -> Any:
+        data, st = self.data, self.stack
+        while True:
+            if self.pos >= self.n:
+                raise self.err("no STOP opcode (truncated)")
+            op = data[self.pos]
+            self.pos += 1
+            if op == 0x2E:  # STOP
+                if len(st) != 1 or self.marks:
+                    raise self.err(f"{len(st)} values and {len(self.marks)} open MARKs at STOP (expected one value)")
+                if not allow_trailing and self.pos != self.n:
+                    raise CorruptCheckpointError(
+                        f"{self.source}: {self.n - self.pos} bytes of trailing data after the pickle's STOP "
+                        "(a second pickle hidden behind the first?)"
+                    )
+                return st[0]
+            handler = _OPS.get(op)
+            if handler is None:
+                raise self._bad_opcode(op)
+            try:
+                handler(self)
+            except (UnsafeCheckpointError, CorruptCheckpointError):
+                raise
+            except (struct.error, ValueError, OverflowError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise self.err(f"opcode {op:#04x}: {type(e).__name__}: {e}") from None
+            except RecursionError:
+                raise self.err("a value nested too deeply to hash") from None
+
+    def _bad_opcode(self, op: int) -> CheckpointErrorT:
+        at = self.pos - 1
+        if op in _REFUSED:
+            return UnsafeCheckpointError(
+                f"{self.source}: the pickle uses opcode {_REFUSED[op]} at byte {at}, which safeckpt does not accept "
+                "(it builds objects without an allowed global); nothing was run"
+            )
+        return self.err(f"unknown opcode {op:#04x}", at)
+
+
+CheckpointErrorT = CorruptCheckpointError | UnsafeCheckpointError
+
+
+def _inert_build(obj: Inert, state: Any) -> Inert:
+    obj.state = state
+    return obj
+
+
+def _frame(vm: _VM) -> None:
+    size = vm.unpack("<Q", 8)
+    if size > vm.n - vm.pos:
+        raise vm.err(f"FRAME of {size} bytes, only {vm.n - vm.pos} remain")
+
+
+def _proto(vm: _VM) -> None:
+    vm.proto = vm.read(1)[0]
+    if vm.proto > HIGHEST_PROTOCOL:
+        raise vm.err(f"pickle protocol {vm.proto} (safeckpt reads protocols 0 to {HIGHEST_PROTOCOL})")
+
+
+def _mark(vm: _VM) -> None:
+    if len(vm.marks) >= MAX_MARK_DEPTH:
+        raise vm.err(f"more than {MAX_MARK_DEPTH} nested MARKs")
+    vm.marks.append(len(vm.stack))
+
+
+def _long(vm: _VM, k: int) -> None:
+    if k < 0 or k > MAX_LONG_BYTES:
+        raise vm.err(f"an integer of {k} bytes (limit {MAX_LONG_BYTES})")
+    vm.stack.append(int.from_bytes(vm.read(k), "little", signed=True))
+
+
+def _int_text(vm: _VM) -> None:
+    s = vm.line()
+    vm.stack.append(True if s == b"01" else False if s == b"00" else int(s))
+
+
+def _string_text(vm: _VM) -> None:
+    s = vm.line()
+    if len(s) < 2 or s[:1] != s[-1:] or s[:1] not in (b"'", b'"'):
+        raise vm.err("STRING is not quoted")
+    vm.stack.append(codecs.escape_decode(s[1:-1])[0].decode("utf-8"))
+
+
+def _get_text(vm: _VM) -> None:
+    vm.memo_get(int(vm.line()))
+
+
+def _put_text(vm: _VM) -> None:
+    vm.memo_put(int(vm.line()))
+
+
+def _global(vm: _VM) -> None:
+    module = vm.line().decode("utf-8")
+    name = vm.line().decode("utf-8")
+    vm.stack.append(vm.find(module, name))
+
+
+def _stack_global(vm: _VM) -> None:
+    name = vm.pop()
+    module = vm.pop()
+    vm.stack.append(vm.find(module, name))
+
+
+def _reduce(vm: _VM) -> None:
+    args = vm.pop()
+    fn = vm.pop()
+    vm.stack.append(vm.invoke(fn, "call", args))
+
+
+def _newobj(vm: _VM) -> None:
+    args = vm.pop()
+    cls = vm.pop()
+    vm.stack.append(vm.invoke(cls, "new", args))
+
+
+def _newobj_ex(vm: _VM) -> None:
+    kwargs = vm.pop()
+    args = vm.pop()
+    cls = vm.pop()
+    if kwargs:
+        raise UnsafeCheckpointError(
+            f"{vm.source}: the pickle passes keyword arguments to {cls!r} (NEWOBJ_EX), which safeckpt does not allow"
+        )
+    vm.stack.append(vm.invoke(cls, "new", args))
+
+
+def _persid(vm: _VM, pid: Any) -> None:
+    if vm.persistent_load is None:
+        raise UnsafeCheckpointError(
+            f"{vm.source}: the pickle refers to external objects (persistent id {pid!r:.60}), which are not allowed here"
+        )
+    vm.stack.append(vm.persistent_load(pid))
+
+
+def _dict(vm: _VM) -> None:
+    items = vm.pop_mark()
+    d: dict[Any, Any] = {}
+    vm.setitems(d, items)
+    vm.stack.append(d)
+
+
+def _setitem(vm: _VM) -> None:
+    v = vm.pop()
+    k = vm.pop()
+    vm.setitems(vm.top(), [k, v])
+
+
+def _setitems(vm: _VM) -> None:
+    items = vm.pop_mark()
+    vm.setitems(vm.top(), items)
+
+
+def _append(vm: _VM) -> None:
+    v = vm.pop()
+    vm.appends(vm.top(), [v])
+
+
+def _appends(vm: _VM) -> None:
+    items = vm.pop_mark()
+    vm.appends(vm.top(), items)
+
+
+def _additems(vm: _VM) -> None:
+    items = vm.pop_mark()
+    target = vm.top()
+    if type(target) is not set:
+        raise UnsafeCheckpointError(f"{vm.source}: the pickle adds set items to a {type(target).__name__} (ADDITEMS)")
+    target.update(_set(items))
+
+
+def _tuple_n(n: int) -> Callable[[_VM], None]:
+    def op(vm: _VM) -> None:
+        items = [vm.pop() for _ in range(n)][::-1]
+        vm.stack.append(tuple(items))
+
+    return op
+
+
+def _utf8(b: bytes) -> str:
+    return b.decode("utf-8", "surrogatepass")
+
+
+_OPS: dict[int, Callable[[_VM], None]] = {
+    0x80: _proto,
+    0x95: _frame,
+    0x28: _mark,
+    0x30: lambda vm: vm.pop() and None,
+    0x31: lambda vm: vm.pop_mark() and None,
+    0x32: lambda vm: vm.stack.append(vm.top()),
+    0x4E: lambda vm: vm.stack.append(None),
+    0x88: lambda vm: vm.stack.append(True),
+    0x89: lambda vm: vm.stack.append(False),
+    0x4B: lambda vm: vm.stack.append(vm.read(1)[0]),  # BININT1
+    0x4D: lambda vm: vm.stack.append(vm.unpack("<H", 2)),  # BININT2
+    0x4A: lambda vm: vm.stack.append(vm.unpack("<i", 4)),  # BININT
+    0x8A: lambda vm: _long(vm, vm.read(1)[0]),  # LONG1
+    0x8B: lambda vm: _long(vm, vm.unpack("<i", 4)),  # LONG4
+    0x47: lambda vm: vm.stack.append(vm.unpack(">d", 8)),  # BINFLOAT
+    0x49: _int_text,  # INT
+    0x4C: lambda vm: vm.stack.append(int(vm.line().rstrip(b"L"))),  # LONG
+    0x46: lambda vm: vm.stack.append(float(vm.line())),  # FLOAT
+    0x58: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<I", 4)))),  # BINUNICODE
+    0x8C: lambda vm: vm.stack.append(_utf8(vm.read(vm.read(1)[0]))),  # SHORT_BINUNICODE
+    0x8D: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<Q", 8)))),  # BINUNICODE8
+    0x56: lambda vm: vm.stack.append(vm.line().decode("raw_unicode_escape")),  # UNICODE
+    0x55: lambda vm: vm.stack.append(vm.read(vm.read(1)[0]).decode("utf-8")),  # SHORT_BINSTRING
+    0x54: lambda vm: vm.stack.append(vm.read(vm.unpack("<i", 4)).decode("utf-8")),  # BINSTRING
+    0x53: _string_text,  # STRING
+    0x43: lambda vm: vm.stack.append(vm.read(vm.read(1)[0])),  # SHORT_BINBYTES
+    0x42: lambda vm: vm.stack.append(vm.read(vm.unpack("<I", 4))),  # BINBYTES
+    0x8E: lambda vm: vm.stack.append(vm.read(vm.unpack("<Q", 8))),  # BINBYTES8
+    0x96: lambda vm: vm.stack.append(bytearray(vm.read(vm.unpack("<Q", 8)))),  # BYTEARRAY8
+    0x29: lambda vm: vm.stack.append(()),
+    0x74: lambda vm: vm.stack.append(tuple(vm.pop_mark())),
+    0x85: _tuple_n(1),
+    0x86: _tuple_n(2),
+    0x87: _tuple_n(3),
+    0x5D: lambda vm: vm.stack.append([]),
+    0x6C: lambda vm: vm.stack.append(vm.pop_mark()),  # LIST
+    0x7D: lambda vm: vm.stack.append({}),
+    0x64: _dict,
+    0x8F: lambda vm: vm.stack.append(set()),
+    0x90: _additems,
+    0x91: lambda vm: vm.stack.append(_frozenset(vm.pop_mark())),
+    0x61: _append,
+    0x65: _appends,
+    0x73: _setitem,
+    0x75: _setitems,
+    0x70: _put_text,
+    0x71: lambda vm: vm.memo_put(vm.read(1)[0]),
+    0x72: lambda vm: vm.memo_put(vm.unpack("<I", 4)),
+    0x94: lambda vm: vm.memo_put(len(vm.memo)),
+    0x67: _get_text,
+    0x68: lambda vm: vm.memo_get(vm.read(1)[0]),
+    0x6A: lambda vm: vm.memo_get(vm.unpack("<I", 4)),
+    0x63: _global,
+    0x93: _stack_global,
+    0x52: _reduce,
+    0x81: _newobj,
+    0x92: _newobj_ex,
+    0x62: lambda vm: vm.build(),
+    0x51: lambda vm: _persid(vm, vm.pop()),  # BINPERSID
+    0x50: lambda vm: _persid(vm, vm.line().decode("ascii")),  # PERSID
+}
+_REFUSED = {
+    0x69: "INST",
+    0x6F: "OBJ",
+    0x82: "EXT1",
+    0x83: "EXT2",
+    0x84: "EXT4",
+    0x97: "NEXT_BUFFER",
+    0x98: "READONLY_BUFFER",
+}
+
+
+# -- the static scan -------------------------------------------------------------------------------
+
+# opcode -> (argument kind, values popped (-1: to MARK), values pushed)
+_ARG_FIXED = {
+    0x80: 1,
+    0x95: 8,
+    0x4B: 1,
+    0x4D: 2,
+    0x4A: 4,
+    0x47: 8,
+    0x71: 1,
+    0x72: 4,
+    0x68: 1,
+    0x6A: 4,
+    0x82: 1,
+    0x83: 2,
+    0x84: 4,
+}
+_ARG_LEN = {
+    0x8A: ("<B", 1),
+    0x8B: ("<i", 4),
+    0x58: ("<I", 4),
+    0x8C: ("<B", 1),
+    0x8D: ("<Q", 8),
+    0x55: ("<B", 1),
+    0x54: ("<i", 4),
+    0x43: ("<B", 1),
+    0x42: ("<I", 4),
+    0x8E: ("<Q", 8),
+    0x96: ("<Q", 8),
+}
+_ARG_LINES = {0x49: 1, 0x4C: 1, 0x46: 1, 0x56: 1, 0x53: 1, 0x70: 1, 0x67: 1, 0x50: 1, 0x63: 2, 0x69: 2}
+_EFFECT = {
+    0x80: (0, 0), 0x95: (0, 0), 0x28: (0, 0), 0x30: (1, 0), 0x31: (-1, 0), 0x32: (0, 1), 0x4E: (0, 1), 0x88: (0, 1),
+    0x89: (0, 1), 0x4B: (0, 1), 0x4D: (0, 1), 0x4A: (0, 1), 0x8A: (0, 1), 0x8B: (0, 1), 0x47: (0, 1), 0x49: (0, 1),
+    0x4C: (0, 1), 0x46: (0, 1), 0x58: (0, 1), 0x8C: (0, 1), 0x8D: (0, 1), 0x56: (0, 1), 0x55: (0, 1), 0x54: (0, 1),
+    0x53: (0, 1), 0x43: (0, 1), 0x42: (0, 1), 0x8E: (0, 1), 0x96: (0, 1), 0x29: (0, 1), 0x74: (-1, 1), 0x85: (1, 1),
+    0x86: (2, 1), 0x87: (3, 1), 0x5D: (0, 1), 0x6C: (-1, 1), 0x7D: (0, 1), 0x64: (-1, 1), 0x8F: (0, 1), 0x90: (-1, 0),
+    0x91: (-1, 1), 0x61: (1, 0), 0x65: (-1, 0), 0x73: (2, 0), 0x75: (-1, 0), 0x70: (0, 0), 0x71: (0, 0), 0x72: (0, 0),
+    0x94: (0, 0), 0x67: (0, 1), 0x68: (0, 1), 0x6A: (0, 1), 0x63: (0, 1), 0x93: (2, 1), 0x52: (2, 1), 0x81: (2, 1),
+    0x92: (3, 1), 0x62: (1, 0), 0x51: (1, 1), 0x50: (0, 1), 0x69: (-1, 1), 0x6F: (-1, 1), 0x82: (0, 1), 0x83: (0, 1),
+    0x84: (0, 1), 0x97: (0, 1), 0x98: (1, 1),
+}  # fmt: skip
+_STRING_OPS = {0x58, 0x8C, 0x8D, 0x56, 0x55, 0x54, 0x53}
+
+
+def _scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[list[str], int]:
+    """Every global a pickle names (first-seen order) and where its STOP ends; builds nothing."""
+    vm = _VM(data, pos, source, {}, lambda _: False, None)
+    names: dict[str, None] = {}
+    stack: list[Any] = []  # strings stay themselves; anything else is None
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+    while True:
+        if vm.pos >= vm.n:
+            raise vm.err("no STOP opcode (truncated)")
+        at = vm.pos
+        op = vm.data[at]
+        vm.pos += 1
+        if op == 0x2E:
+            return list(names), vm.pos
+        if op not in _EFFECT:
+            raise vm.err(f"unknown opcode {op:#04x}", at)
+        value: Any = None
+        try:
+            if op in _ARG_FIXED:
+                arg = vm.read(_ARG_FIXED[op])
+                if op in (0x71, 0x72, 0x68, 0x6A):
+                    idx = int.from_bytes(arg, "little")
+                    if op in (0x68, 0x6A):
+                        value = memo.get(idx)
+                    else:
+                        memo[idx] = stack[-1] if stack else None
+                elif op in (0x82, 0x83, 0x84):
+                    names[f"<{_REFUSED[op]} extension code {int.from_bytes(arg, 'little')}>"] = None
+            elif op in _ARG_LEN:
+                fmt, size = _ARG_LEN[op]
+                raw = vm.read(vm.unpack(fmt, size))
+                if op in _STRING_OPS:
+                    value = raw.decode("utf-8", "surrogatepass")
+            elif op in _ARG_LINES:
+                lines = [vm.line() for _ in range(_ARG_LINES[op])]
+                if op in (0x63, 0x69):
+                    names[_full_name(lines[0].decode("utf-8"), lines[1].decode("utf-8"))] = None
+                elif op in (0x56, 0x53):
+                    value = (
+                        lines[0].decode("raw_unicode_escape")[1:-1]
+                        if op == 0x53
+                        else lines[0].decode("raw_unicode_escape")
+                    )
+                elif op == 0x67:
+                    value = memo.get(int(lines[0]))
+                elif op == 0x70:
+                    memo[int(lines[0])] = stack[-1] if stack else None
+        except CorruptCheckpointError:
+            raise
+        except (UnicodeDecodeError, ValueError) as e:
+            raise vm.err(f"opcode {op:#04x}: {e}", at) from None
+        if op == 0x94:
+            memo[len(memo)] = stack[-1] if stack else None
+        elif op == 0x32:
+            value = stack[-1] if stack else None
+        elif op == 0x93:
+            mod, name = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
+            label = (
+                _full_name(mod, name)
+                if isinstance(mod, str) and isinstance(name, str)
+                else f"<STACK_GLOBAL at byte {at} with computed operands>"
+            )
+            names[label] = None
+        elif op in (0x6F,):
+            names.setdefault("<OBJ opcode>", None)
+        elif op in (0x97, 0x98):
+            names.setdefault(f"<{_REFUSED[op]} opcode>", None)
+        if op == 0x28:
+            marks.append(len(stack))
+            continue
+        pops, pushes = _EFFECT[op]
+        if pops == -1:
+            if not marks:
+                raise vm.err("no MARK to pop to", at)
+            del stack[marks.pop() :]
+        elif pops:
+            if len(stack) - (marks[-1] if marks else 0) < pops:
+                raise vm.err("stack underflow", at)
+            del stack[-pops:]
+        if pushes:
+            stack.append(value)
+
+
+def globals_in(data: bytes | bytearray | memoryview) -> list[str]:
+    """Every global one pickle refers to, in first-seen order, without building anything.
+
+    ``STACK_GLOBAL`` names are resolved from the strings (or memo entries) that feed it; opcodes
+    that name classes another way appear as ``<EXT1 extension code 7>``, ``<OBJ opcode>``...
+
+    Example:
+        >>> globals_in(pickle.dumps(collections.OrderedDict(), protocol=4))
+        ['collections.OrderedDict']
+    """
+    return _scan(data, 0, "<pickle>")[0]
+
+
+def unpickle_at(
+    data: bytes | bytearray | memoryview,
+    offset: int = 0,
+    *,
+    source: str,
+    persistent_load: Callable[[Any], Any] | None = None,
+    allow: Iterable[str] = (),
+    extra: Mapping[str, Handler] | None = None,
+) -> tuple[Any, int]:
+    """Unpickle the pickle that starts at ``offset``; return it and the offset just past its STOP.
+
+    For files that hold several pickles in a row (torch's legacy format). See `unpickle`.
+
+    Example:
+        >>> obj, end = unpickle_at(data, 0, source="old.pt")
+    """
+    allowed = _allowed_by(allow)
+    table = {**BASE, **(extra or {})}
+    names, _ = _scan(data, offset, source)
+    refused = [
+        n
+        for n in names
+        if n not in table and (n.startswith("<") or not allowed(n) or is_denied(n) or not _GLOBAL_NAME.match(n))
+    ]
+    if refused:
+        raise _refusal(source, refused, allowed)
+    vm = _VM(data, offset, source, table, allowed, persistent_load)
+    obj = vm.run(allow_trailing=True)
+    return obj, vm.pos
+
+
+def unpickle(
+    data: bytes | bytearray | memoryview,
+    *,
+    source: str,
+    persistent_load: Callable[[Any], Any] | None = None,
+    allow: Iterable[str] = (),
+    extra: Mapping[str, Handler] | None = None,
+    allow_trailing: bool = False,
+) -> Any:
+    """Rebuild the object a pickle describes, through the allow-list only.
+
+    Args:
+        data: the pickle bytes.
+        source: what to name in error messages (the file, and the record inside it).
+        persistent_load: called with each persistent id (``BINPERSID``); without it, persistent
+            ids are refused.
+        allow: extra global names (``"pkg.mod.Class"`` or ``"pkg.*"``) to admit as `Inert`
+            records; names in `DENIED_MODULES`/`DENIED_NAMES` stay refused.
+        extra: more `Handler`s by exact global name (they take precedence over `BASE`).
+        allow_trailing: accept bytes after STOP (otherwise `CorruptCheckpointError`).
+
+    Raises:
+        UnsafeCheckpointError: a global outside the table, or a refused opcode; raised before
+            anything is built.
+        CorruptCheckpointError: anything malformed: truncation, bad lengths, stack misuse.
+
+    Example:
+        >>> unpickle(pickle.dumps([1, {"a": (2, 3)}]), source="x.pkl")
+        [1, {'a': (2, 3)}]
+    """
+    obj, end = unpickle_at(data, 0, source=source, persistent_load=persistent_load, allow=allow, extra=extra)
+    n = len(memoryview(data))
+    if not allow_trailing and end != n:
+        raise CorruptCheckpointError(
+            f"{source}: {n - end} bytes of trailing data after the pickle's STOP (a second pickle hidden behind the first?)"
+        )
+    return obj
