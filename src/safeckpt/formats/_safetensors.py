@@ -84,11 +84,15 @@ class Header:
 
 
 def looks_like(head: bytes) -> bool:
-    """Cheap content check: a plausible u64 header length followed by a JSON object."""
+    """Cheap content check: a plausible u64 header length followed by JSON.
+
+    Deliberately wider than what `read_header` accepts (lengths past the 100 MB cap, a JSON array)
+    so that such damaged files are reported as corrupt safetensors rather than as unknown.
+    """
     if len(head) < MAGIC_MIN:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= MAX_HEADER and head[8 : 8 + n].lstrip(b" \t\r\n")[:1] == b"{"
+    return 2 <= n < 1 << 48 and head[8 : 8 + n].lstrip(b" \t\r\n")[:1] in (b"{", b"[")
 
 
 def read_header(path: Path) -> Header:

@@ -157,6 +157,7 @@ def read(path: Path, *, allow: tuple[str, ...] = (), **_: Any) -> Checkpoint:
     info: dict[str, Any] = {"index": layout.index.name, "shards": shards}
     if aliases:
         info["aliases"] = aliases
+    metadata = {k: v for k, v in metadata.items() if k not in aliases}
     return Checkpoint(tree, format=NAME, path=layout.directory, metadata=metadata, info=info)
 
 

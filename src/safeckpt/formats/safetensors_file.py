@@ -42,13 +42,13 @@ def sniff(head: bytes, path: Path) -> bool:
 def read(path: Path, **_: Any) -> Checkpoint:
     """Open a safetensors file: validate its header; tensors stay on disk until loaded.
 
-    ``Checkpoint.metadata`` is the file's ``__metadata__`` (without safeckpt's checksum entry);
-    ``info["aliases"]`` lists the tied names restored from it.
+    ``Checkpoint.metadata`` is the file's ``__metadata__`` but for safeckpt's checksum entry and the
+    tied-name records, which become tree entries instead (``info["aliases"]`` lists them).
 
     Example:
         >>> ckpt = read(Path("model.safetensors"))
-        >>> ckpt.metadata, ckpt["emb.weight"].shape
-        ({'format': 'pt', 'head.weight': 'emb.weight'}, (10, 4))
+        >>> ckpt.metadata, ckpt.info["aliases"], ckpt["emb.weight"].shape
+        ({'format': 'pt'}, {'head.weight': 'emb.weight'}, (10, 4))
         >>> ckpt["head.weight"] is ckpt["emb.weight"]   # tied, restored from the metadata
         True
     """
@@ -61,7 +61,7 @@ def read(path: Path, **_: Any) -> Checkpoint:
     raw = undecodable(header)
     if raw:
         info["raw_bytes"] = raw
-    meta = {k: v for k, v in header.metadata.items() if k != KEY_CRC}
+    meta = {k: v for k, v in header.metadata.items() if k != KEY_CRC and k not in aliases}
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
