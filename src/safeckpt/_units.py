@@ -26,3 +26,17 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"a size must be positive, got {size!r}")
     return value
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes the way `parse_size` reads them back, to three significant digits.
+
+    Example:
+        >>> format_size(512), format_size(1_234_567), format_size(5 * 10**9)
+        ('512 B', '1.23 MB', '5 GB')
+    """
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale * 0.9995:  # 999_999 B is "1 MB", not "1e+03 KB"
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 999.5 else f"{value:.0f} {unit}"
+    return f"{n} B"

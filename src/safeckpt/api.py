@@ -6,6 +6,7 @@ and ``objects -> state.to_saveable -> Checkpoint -> format.write -> path``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -226,6 +227,9 @@ def convert(
     filter: TensorFilter | None = None,
     max_shard_size: int | str | None = None,
     key: Any = None,
+    allow: Iterable[str] = (),
+    verify: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
 
@@ -237,12 +241,17 @@ def convert(
             tensor's path, e.g. ``model/l1.weight``); non-tensor values are kept.
         max_shard_size: write a sharded directory.
         key: convert only this top-level entry (e.g. ``"model"`` or a Trainer's ``"state_dict"``).
+        allow: extra pickle globals to admit when reading a pickle-based ``src`` (see `open`).
+        verify: read the written checkpoint back and compare it with the source: every tensor by
+            bytes, every value by type and value; a mismatch raises `CorruptCheckpointError`.
+        progress: called with a byte count as each source tensor is read (for a progress bar);
+            during verification, again as each tensor pair is compared.
 
     Example:
-        >>> safeckpt.convert("friend.pt", "friend.safetensors")
+        >>> safeckpt.convert("friend.pt", "friend.safetensors", verify=True)
         PosixPath('friend.safetensors')
     """
-    ckpt = open(src)
+    ckpt = open(src, allow=allow)
     tree = ckpt.tree
     if key is not None:
         if not isinstance(tree, Mapping) or key not in tree:
@@ -253,7 +262,38 @@ def convert(
         tree = _filter_tensors(tree, filter)
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
     fmt, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
-    return fmt.write(out, Path(os.fspath(dst)), **opts)
+    written = fmt.write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
+    if verify:
+        from .compare import compare
+        from .errors import CorruptCheckpointError
+
+        found = compare(out, open(written), progress=progress)
+        if not found.equal:
+            raise CorruptCheckpointError(
+                f"{written}: the written checkpoint does not match {src}: {found.summary()}; do not use it, and "
+                "report this with both files"
+            )
+    return written
+
+
+def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:
+    """``ckpt`` with every tensor reporting its byte count to ``progress`` when the writer reads it."""
+    wrapped: dict[int, TensorRef] = {}
+
+    def wrap(_: tuple[Any, ...], x: Any) -> Any:
+        if not isinstance(x, TensorRef):
+            return x
+        if id(x) not in wrapped:  # one wrapper per reference keeps tied tensors tied
+
+            def load(ref: TensorRef = x) -> torch.Tensor:
+                t = ref.loader()
+                progress(ref.nbytes)
+                return t
+
+            wrapped[id(x)] = dataclasses.replace(x, loader=load)
+        return wrapped[id(x)]
+
+    return Checkpoint(map_leaves(ckpt.tree, wrap), format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata, info=ckpt.info)
 
 
 def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:

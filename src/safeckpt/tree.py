@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttributeDict", "Checkpoint", "TensorRef", "alias_key", "describe", "iter_leaves", "map_leaves", "path_name"]
+__all__ = ["AttributeDict", "Checkpoint", "TensorRef", "alias_key", "describe", "inline", "iter_leaves", "map_leaves", "path_name"]
 
 
 class AttributeDict(dict):  # type: ignore[type-arg]
@@ -282,43 +282,81 @@ class Checkpoint:
         return describe(self.tree, title=f"{self.path} ({self.format})")
 
 
-def describe(tree: Any, *, title: str = "", depth: int | None = None, width: int = 60) -> str:
-    """An indented outline of a tree: tensors as dtype and shape, small values as themselves.
+def inline(x: Any, width: int = 60) -> str | None:
+    """One line for a leaf, an empty container, or a list/tuple of scalars (long ones cut, with
+    their length); ``None`` for a container an outline should expand.
 
     Example:
-        >>> print(describe({"step": 3, "model": {"w": ref}}))
-        step: 3
-        model:
-          w: float32 [2, 2]
+        >>> inline((0.9, 0.999)), inline(list(range(100)), width=20), inline({"a": 1})
+        ('(0.9, 0.999)', '[0, 1, 2, 3, 4, ...] (100 items)', None)
     """
+    if isinstance(x, TensorRef):
+        return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    if isinstance(x, torch.Tensor):
+        return f"tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
+    if _is_container(x) and len(x):
+        if isinstance(x, dict) or any(_is_container(v) or isinstance(v, (TensorRef, torch.Tensor)) for v in x):
+            return None
+        text = repr(x)
+        if len(text) <= width:
+            return text
+        parts: list[str] = []
+        for v in x:
+            if sum(len(p) + 2 for p in parts) + len(repr(v)) > width - 8:
+                break
+            parts.append(repr(v))
+        opening, closing = ("[", "]") if type(x) is list else ("(", ")")
+        return f"{opening}{', '.join([*parts, '...'])}{closing} ({len(x)} items)"
+    text = repr(dict(x)) if isinstance(x, AttributeDict) else repr(x)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(tree: Any, *, title: str = "", depth: int | None = None, width: int = 60, sizes: bool = True) -> str:
+    """An indented outline of a tree: tensors as dtype, shape and size, small values (and short
+    lists of scalars) as themselves; containers below ``depth`` levels are summarised.
+
+    Example:
+        >>> print(describe({"step": 3, "betas": (0.9, 0.999), "model": {"w": ref}}))
+        step:  3
+        betas: (0.9, 0.999)
+        model:
+          w: float32 [2, 2]  16 B
+    """
+    from ._units import format_size
+
     lines = [title] if title else []
 
-    def short(x: Any) -> str:
-        if isinstance(x, TensorRef):
-            return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
-        if isinstance(x, torch.Tensor):
-            return f"tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
-        text = repr(x) if not isinstance(x, AttributeDict) else repr(dict(x))
-        return text if len(text) <= width else text[: width - 3] + "..."
+    def summary(x: Any) -> str:
+        refs = {r.alias_key: r for _, r in iter_leaves(x) if isinstance(r, TensorRef)}
+        extra = f", {len(refs)} tensors, {format_size(sum(r.nbytes for r in refs.values()))}" if sizes and refs else ""
+        return f"<{type(x).__name__} of {len(x)}{extra}>"
 
     def walk(node: Any, indent: int) -> None:
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for k, v in items:
-            pad = "  " * indent
-            if _is_container(v) and len(v) and (depth is None or indent + 1 < depth):
+        pad = "  " * indent
+        rows: list[tuple[str, Any, str | None]] = []  # key, value, one-line text (None: expand)
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            text = inline(v, width)
+            if text is None and depth is not None and indent + 1 >= depth:
+                text = summary(v)
+            rows.append((str(k), v, text))
+        # align sibling values, and the sizes after sibling tensors, within reason
+        key_width = min(max((len(k) for k, _, t in rows if t is not None), default=0), 40) + 1
+        tensor_width = min(max((len(t) for _, v, t in rows if t and isinstance(v, TensorRef)), default=0), 40)
+        for k, v, text in rows:
+            if text is None:
                 lines.append(f"{pad}{k}:")
                 walk(v, indent + 1)
-            elif _is_container(v) and len(v):
-                lines.append(f"{pad}{k}: <{type(v).__name__} of {len(v)}>")
+            elif sizes and isinstance(v, TensorRef):
+                lines.append(f"{pad}{k + ':':{key_width}} {text:{tensor_width}}  {format_size(v.nbytes)}")
             else:
-                lines.append(f"{pad}{k}: {short(v)}")
+                lines.append(f"{pad}{k + ':':{key_width}} {text}")
 
-    if _is_container(tree):
+    if _is_container(tree) and inline(tree, width) is None:
         walk(tree, 0)
     else:
-        lines.append(short(tree))
+        text = inline(tree, width) or ""
+        lines.append(f"{text}  {format_size(tree.nbytes)}" if sizes and isinstance(tree, TensorRef) else text)
     return "\n".join(lines)
-
 
 
 def alias_key(x: torch.Tensor | TensorRef) -> Hashable:

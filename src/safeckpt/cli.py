@@ -1,0 +1,839 @@
+"""The ``safeckpt`` command: inspect, convert, verify and diff checkpoints of any format it reads.
+
+Exit codes: 0 ok; 1 a problem found (``verify``), a difference (``diff``) or a converted file that
+does not match its source; 2 a usage error or an input that cannot be read. Errors are one line on
+stderr naming the file and the fix (``--debug`` adds the traceback). Progress bars go to stderr,
+only on a terminal and never with ``--quiet``, so stdout pipes cleanly.
+
+Adding a verb is one entry in `VERBS`: a `Verb` with its help, an ``add_arguments(parser)`` and a
+``run(args) -> exit code``; the shared ``--quiet``/``--debug`` flags and the error handling come free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import sys
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safeckpt
+
+from . import formats
+from ._units import format_size, parse_size
+from .compare import Change, compare, leaves
+from .errors import CheckpointError, CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
+from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
+
+__all__ = ["VERBS", "Verb", "main"]
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+
+
+class Found(Exception):
+    """What the verb exists to detect (a corrupt or unsafe file, a bad conversion): exit 1."""
+
+
+class Usage(Exception):
+    """The command line asks for something that cannot be done as asked: exit 2."""
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A subcommand: one line of help, a description with examples, its arguments and its body."""
+
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- shared pieces --------------------------------------------------------------------------------
+
+
+def _add_select(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help=f"only {what} whose path matches (repeatable; e.g. 'model/*')",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help=f"leave out {what} whose path matches (repeatable)",
+    )
+
+
+def _add_allow(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME",
+        help="admit one more pickle global as inert data (repeatable; only for files you trust; see `safeckpt verify`)",
+    )
+
+
+def _selector(args: argparse.Namespace) -> Callable[[str], bool] | None:
+    """A path-name test from --include/--exclude: a glob matches a leaf's path or any enclosing
+    container's path, so 'model' selects the whole model subtree and 'model/*' its contents."""
+    include, exclude = args.include, args.exclude
+    if not include and not exclude:
+        return None
+
+    def hits(name: str, globs: list[str]) -> bool:
+        parts = name.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatch.fnmatchcase(p, g) for g in globs for p in prefixes)
+
+    return lambda name: (not include or hits(name, include)) and not hits(name, exclude)
+
+
+_DROP = object()
+
+
+def _prune(node: Any, keep: Callable[[str], bool], path: tuple[Any, ...] = ()) -> Any:
+    """The tree without the leaves ``keep`` rejects, or the containers left empty; a list that
+    loses items becomes a dict keyed by the original indices so every path name stays true."""
+    if isinstance(node, dict) or (type(node) in (list, tuple) and len(node)):
+        if not len(node):
+            return node if keep(path_name(path)) else _DROP
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        kept = {k: v for k, v in ((k, _prune(v, keep, (*path, k))) for k, v in items) if v is not _DROP}
+        if not kept:
+            return _DROP
+        if isinstance(node, dict):
+            out = type(node)() if type(node) in (dict, OrderedDict, AttributeDict) else {}
+            out.update(kept)
+            return out
+        return type(node)(kept.values()) if len(kept) == len(node) else kept
+    return node if keep(path_name(path)) else _DROP
+
+
+def _open(path: str, args: argparse.Namespace) -> Checkpoint:
+    try:
+        return safeckpt.open(path, allow=getattr(args, "allow", ()))
+    except Exception as e:
+        e.safeckpt_path = path  # type: ignore[attr-defined]  # lets the error line name the file
+        raise
+
+
+def _unique(tree: Any) -> dict[Hashable, TensorRef]:
+    out: dict[Hashable, TensorRef] = {}
+    for _, leaf in iter_leaves(tree):
+        if isinstance(leaf, TensorRef):
+            out.setdefault(leaf.alias_key, leaf)
+    return out
+
+
+@contextmanager
+def _progress(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A byte-count callback drawing a tqdm bar on stderr, only on a terminal and without --quiet."""
+    if args.quiet or total <= 0 or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False, file=sys.stderr
+    ) as bar:
+        yield bar.update
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON: non-finite floats as the strings "nan"/"inf"/"-inf", other objects as their repr."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return repr(x)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+
+
+def _dtype(ref: TensorRef | Any) -> str:
+    return str(ref.dtype).removeprefix("torch.")
+
+
+def _leaf_json(x: Any) -> dict[str, Any]:
+    """How --json shows one leaf: a tensor's dtype/shape/bytes, a value's type and value (or repr)."""
+    if isinstance(x, TensorRef):
+        return {"kind": "tensor", "dtype": _dtype(x), "shape": list(x.shape), "nbytes": x.nbytes}
+    out: dict[str, Any] = {"kind": "value", "type": type(x).__name__}
+    plain = x is None or type(x) in (bool, int, float) or (type(x) is str and len(x) <= 200)
+    scalars = (
+        type(x) in (list, tuple) and len(x) <= 64 and all(v is None or type(v) in (bool, int, float, str) for v in x)
+    )
+    if (plain or scalars) and not (isinstance(x, int) and abs(x) >= 2**53):
+        out["value"] = list(x) if type(x) in (list, tuple) else x
+    else:
+        out["repr"] = inline(x, 200) or repr(x)[:200]
+    return out
+
+
+def _file_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _top_key(tree: Any, text: str) -> Any:
+    """--key as the checkpoint spells it: the string, else the int it reads as (optimizer-style keys)."""
+    if isinstance(tree, dict) and text not in tree and text.lstrip("-").isdigit() and int(text) in tree:
+        return int(text)
+    return text
+
+
+# -- inspect --------------------------------------------------------------------------------------
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a checkpoint file or directory (or hf://repo/file)")
+    p.add_argument(
+        "--depth", type=_positive_int, metavar="N", help="show N levels of keys; deeper containers are summarised"
+    )
+    _add_select(p, "leaves")
+    _add_allow(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON (schema below)")
+
+
+def _optimizer_paths(tree: Any) -> set[str]:
+    """Path names of the optimizer state dicts in a tree (dicts holding 'state' and 'param_groups')."""
+    found: set[str] = set()
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            if "state" in node and "param_groups" in node:
+                found.add(path_name(path))
+                continue
+            stack.extend(((*path, k), v) for k, v in node.items())
+        elif type(node) in (list, tuple):
+            stack.extend(((*path, i), v) for i, v in enumerate(node))
+    return found
+
+
+def _weights_key(tree: Any) -> Any:
+    """The top-level entry holding a wrapped checkpoint's model weights, if it has one."""
+    if not isinstance(tree, dict) or len(tree) < 2:
+        return None
+    if "pytorch-lightning_version" in tree and isinstance(tree.get("state_dict"), dict):
+        return "state_dict"
+    for key in ("model", "state_dict", "model_state_dict", "module", "ema"):
+        value = tree.get(key)
+        if isinstance(value, dict) and any(isinstance(v, TensorRef) for v in value.values()):
+            return key
+    return None
+
+
+def _inspect_report(ckpt: Checkpoint, tree: Any, depth: int | None) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        if (isinstance(node, dict) or type(node) in (list, tuple)) and inline(node) is None:
+            if depth is not None and len(path) >= depth:
+                refs = _unique(node)
+                entries.append(
+                    {"path": path_name(path), "keys": list(path), "kind": "container", "type": type(node).__name__,
+                     "len": len(node), "tensors": len(refs), "nbytes": sum(r.nbytes for r in refs.values())}
+                )  # fmt: skip
+                return
+            for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+                walk(v, (*path, k))
+            return
+        entries.append({"path": path_name(path), "keys": list(path), **_leaf_json(node)})
+
+    walk(tree, ())
+    unique = _unique(tree)
+    by_dtype: dict[str, dict[str, int]] = {}
+    for ref in unique.values():
+        d = by_dtype.setdefault(_dtype(ref), {"tensors": 0, "nbytes": 0, "numel": 0})
+        d["tensors"] += 1
+        d["nbytes"] += ref.nbytes
+        d["numel"] += ref.numel
+    optimizers = _optimizer_paths(tree)
+    params: dict[Hashable, TensorRef] = {}
+    for p, leaf in iter_leaves(tree):
+        name = path_name(p)
+        if isinstance(leaf, TensorRef) and not any(
+            name == o or name.startswith(o + "/") or o == "" for o in optimizers
+        ):
+            params.setdefault(leaf.alias_key, leaf)
+    groups: dict[Hashable, list[str]] = {}
+    storages: dict[Hashable, dict[Hashable, str]] = {}
+    for name, ref in Checkpoint(tree, format=ckpt.format, path=ckpt.path).tensors().items():
+        groups.setdefault(ref.alias_key, []).append(name)
+        # A storage equal to the whole source file (safetensors-based formats) says where bytes live,
+        # not that tensors overlap; only a real storage shared by different views counts.
+        if ref.storage is not None and ref.storage != ref.source:
+            storages.setdefault(ref.storage, {}).setdefault(ref.alias_key, name)
+    lightning = None
+    if isinstance(ckpt.tree, dict) and "pytorch-lightning_version" in ckpt.tree:
+        t = ckpt.tree
+        lightning = {
+            "version": t.get("pytorch-lightning_version"),
+            "epoch": t.get("epoch"),
+            "global_step": t.get("global_step"),
+            "optimizers": len(t.get("optimizer_states") or ()),
+            "callbacks": [str(k) for k in t.get("callbacks") or {}],
+            "hyper_parameters": sorted(str(k) for k in t.get("hyper_parameters") or {}),
+        }
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "file_bytes": _file_bytes(ckpt.path),
+        "entries": entries,
+        "totals": {
+            "tensors": len(unique),
+            "nbytes": sum(r.nbytes for r in unique.values()),
+            "numel": sum(r.numel for r in unique.values()),
+            "parameters": sum(r.numel for r in params.values()),
+            "by_dtype": by_dtype,
+        },
+        "tied": [g for g in groups.values() if len(g) > 1],
+        "shared": [list(v.values()) for v in storages.values() if len(v) > 1],
+        "metadata": ckpt.metadata,
+        "info": ckpt.info,
+        "lightning": lightning,
+        "weights_key": _weights_key(ckpt.tree),
+    }
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    ckpt = _open(args.path, args)
+    keep = _selector(args)
+    tree = ckpt.tree if keep is None else _prune(ckpt.tree, keep)
+    if tree is _DROP:
+        raise Usage(
+            f"{args.path}: no leaf matches --include {args.include} --exclude {args.exclude}; run without them to see every path"
+        )
+    report = _inspect_report(ckpt, tree, args.depth)
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    if args.quiet:
+        return EXIT_OK
+    t = report["totals"]
+    print(
+        describe(
+            tree, title=f"{ckpt.path}  ({ckpt.format}, {format_size(report['file_bytes'])} on disk)", depth=args.depth
+        )
+    )
+    print()
+    dtypes = ", ".join(
+        f"{k} {v['tensors']} ({format_size(v['nbytes'])})"
+        for k, v in sorted(t["by_dtype"].items(), key=lambda kv: -kv[1]["nbytes"])
+    )
+    print(f"tensors:    {t['tensors']}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
+    print(
+        f"parameters: {t['parameters']:,}"
+        + (f" (plus {t['numel'] - t['parameters']:,} optimizer-state elements)" if t["numel"] > t["parameters"] else "")
+    )
+    for group in report["tied"]:
+        print(f"tied:       {' = '.join(group)}")
+    for group in report["shared"]:
+        print(f"shared:     {', '.join(group)} (views of one storage)")
+    if report["lightning"]:
+        lt = report["lightning"]
+        print(
+            f"lightning:  Trainer checkpoint, Lightning {lt['version']}, epoch {lt['epoch']}, global step {lt['global_step']}"
+        )
+    for label, items in (("metadata:", report["metadata"]), ("info:", report["info"])):
+        for k, v in items.items():
+            text = v if isinstance(v, str) and len(v) <= 100 else inline(v, 100)
+            print(f"{label:11} {k} = {text}")
+    if report["weights_key"] is not None:
+        print(f"weights:    under {report['weights_key']!r}; extract them with "
+              f"`safeckpt convert {args.path} weights.safetensors --key {report['weights_key']}`")  # fmt: skip
+    return EXIT_OK
+
+
+# -- convert --------------------------------------------------------------------------------------
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="any checkpoint safeckpt reads (file, directory or hf://repo/file)")
+    p.add_argument("dst", help="where to write; the format comes from --format, else the extension")
+    p.add_argument("--format", metavar="NAME", help="output format: " + ", ".join(_writable()))
+    p.add_argument(
+        "--max-shard-size", metavar="SIZE", help="write a sharded directory with shards of at most SIZE (e.g. 5GB)"
+    )
+    p.add_argument("--key", metavar="KEY", help="convert only this top-level entry (e.g. model, state_dict)")
+    _add_select(p, "tensors")
+    _add_allow(p)
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip reading DST back and comparing it with SRC")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _writable() -> list[str]:
+    try:
+        return formats.writable()
+    except Exception:  # a broken format module must not take --help down with it
+        return formats.names()
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    if args.format is not None:
+        formats.get(args.format)  # unknown name -> ValueError listing the known ones (exit 2)
+    max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
+    dst = Path(args.dst)
+    if (dst.exists() or dst.is_symlink()) and not args.force:
+        raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
+    ckpt = _open(args.src, args)
+    tree = ckpt.tree
+    key = None
+    if args.key is not None:
+        key = _top_key(tree, args.key)
+        if not isinstance(tree, dict) or key not in tree:
+            found = (
+                ", ".join(repr(k) for k in list(tree)[:20]) if isinstance(tree, dict) else f"a {type(tree).__name__}"
+            )
+            raise Usage(f"{args.src} has no top-level key {args.key!r}; its keys are {found}")
+        tree = tree[key]
+    keep = _selector(args)
+    if keep is not None:
+        tree = _prune(tree, lambda name: keep(name))
+        tree = {} if tree is _DROP else tree
+    total = sum(r.nbytes for r in _unique(tree).values()) * (1 if args.no_verify else 2)
+    tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
+    with _progress(args, total, "converting") as bar:
+        try:
+            written = safeckpt.convert(
+                args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
+                allow=args.allow, verify=not args.no_verify, progress=bar,
+            )  # fmt: skip
+        except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
+            raise Found(str(e)) from e
+    out = safeckpt.open(written)
+    result = {
+        "src": args.src,
+        "dst": str(written),
+        "format": out.format,
+        "tensors": len(_unique(out.tree)),
+        "nbytes": out.nbytes,
+        "file_bytes": _file_bytes(Path(written)),
+        "verified": not args.no_verify,
+    }
+    if args.json:
+        _print_json(result)
+    elif not args.quiet:
+        check = (
+            "verified: every tensor and value matches the source"
+            if result["verified"]
+            else "not verified (--no-verify)"
+        )
+        print(
+            f"wrote {written} ({out.format}, {result['tensors']} tensors, {format_size(result['file_bytes'])}); {check}"
+        )
+    return EXIT_OK
+
+
+# -- verify ---------------------------------------------------------------------------------------
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a checkpoint file or directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .api import _local  # hf:// paths resolve to a local copy first
+
+    try:
+        local = _local(args.path)
+        fmt = formats.detect(local)  # a missing or unrecognised file is a usage error (exit 2), not a finding
+    except Exception as e:
+        e.safeckpt_path = args.path  # type: ignore[attr-defined]
+        raise
+    problems: list[str] = []
+    report: dict[str, Any] = {"path": str(local), "format": fmt.NAME, "tensors": 0, "nbytes": 0}
+    globals_report = getattr(fmt, "globals_report", None)
+    ckpt = None
+    try:
+        ckpt = fmt.read(local)
+    except UnsafeCheckpointError as e:
+        if globals_report is None:  # else the globals report below names every refused global
+            problems.append(str(e))
+    except CheckpointError as e:
+        problems.append(str(e))
+    report["structure"] = "ok" if ckpt is not None else "failed"
+    if ckpt is not None:
+        refs = _unique(ckpt.tree)
+        report["tensors"], report["nbytes"] = len(refs), sum(r.nbytes for r in refs.values())
+        failed = 0
+        with _progress(args, report["nbytes"], "reading") as bar:
+            for ref in refs.values():
+                try:
+                    ref.load()
+                except CheckpointError as e:
+                    failed += 1
+                    problems.append(str(e))
+                bar(ref.nbytes)
+        report["tensors_read"] = len(refs) - failed
+    check = getattr(fmt, "verify", None)
+    if check is None:
+        report["checksums"] = "none"
+    else:
+        try:
+            found = list(check(local))
+        except CheckpointError as e:
+            found = [str(e)]
+        problems.extend(found)
+        report["checksums"] = "failed" if found else "ok"
+    if globals_report is not None:
+        try:
+            report["globals"] = [{"name": str(g), "allowed": bool(ok)} for g, ok in globals_report(local)]
+        except CheckpointError as e:
+            problems.append(str(e))
+            report["globals"] = None
+        for g in report["globals"] or ():
+            if not g["allowed"]:
+                problems.append(
+                    f"{local}: refers to the global {g['name']}, which safeckpt refuses: torch.load would import it "
+                    "(and may run code); do not load this file with torch.load"
+                )
+    report["problems"] = problems
+    report["ok"] = not problems
+    if args.json:
+        _print_json(report)
+    elif not args.quiet:
+        print(f"{local}  ({fmt.NAME}, {report['tensors']} tensors, {format_size(report['nbytes'])})")
+        print(f"  structure  {report['structure']}")
+        if "tensors_read" in report:
+            print(f"  tensors    {report['tensors_read']} of {report['tensors']} read")
+        print(f"  checksums  {'not recorded by this format' if report['checksums'] == 'none' else report['checksums']}")
+        if report.get("globals") is not None:
+            refused = sum(not g["allowed"] for g in report["globals"])
+            print(f"  globals    {len(report['globals']) - refused} allowed, {refused} refused")
+            for g in report["globals"]:
+                print(f"    {'allowed' if g['allowed'] else 'REFUSED'}  {g['name']}")
+        if problems:
+            print(f"{len(problems)} problem{'s' * (len(problems) != 1)}:")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            print("ok")
+    return EXIT_OK if not problems else EXIT_FOUND
+
+
+# -- diff -----------------------------------------------------------------------------------------
+
+
+def _diff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="first checkpoint")
+    p.add_argument("b", help="second checkpoint (any format)")
+    p.add_argument(
+        "--atol", type=_non_negative, default=0.0, help="tensors within this absolute tolerance count as equal"
+    )
+    p.add_argument("--rtol", type=_non_negative, default=0.0, help="... and this relative tolerance (of b)")
+    _add_select(p, "leaves")
+    _add_allow(p)
+    p.add_argument("--json", action="store_true", help="print the differences as JSON")
+
+
+def _short(x: Any) -> str:
+    text = inline(x, 50) or ""
+    return f"tensor {text}" if isinstance(x, TensorRef) else text
+
+
+def _change_text(c: Change) -> str:
+    if c.kind == "tensor":
+        a, b = c.a, c.b
+        head = f"{_dtype(a)} {list(a.shape)}"
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            head += f" -> {_dtype(b)} {list(b.shape)}"
+        return head + (f"  max abs diff {c.max_abs:.6g}" if c.max_abs is not None else "")
+    return f"{_short(c.a)} -> {_short(c.b)}"
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    ca, cb = _open(args.a, args), _open(args.b, args)
+    ta, tb = ca.tree, cb.tree
+    keep = _selector(args)
+    if keep is not None:
+        ta, tb = _prune(ta, keep), _prune(tb, keep)
+        ta, tb = ({} if ta is _DROP else ta), ({} if tb is _DROP else tb)
+    la, lb = leaves(ta), leaves(tb)
+    total = sum(x.nbytes for k, x in la.items() if isinstance(x, TensorRef) and isinstance(lb.get(k), TensorRef))
+    with _progress(args, total, "comparing") as bar:
+        d = compare(ta, tb, atol=args.atol, rtol=args.rtol, progress=bar)
+    if args.json:
+        _print_json(
+            {
+                "a": {"path": str(ca.path), "format": ca.format},
+                "b": {"path": str(cb.path), "format": cb.format},
+                "equal": d.equal,
+                "atol": args.atol,
+                "rtol": args.rtol,
+                "same": d.same,
+                "only_a": [{"path": k, **_leaf_json(la[k])} for k in d.only_a],
+                "only_b": [{"path": k, **_leaf_json(lb[k])} for k in d.only_b],
+                "changed": [
+                    {
+                        "path": c.name,
+                        "kind": c.kind,
+                        "a": _leaf_json(c.a),
+                        "b": _leaf_json(c.b),
+                        "max_abs_diff": c.max_abs,
+                    }
+                    for c in d.changed
+                ],
+            }
+        )
+    elif not args.quiet:
+        print(f"--- {ca.path}  ({ca.format})")
+        print(f"+++ {cb.path}  ({cb.format})")
+        width = min(max((len(n) for n in [*d.only_a, *d.only_b, *(c.name for c in d.changed)]), default=0), 50)
+        for k in d.only_a:
+            print(f"- {k:{width}}  {_short(la[k])}")
+        for k in d.only_b:
+            print(f"+ {k:{width}}  {_short(lb[k])}")
+        for c in d.changed:
+            print(f"~ {c.name:{width}}  {_change_text(c)}")
+        parts = [f"{d.same} equal"]
+        if d.changed:
+            parts.append(f"{len(d.changed)} differ")
+        if d.only_a:
+            parts.append(f"{len(d.only_a)} only in a")
+        if d.only_b:
+            parts.append(f"{len(d.only_b)} only in b")
+        tolerance = f" (atol={args.atol:g}, rtol={args.rtol:g})" if args.atol or args.rtol else ""
+        print(("identical: " if d.equal else "different: ") + ", ".join(parts) + tolerance)
+    return EXIT_OK if d.equal else EXIT_FOUND
+
+
+# -- argument types -------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+# -- the table and the entry point ----------------------------------------------------------------
+
+VERBS: dict[str, Verb] = {
+    "inspect": Verb(
+        help="show what is in a checkpoint, reading headers only",
+        description="""\
+Show what a checkpoint holds without reading tensor data: its format, a tree of keys with
+dtype, shape and size for tensors and the value of small non-tensor leaves, totals (tensors,
+bytes by dtype, parameters: elements of every tensor outside optimizer state), tied tensors,
+Lightning and safetensors metadata.
+
+examples:
+  safeckpt inspect model.safetensors
+  safeckpt inspect last.ckpt --depth 2
+  safeckpt inspect run.safeckpt --include 'model/*' --json | jq .totals
+
+--json prints one object: path, format, file_bytes; entries: a list of
+{path, keys, kind: tensor|value|container, ...} in tree order (tensor: dtype, shape,
+nbytes; value: type and value, or repr when it is not plain JSON; container, past --depth:
+type, len, tensors, nbytes); totals: {tensors, nbytes, numel, parameters,
+by_dtype: {dtype: {tensors, nbytes, numel}}}; tied and shared: lists of path groups;
+metadata, info, lightning (null unless a Trainer checkpoint) and weights_key (the entry
+holding a wrapped checkpoint's weights, or null). Non-finite floats print as "nan"/"inf".""",
+        add_arguments=_inspect_args,
+        run=_run_inspect,
+    ),
+    "convert": Verb(
+        help="convert a checkpoint to another format, verified",
+        description="""\
+Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor,
+then read the result back and check every tensor (by bytes) and every value against the source.
+The output format is --format, else DST's extension: .safetensors for tensors only gives plain
+safetensors; anything else the native .safeckpt format. --max-shard-size writes a directory.
+
+examples:
+  safeckpt convert friend.pt friend.safetensors
+  safeckpt convert last.ckpt weights.safetensors --key state_dict
+  safeckpt convert run.safeckpt model-dir --key model --max-shard-size 2GB
+  safeckpt convert big.pt small.safeckpt --exclude 'optimizer/*'
+
+exit codes: 0 written and verified; 1 the source's data is damaged or the written file does not
+match it; 2 bad arguments, an unreadable source, or DST exists (use --force).
+--json prints {src, dst, format, tensors, nbytes, file_bytes, verified}.""",
+        add_arguments=_convert_args,
+        run=_run_convert,
+    ),
+    "verify": Verb(
+        help="check a checkpoint's integrity and, for pickles, its safety",
+        description="""\
+Check a checkpoint: its headers, offsets and sizes; that every tensor reads as declared;
+checksums where the format records them; and, for pickle-based files, every global the pickle
+refers to, each marked allowed or refused (nothing in the file is run or imported).
+
+examples:
+  safeckpt verify friend.pt
+  safeckpt verify run.safeckpt --quiet && echo intact
+
+exit codes: 0 no problem; 1 a problem found (corrupt, or a refused global); 2 not a checkpoint.
+--json prints {path, format, tensors, nbytes, structure, tensors_read, checksums: ok|failed|none,
+globals: [{name, allowed}] or absent, problems: [...], ok}.""",
+        add_arguments=_verify_args,
+        run=_run_verify,
+    ),
+    "diff": Verb(
+        help="compare two checkpoints, across formats",
+        description="""\
+Compare two checkpoints leaf by leaf, matched by path name (so a nested .safeckpt and a flat
+.safetensors with the same names compare): leaves only in a or only in b, dtype or shape
+changes, the largest absolute difference of each differing tensor, changed values.
+Tensors are equal when their bytes are, or within --atol/--rtol when given.
+
+examples:
+  safeckpt diff before.pt after.safetensors
+  safeckpt diff a.safeckpt b.safeckpt --include 'model/*' --atol 1e-6
+  safeckpt diff a.ckpt b.ckpt --quiet || echo differ
+
+exit codes: 0 equal; 1 different; 2 an input cannot be read.
+--json prints {a, b, equal, atol, rtol, same, only_a: [...], only_b: [...],
+changed: [{path, kind: tensor|value|type, a, b, max_abs_diff}]}; leaves as in inspect --json.""",
+        add_arguments=_diff_args,
+        run=_run_diff,
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, like every other error, and where to look
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb in `VERBS`."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a flag given before the verb is not reset by the verb's own default
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bar and no output but errors; the exit code tells",
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    parser = _Parser(
+        prog="safeckpt",
+        description="Inspect, convert, verify and compare checkpoints (torch .pt/.ckpt, safetensors, sharded and DCP directories, .safeckpt) without running pickle.",
+        epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input.\nRun `safeckpt VERB --help` for a verb's options and examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"safeckpt {safeckpt.__version__}")
+    parser.set_defaults(quiet=False, debug=False)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for name, verb in VERBS.items():
+        p = sub.add_parser(
+            name,
+            help=verb.help,
+            description=verb.description,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        verb.add_arguments(p)
+    return parser
+
+
+def _fix(e: BaseException) -> str:
+    """One line naming the file and the fix, from any exception a verb can raise."""
+    msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    where = getattr(e, "safeckpt_path", None)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = where or e.filename
+        msg = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, (FileNotFoundError, PermissionError)) else msg
+    msg = msg.replace("pass max_shard_size=", "pass --max-shard-size")  # the API's words, in the CLI's
+    if isinstance(e, FileNotFoundError):
+        msg += "; check the path"
+    elif isinstance(e, PermissionError):
+        msg += "; check its permissions, or choose another path"
+    elif isinstance(e, IsADirectoryError) and "give" not in msg:
+        msg += "; give a checkpoint file, not a directory"
+    elif isinstance(e, UnknownFormatError):
+        is_dir = where is not None and Path(str(where)).is_dir()
+        msg += (
+            "; give a checkpoint file inside it, or a sharded/DCP checkpoint directory"
+            if is_dir
+            else "; is it a checkpoint? safeckpt reads torch .pt/.pth/.bin/.ckpt, safetensors, sharded and DCP directories and .safeckpt"
+        )
+    elif isinstance(e, UnsafeCheckpointError):
+        msg += "; run `safeckpt verify` on it to list every global it refers to (nothing was run)"
+    elif isinstance(e, CorruptCheckpointError) and "damaged" not in msg:
+        msg += "; the file is damaged: fetch or save it again"
+    elif isinstance(e, ImportError):
+        extra = {"huggingface_hub": "hub", "lightning": "lightning"}.get((e.name or "").split(".")[0])
+        msg += f"; install it: pip install 'safeckpt[{extra}]'" if extra else "; install the missing package"
+    elif not isinstance(e, (Usage, Found, CheckpointError, OSError, ValueError, TypeError, KeyError, RuntimeError)):
+        msg = f"unexpected {type(e).__name__}: {msg}; re-run with --debug and report it"
+    if where is not None and str(where) not in msg:
+        msg = f"{where}: {msg}"
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``safeckpt`` command; returns its exit code.
+
+    Example:
+        >>> main(["verify", "run.safeckpt", "--quiet"])
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code = VERBS[args.verb].run(args)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        print(f"safeckpt {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        label = "" if isinstance(e, Found) else "error: "
+        print(f"safeckpt {args.verb}: {label}{_fix(e)}", file=sys.stderr)
+        return EXIT_FOUND if isinstance(e, Found) else EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

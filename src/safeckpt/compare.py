@@ -1,0 +1,217 @@
+"""Compare two checkpoints, across formats: tensors by bytes (or within a tolerance), values by type
+and value.
+
+Leaves are matched by path name (``model/l1.weight``), so a nested native checkpoint and a flat
+safetensors file holding the same tensors under the same names compare equal. Tensors are read one
+pair at a time (memory-mapped where the format allows) and compared in chunks, so memory stays
+bounded by one tensor.
+
+Example:
+    >>> d = compare(safeckpt.open("a.safeckpt"), safeckpt.open("b.pt"))
+    >>> d.equal, d.only_a, [c.name for c in d.changed]
+    (False, [], ['model/l1.weight'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tree import Checkpoint, TensorRef, _is_container, path_name
+
+__all__ = ["Change", "Diff", "compare", "leaves"]
+
+_CHUNK = 1 << 22  # elements per comparison step: bounds the float64 temporaries to 32 MB
+
+
+@dataclass(frozen=True)
+class Change:
+    """A leaf present on both sides that differs.
+
+    Attributes:
+        name: its path name.
+        a, b: the two leaves (`TensorRef`, tensor, or plain value).
+        max_abs: for two tensors of the same shape, the largest ``|a - b|`` (``nan`` where one side
+            has a nan the other lacks; ``None`` when the dtypes cannot be subtracted).
+    """
+
+    name: str
+    a: Any
+    b: Any
+    max_abs: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"tensor"`` (both tensors), ``"value"`` (both values), or ``"type"`` (one of each)."""
+        ta, tb = _is_tensor(self.a), _is_tensor(self.b)
+        return "tensor" if ta and tb else "value" if not (ta or tb) else "type"
+
+
+@dataclass
+class Diff:
+    """What `compare` found: leaves only on one side, leaves that differ, and how many are equal."""
+
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    changed: list[Change] = field(default_factory=list)
+    same: int = 0
+
+    @property
+    def equal(self) -> bool:
+        return not (self.only_a or self.only_b or self.changed)
+
+    def summary(self, limit: int = 5) -> str:
+        """The differences on one line, the first ``limit`` of each kind named."""
+
+        def names(items: list[str]) -> str:
+            return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+        parts = []
+        if self.only_a:
+            parts.append(f"{len(self.only_a)} only in the first ({names(self.only_a)})")
+        if self.only_b:
+            parts.append(f"{len(self.only_b)} only in the second ({names(self.only_b)})")
+        if self.changed:
+            parts.append(f"{len(self.changed)} differ ({names([c.name for c in self.changed])})")
+        return "; ".join(parts) or f"{self.same} leaves equal"
+
+
+def leaves(tree: Any) -> dict[str, Any]:
+    """Every leaf of a tree by path name. Empty containers count (a lost ``{}`` is a difference), and
+    so does a list or tuple of scalars, as one value (``betas``, ``params``), as `inspect` shows them.
+
+    Example:
+        >>> leaves({"model": {"w": 1}, "state": {}, "betas": (0.9, 0.999)})
+        {'model/w': 1, 'state': {}, 'betas': (0.9, 0.999)}
+    """
+    out: dict[str, Any] = {}
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
+        if _is_container(node) and len(node) and (isinstance(node, dict) or not _scalars(node)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend(((*path, k), v) for k, v in reversed(list(items)))
+        elif path or not _is_container(node):  # an empty root has no leaves
+            out.setdefault(path_name(path), node)
+    return out
+
+
+def _scalars(seq: list[Any] | tuple[Any, ...]) -> bool:
+    return all(not _is_container(v) and not _is_tensor(v) for v in seq)
+
+
+def compare(
+    a: Checkpoint | Any,
+    b: Checkpoint | Any,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> Diff:
+    """Compare two checkpoints (or trees) leaf by leaf, matched by path name.
+
+    Two tensors are equal when dtype and shape match and their bytes are identical, or, with
+    ``atol``/``rtol`` set, when every element is within ``atol + rtol * |b|`` (nan equal to nan).
+    Values are equal when their types and values are (nan equal to nan).
+
+    Args:
+        progress: called with each tensor pair's byte count (of ``a``'s tensor) once compared.
+
+    Example:
+        >>> compare(safeckpt.open("a.safeckpt"), safeckpt.open("a.safetensors")).equal
+        True
+    """
+    la = leaves(a.tree if isinstance(a, Checkpoint) else a)
+    lb = leaves(b.tree if isinstance(b, Checkpoint) else b)
+    out = Diff(only_a=[k for k in la if k not in lb], only_b=[k for k in lb if k not in la])
+    for name, x in la.items():
+        if name not in lb:
+            continue
+        y = lb[name]
+        if _is_tensor(x) and _is_tensor(y):
+            same, max_abs = _tensors_equal(x, y, atol, rtol)
+            if progress is not None:
+                progress(_nbytes(x))
+        else:
+            same, max_abs = (not _is_tensor(x) and not _is_tensor(y) and _values_equal(x, y)), None
+        if same:
+            out.same += 1
+        else:
+            out.changed.append(Change(name, x, y, max_abs))
+    return out
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, (TensorRef, torch.Tensor))
+
+
+def _nbytes(x: TensorRef | torch.Tensor) -> int:
+    return x.nbytes if isinstance(x, TensorRef) else x.numel() * x.element_size()
+
+
+def _flat(x: TensorRef | torch.Tensor) -> torch.Tensor:
+    t = (x.load() if isinstance(x, TensorRef) else x).detach()
+    return t.cpu().resolve_conj().resolve_neg().reshape(-1)
+
+
+def _tensors_equal(
+    x: TensorRef | torch.Tensor, y: TensorRef | torch.Tensor, atol: float, rtol: float
+) -> tuple[bool, float | None]:
+    if tuple(x.shape) != tuple(y.shape):
+        return False, None
+    a, b = _flat(x), _flat(y)
+    same_bytes = a.dtype == b.dtype
+    max_abs: float | None = 0.0
+    close = True
+    for i in range(0, a.numel(), _CHUNK):
+        ca, cb = a[i : i + _CHUNK], b[i : i + _CHUNK]
+        if same_bytes and not torch.equal(ca.contiguous().view(torch.uint8), cb.contiguous().view(torch.uint8)):
+            same_bytes = False
+        if not same_bytes and max_abs is not None:
+            chunk_max, chunk_close = _difference(ca, cb, atol, rtol)
+            if chunk_max is None or math.isnan(chunk_max):
+                max_abs = chunk_max
+            elif not math.isnan(max_abs):
+                max_abs = max(max_abs, chunk_max)
+            close = close and chunk_close
+    if same_bytes:
+        return True, 0.0
+    tolerant = (atol > 0 or rtol > 0) and a.dtype == b.dtype and close and max_abs is not None
+    return tolerant, max_abs
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[float | None, bool]:
+    """Largest |a - b| over a chunk (nan if one side alone has a nan) and whether it is all close."""
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    try:
+        da, db = a.to(wide), b.to(wide)
+    except (RuntimeError, TypeError):
+        return None, False  # e.g. float4 or bit-packed dtypes: only bytes can be compared
+    both_nan = torch.isnan(da) & torch.isnan(db)
+    d = torch.where((da == db) | both_nan, torch.zeros((), dtype=torch.float64), (da - db).abs().to(torch.float64))
+    worst = float(d.max()) if d.numel() else 0.0
+    if torch.isnan(d).any():
+        worst = math.nan
+    return worst, bool(torch.isclose(da, db, rtol=rtol, atol=atol, equal_nan=True).all())
+
+
+def _values_equal(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, np.ndarray):
+        return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    if isinstance(x, float) and math.isnan(x):
+        return math.isnan(y)
+    if isinstance(x, dict):
+        return len(x) == 0 and len(y) == 0  # leaves() yields only empty dicts
+    if type(x) in (list, tuple):
+        return len(x) == len(y) and all(_values_equal(u, v) for u, v in zip(x, y, strict=True))
+    try:
+        return bool(x == y)
+    except Exception:  # a value whose == does not give a bool: fall back to its text
+        return repr(x) == repr(y)
