@@ -1,0 +1,255 @@
+"""Our own zip central-directory validator for torch archives: where every record's bytes are.
+
+Python's ``zipfile`` is not used: torch writes CRC-0 files it refuses, it resolves duplicate names
+to the last entry, and it knows nothing of torch's rules. `parse` checks the end-of-central-
+directory (zip64 too), then every entry: one common ``<prefix>/`` directory, no duplicates, no
+``..``/absolute/backslash names, stored (method 0) and unencrypted, the local header agreeing
+with the central one, data inside the archive, no two entries overlapping. It returns each
+record's absolute data offset so storages can be memory-mapped in place (spec: ``formats/torch.md``).
+
+An archive may be a segment of a larger file (``torch.distributed.checkpoint`` ``.distcp`` files
+are concatenations of complete torch zips): offsets inside it are relative to its first byte.
+
+Example:
+    >>> with open("friend.pt", "rb") as f:
+    ...     archive = parse(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), source="friend.pt")
+    >>> archive.prefix, archive.records["data.pkl"].offset
+    ('friend', 64)
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+
+__all__ = ["Archive", "Record", "looks_like_zip", "parse"]
+
+LOCAL, CENTRAL, EOCD, EOCD64, LOCATOR64 = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
+_EOCD_SIZE, _CENTRAL_SIZE, _LOCAL_SIZE = 22, 46, 30
+MAX_COMMENT = 0xFFFF
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored entry: ``name`` relative to the archive's prefix, ``offset`` absolute in the file."""
+
+    name: str
+    offset: int
+    size: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A validated torch archive: its top-level directory and its records by relative name."""
+
+    prefix: str
+    records: dict[str, Record]
+    start: int
+    end: int
+    zip64: bool
+
+    def crc_problems(self, data: Any, source: str) -> list[str]:
+        """Records whose recorded CRC-32 is not zero and disagrees with their bytes (torch may write 0)."""
+        problems = []
+        view = memoryview(data)
+        for r in self.records.values():
+            if r.crc32 == 0 or r.size == 0:
+                continue
+            crc = 0
+            for i in range(r.offset, r.offset + r.size, 64 << 20):
+                crc = zlib.crc32(view[i : min(i + (64 << 20), r.offset + r.size)], crc)
+            if crc != r.crc32:
+                problems.append(f"{source}: record {r.name!r} fails its CRC-32 (stored {r.crc32:08x}, read {crc:08x})")
+        return problems
+
+
+def looks_like_zip(head: bytes) -> bool:
+    """A torch archive starts with a local file header whose name has a directory (``<prefix>/...``)."""
+    if len(head) < _LOCAL_SIZE or head[:4] != LOCAL:
+        return False
+    (n,) = struct.unpack_from("<H", head, 26)
+    return b"/" in head[_LOCAL_SIZE : _LOCAL_SIZE + n]
+
+
+def _u(fmt: str, data: Any, at: int) -> tuple[Any, ...]:
+    return struct.unpack_from(fmt, data, at)
+
+
+def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) -> Archive:
+    """Validate the zip archive in ``data[start:start+length]`` and locate its records.
+
+    ``data`` is any buffer over the file (an ``mmap``, ``bytes``). Offsets recorded inside the
+    archive count from ``start``; returned offsets are absolute in ``data``.
+
+    Raises:
+        CorruptCheckpointError: truncated or inconsistent structure, compressed or encrypted entries.
+        UnsafeCheckpointError: names that escape the archive directory, duplicate names.
+
+    Example:
+        >>> parse(mm, source="a.distcp", start=1261, length=1536).records["data/0"].size
+        96
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    end = len(view) if length is None else start + length
+    if start < 0 or end > len(view) or end - start < _EOCD_SIZE + _LOCAL_SIZE:
+        raise CorruptCheckpointError(f"{source}: too short to be a zip archive ({max(0, end - start)} bytes)")
+    end - start
+
+    def err(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: not a valid torch zip archive: {what}")
+
+    if bytes(view[start : start + 4]) != LOCAL:
+        raise err("it does not start with a local file header (PK\\x03\\x04)")
+
+    # end of central directory: the record must end exactly at the end (its comment, if any, included)
+    tail_from = max(start, end - _EOCD_SIZE - MAX_COMMENT)
+    tail = bytes(view[tail_from:end])
+    eocd = -1
+    i = len(tail) - _EOCD_SIZE
+    while i >= 0:
+        i = tail.rfind(EOCD, 0, i + 4)
+        if i < 0:
+            break
+        (comment_len,) = _u("<H", tail, i + 20)
+        if i + _EOCD_SIZE + comment_len == len(tail):
+            eocd = i
+            break
+        i -= 1
+    if eocd < 0:
+        raise err("no end-of-central-directory record at its end (truncated, or data appended)")
+    eocd_at = tail_from - start + eocd  # relative to the archive
+    disk, cd_disk, n_disk, n_total, cd_size, cd_offset, _ = _u("<HHHHIIH", tail, eocd + 4)
+    zip64 = False
+    if 0xFFFF in (n_disk, n_total) or 0xFFFFFFFF in (cd_size, cd_offset):
+        zip64 = True
+        loc = eocd_at - 20
+        if loc < 0 or bytes(view[start + loc : start + loc + 4]) != LOCATOR64:
+            raise err("a zip64 archive without its zip64 locator")
+        _, eocd64_at, total_disks = _u("<IQI", view, start + loc + 4)
+        if total_disks > 1 or eocd64_at + 56 > loc:
+            raise err("bad zip64 locator")
+        if bytes(view[start + eocd64_at : start + eocd64_at + 4]) != EOCD64:
+            raise err("the zip64 end-of-central-directory record is missing")
+        _, _, _, disk, cd_disk, n_disk, n_total, cd_size, cd_offset = _u("<QHHIIQQQQ", view, start + eocd64_at + 4)
+        cd_end_limit = eocd64_at
+    else:
+        cd_end_limit = eocd_at
+    if disk or cd_disk or n_disk != n_total:
+        raise err("multi-disk archives are not torch archives")
+    if cd_offset + cd_size > cd_end_limit:
+        raise err(
+            f"the central directory [{cd_offset}, {cd_offset + cd_size}) runs past its end record at {cd_end_limit}"
+        )
+    if n_total * _CENTRAL_SIZE > cd_size:
+        raise err(f"{n_total} entries cannot fit in a central directory of {cd_size} bytes")
+    if n_total == 0:
+        raise err("the archive is empty")
+
+    records: dict[str, Record] = {}
+    spans: list[tuple[int, int, str]] = []
+    prefix = ""
+    pos = cd_offset
+    cd_end = cd_offset + cd_size
+    for index in range(n_total):
+        if pos + _CENTRAL_SIZE > cd_end or bytes(view[start + pos : start + pos + 4]) != CENTRAL:
+            raise err(f"central directory entry {index} is damaged")
+        (flags, method, crc, csize, usize, name_len, extra_len, comment_len, disk_start, local_at) = _u(
+            "<2xxxHH4xIIIHHHH6xI", view, start + pos + 4
+        )
+        name_end = pos + _CENTRAL_SIZE + name_len
+        entry_end = name_end + extra_len + comment_len
+        if entry_end > cd_end:
+            raise err(f"central directory entry {index} runs past the directory")
+        raw_name = bytes(view[start + pos + _CENTRAL_SIZE : start + name_end])
+        extra = bytes(view[start + name_end : start + name_end + extra_len])
+        pos = entry_end
+        usize, csize, local_at = _zip64_fields(extra, usize, csize, local_at, err)
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise err(f"entry {index} has a name that is not UTF-8") from None
+        if index == 0:
+            prefix = name.split("/", 1)[0]
+            if "/" not in name or not prefix:
+                raise err(f"the first entry {name!r} is not inside a directory (torch archives are '<name>/...')")
+        _check_name(name, prefix, source)
+        if name[len(prefix) + 1 :] in records:
+            raise UnsafeCheckpointError(
+                f"{source}: duplicate zip entry {name!r}: readers disagree on which copy counts, so safeckpt reads neither"
+            )
+        if flags & 0x1 or flags & 0x40:
+            raise err(f"entry {name!r} is encrypted")
+        if method != 0 or csize != usize:
+            raise err(
+                f"entry {name!r} is compressed (method {method}, {csize} bytes expanding to {usize}); torch writes stored "
+                "entries only, and safeckpt never inflates (a zip bomb would)"
+            )
+        if disk_start != 0:
+            raise err(f"entry {name!r} starts on another disk")
+        if local_at + _LOCAL_SIZE > cd_offset:
+            raise err(f"entry {name!r}: its local header at {local_at} lies past the entries' area")
+        lh = start + local_at
+        if bytes(view[lh : lh + 4]) != LOCAL:
+            raise err(f"entry {name!r}: no local header at {local_at}")
+        (l_method, l_name_len, l_extra_len) = _u("<4xHxxxxxxxxxxxxxxxxHH", view, lh + 4)
+        if l_method != method or bytes(view[lh + _LOCAL_SIZE : lh + _LOCAL_SIZE + l_name_len]) != raw_name:
+            raise UnsafeCheckpointError(
+                f"{source}: entry {name!r}: the local header disagrees with the central directory (name or method)"
+            )
+        data_at = local_at + _LOCAL_SIZE + l_name_len + l_extra_len
+        if data_at + usize > cd_offset:
+            raise err(f"entry {name!r} ({usize} bytes at {data_at}) runs past the entries' area (ends at {cd_offset})")
+        spans.append((local_at, data_at + usize, name))
+        rel = name[len(prefix) + 1 :]
+        records[rel] = Record(rel, start + data_at, usize, crc)
+    spans.sort()
+    for (_, a_end, a_name), (b_start, _, b_name) in itertools.pairwise(spans):
+        if b_start < a_end:
+            raise err(f"entries {a_name!r} and {b_name!r} overlap")
+    return Archive(prefix, records, start, end, zip64)
+
+
+def _zip64_fields(extra: bytes, usize: int, csize: int, local_at: int, err: Any) -> tuple[int, int, int]:
+    """Replace the 0xFFFFFFFF placeholders with the zip64 extra field's 8-byte values, in order."""
+    if 0xFFFFFFFF not in (usize, csize, local_at):
+        return usize, csize, local_at
+    i = 0
+    while i + 4 <= len(extra):
+        tag, n = struct.unpack_from("<HH", extra, i)
+        if tag == 0x0001:
+            body, values = extra[i + 4 : i + 4 + n], []
+            for j in range(0, len(body) - 7, 8):
+                values.append(struct.unpack_from("<Q", body, j)[0])
+            out = []
+            for v in (usize, csize, local_at):
+                if v == 0xFFFFFFFF:
+                    if not values:
+                        raise err("a zip64 extra field is too short")
+                    v = values.pop(0)
+                out.append(v)
+            return out[0], out[1], out[2]
+        i += 4 + n
+    raise err("an entry needs a zip64 extra field and has none")
+
+
+def _check_name(name: str, prefix: str, source: str) -> None:
+    parts = name.split("/")
+    if (
+        not name.startswith(prefix + "/")
+        or name.startswith("/")
+        or "\\" in name
+        or "\x00" in name
+        or ":" in parts[0]
+        or any(p in ("", ".", "..") for p in parts[1:-1])
+        or parts[-1] in (".", "..")
+    ):
+        raise UnsafeCheckpointError(
+            f"{source}: suspicious zip entry name {name!r} (outside the archive directory {prefix + '/'!r}, absolute, "
+            "or with '..'): safeckpt never extracts, and refuses archives that try to"
+        )

@@ -1,0 +1,735 @@
+"""``torch``: files written by ``torch.save`` (and Lightning), read without running pickle.
+
+Reads the zip format (any archive prefix, any recorded alignment, zip64, CRC-0), the legacy
+non-zip format (five pickles then raw storages) and bare pickles, through the restricted VM
+in `_pickle` with the torch globals below: nothing named by the file is imported or called.
+Storages stay in the file: a tensor is a `TensorRef` whose loader maps its storage
+(copy-on-write, zero copy where the file is aligned) and applies the pickled view (offset,
+size, stride), checked against the storage's bounds when the file is opened. Writing
+(``format="torch"``) exports with ``torch.save`` for tools that need a ``.pt``.
+The spec, with the exact allow-list, is ``formats/torch.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import re
+import struct
+from argparse import Namespace
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._fs import MappedFile, atomic_write
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
+from . import _pickle, _zip
+from ._pickle import Global, Handler, Inert
+
+NAME = "torch"
+EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+MAX_DEPTH = 256  # nesting of the object tree
+MAX_DIMS = 64
+_LEGACY_TAR_MEMBERS = (b"sys_info", b"pickle", b"storages", b"tensors")
+_MAGIC_BYTES = LEGACY_MAGIC.to_bytes(10, "little")
+
+
+# -- what the torch globals build -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """``torch.FloatStorage`` & co. as a value: the element type (``None``: untyped bytes)."""
+
+    dtype: torch.dtype | None
+
+
+@dataclass(eq=False)
+class Storage:
+    """One storage record: ``numel`` elements of ``dtype`` at absolute file ``offset``."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+    location: str
+    offset: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(eq=False)
+class TensorSpec:
+    """A tensor as pickled: a view of a storage, checked against its bounds."""
+
+    storage: Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool = False
+    parameter: bool = False
+    conj: bool = False
+    neg: bool = False
+
+
+def _bad(what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(what)
+
+
+def _dims(x: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in x):
+        raise _bad(f"tensor {what} must be up to {MAX_DIMS} non-negative ints, got {x!r:.80}")
+    return tuple(x)
+
+
+def _tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype, requires_grad: Any, hooks: Any, metadata: Any
+) -> TensorSpec:
+    if not isinstance(storage, Storage):
+        raise _bad(f"a tensor is rebuilt from a {type(storage).__name__}, not from one of the file's storages")
+    if type(offset) is not int or offset < 0:
+        raise _bad(f"bad storage offset {offset!r}")
+    size, stride = _dims(size, "size"), _dims(stride, "stride")
+    if len(size) != len(stride):
+        raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
+    if type(requires_grad) is not bool:
+        raise _bad("requires_grad must be a bool")
+    if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
+        raise _bad("a tensor with backward hooks (they are code; torch.save never writes them)")
+    conj = neg = False
+    if metadata is not None:
+        if (
+            not isinstance(metadata, dict)
+            or not set(metadata) <= {"conj", "neg"}
+            or not all(type(v) is bool for v in metadata.values())
+        ):
+            raise _bad(f"unknown tensor metadata {metadata!r:.80}")
+        conj, neg = metadata.get("conj", False), metadata.get("neg", False)
+    if storage.dtype != dtype and storage.dtype != torch.uint8:
+        raise _bad(f"a {dtype} tensor over a {storage.dtype} storage")
+    available = storage.nbytes // dtype.itemsize
+    if all(size):
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) + 1
+        if extent > available:
+            raise _bad(
+                f"tensor view [{offset}, {extent}) exceeds its storage of {available} elements (storage {storage.key})"
+            )
+    elif offset > available:
+        raise _bad(f"empty tensor at offset {offset} past its storage of {available} elements")
+    return TensorSpec(storage, offset, size, stride, dtype, requires_grad, False, conj, neg)
+
+
+def _rebuild_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    hooks: Any = None,
+    metadata: Any = None,
+) -> TensorSpec:
+    if not isinstance(storage, Storage):
+        raise _bad(f"a tensor is rebuilt from a {type(storage).__name__}, not from one of the file's storages")
+    return _tensor(storage, offset, size, stride, storage.dtype, requires_grad, hooks, metadata)
+
+
+def _rebuild_v3(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, metadata: Any = None
+) -> TensorSpec:
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(f"_rebuild_tensor_v3 needs a dtype, got {type(dtype).__name__}")
+    return _tensor(storage, offset, size, stride, dtype, requires_grad, hooks, metadata)
+
+
+def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorSpec:
+    return _rebuild_v2(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> TensorSpec:
+    if not isinstance(data, TensorSpec) or type(requires_grad) is not bool:
+        raise _bad("a Parameter must wrap a tensor")
+    if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
+        raise _bad("a Parameter with backward hooks")
+    return TensorSpec(
+        data.storage, data.offset, data.size, data.stride, data.dtype, requires_grad, True, data.conj, data.neg
+    )
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> TensorSpec:
+    # a tensor with Python attributes: attributes are dropped, the tensor kept (subclasses refused)
+    if not isinstance(func, Global) or func.name not in _REBUILDERS or not isinstance(args, tuple):
+        raise _bad(f"_rebuild_from_type_v2 of {func!r}")
+    kind = new_type.name if isinstance(new_type, Global) else None
+    if kind not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+        raise UnsafeCheckpointError(f"tensor subclass {kind or type(new_type).__name__} is not allowed")
+    assert func.handler.call is not None
+    spec = func.handler.call(*args)
+    if not isinstance(spec, TensorSpec):
+        raise _bad("_rebuild_from_type_v2 did not rebuild a tensor")
+    if kind == "torch.nn.parameter.Parameter":
+        spec = TensorSpec(
+            spec.storage, spec.offset, spec.size, spec.stride, spec.dtype, spec.requires_grad, True, spec.conj, spec.neg
+        )
+    return spec
+
+
+_STORAGE_NAMES = {
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "BFloat16Storage": torch.bfloat16,
+    "ComplexDoubleStorage": torch.complex128,
+    "ComplexFloatStorage": torch.complex64,
+}
+_REBUILDERS = {
+    "torch._utils._rebuild_tensor": _rebuild_v1,
+    "torch._utils._rebuild_tensor_v2": _rebuild_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_v3,
+}
+
+
+def _torch_table() -> dict[str, Handler]:
+    table = {name: Handler(call=fn) for name, fn in _REBUILDERS.items()}
+    table["torch._utils._rebuild_parameter"] = Handler(call=_rebuild_parameter)
+    table["torch._utils._rebuild_parameter_with_state"] = Handler(call=_rebuild_parameter)
+    table["torch._tensor._rebuild_from_type_v2"] = Handler(call=_rebuild_from_type_v2)
+    table["torch.Tensor"] = Handler()
+    table["torch.nn.parameter.Parameter"] = Handler()
+    for mod in ("torch", "torch.cuda"):
+        for name, dtype in _STORAGE_NAMES.items():
+            table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
+    table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
+    return table
+
+
+TORCH: dict[str, Handler] = _torch_table()
+
+
+def allowed_globals() -> dict[str, Handler]:
+    """The whole allow-list this format reads with: the VM's base table plus the torch globals."""
+    return {**_pickle.BASE, **TORCH}
+
+
+# -- sniffing --------------------------------------------------------------------------------------
+
+
+def _pickle_start(head: bytes) -> int | None:
+    """Where the first opcode after PROTO (and FRAME) is, if ``head`` starts like a pickle of protocol >= 2."""
+    if len(head) < 3 or head[0] != 0x80 or not 2 <= head[1] <= _pickle.HIGHEST_PROTOCOL:
+        return None
+    return 11 if head[2] == 0x95 else 2
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """PROTO 2-5, then opcodes that parse until the head runs out (a safetensors length prefix
+    can start with the same two bytes, but not with a valid opcode stream)."""
+    if _pickle_start(head) is None:
+        return False
+    try:
+        _pickle._scan(head, 0, "")
+    except CheckpointError as e:
+        return "truncated" in str(e)
+    return True
+
+
+def _is_legacy(head: bytes) -> bool:
+    at = _pickle_start(head)
+    return at is not None and head[at : at + 12] == b"\x8a\x0a" + _MAGIC_BYTES
+
+
+def _is_legacy_tar(head: bytes) -> bool:
+    return len(head) >= 512 and head[257:262] == b"ustar" and head[:100].rstrip(b"\x00") in _LEGACY_TAR_MEMBERS
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """A torch zip (local header with a ``<prefix>/`` name), a pickle of protocol 2-5, or a legacy tar.
+
+    Example:
+        >>> sniff(Path("friend.pt").read_bytes()[:4096], Path("friend.pt"))
+        True
+    """
+    return _zip.looks_like_zip(head) or _looks_like_pickle(head) or _is_legacy_tar(head)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """One open file: its map, its storages, and how to turn them into tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.source = str(path)
+        size = path.stat().st_size
+        if size == 0:
+            raise CorruptCheckpointError(f"{path}: the file is empty")
+        self.mapped = MappedFile(path, size)
+        self.data = self.mapped.map
+        self.size = size
+        self.byteorder = "little"
+        self.storages: dict[str, Storage] = {}
+        self.info: dict[str, Any] = {}
+
+    # zip ------------------------------------------------------------------------------------------
+    def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
+        archive = _zip.parse(self.data, source=self.source, start=start, length=length)
+        records = archive.records
+        if "constants.pkl" in records or any(k.startswith("code/") for k in records):
+            raise UnsafeCheckpointError(
+                f"{self.source}: a TorchScript archive (it holds code/ and constants.pkl); reading it means running "
+                "TorchScript, which safeckpt refuses. Save the model's state_dict() instead"
+            )
+        if "data.pkl" not in records:
+            raise CorruptCheckpointError(f"{self.source}: the archive {archive.prefix + '/'!r} has no data.pkl")
+        order = self._small(records.get("byteorder"))
+        if order is not None:
+            if order not in ("little", "big"):
+                raise CorruptCheckpointError(f"{self.source}: byteorder record says {order!r}")
+            self.byteorder = order
+        self.info.update(container="zip", archive_prefix=archive.prefix, zip64=archive.zip64, byteorder=self.byteorder)
+        for key in (".storage_alignment", ".format_version", "version"):
+            value = self._small(records.get(key))
+            if value is not None:
+                self.info[key.lstrip(".")] = value.strip()
+        self.archive = archive
+        pkl = records["data.pkl"]
+
+        def persistent_load(pid: Any) -> Storage:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                raise _bad(f"bad persistent id {pid!r:.100} (expected ('storage', type, key, location, numel))")
+            _, stype, key, location, numel = pid
+            if (
+                not isinstance(stype, StorageType)
+                or not isinstance(location, str)
+                or type(numel) is not int
+                or numel < 0
+            ):
+                raise _bad(f"bad storage persistent id {pid!r:.100}")
+            if not isinstance(key, str) or not re.fullmatch(r"[0-9]{1,20}", key):
+                raise _bad(f"bad storage key {key!r:.40}")
+            dtype = stype.dtype or torch.uint8
+            known = self.storages.get(key)
+            if known is not None:
+                if (known.dtype, known.numel) != (dtype, numel):
+                    raise _bad(f"storage {key} is declared twice with different types or sizes")
+                return known
+            record = records.get(f"data/{key}")
+            if record is None:
+                raise _bad(f"storage {key} has no record data/{key} in the archive")
+            storage = Storage(key, dtype, numel, location, record.offset)
+            if storage.nbytes != record.size:
+                raise _bad(
+                    f"storage {key}: declared {storage.nbytes} bytes ({numel} x {dtype}), the record has {record.size}"
+                )
+            self.storages[key] = storage
+            return storage
+
+        view = memoryview(self.data)[pkl.offset : pkl.offset + pkl.size]
+        self._note_pickle(view)
+        return self._unpickle(view, f"{self.source} (data.pkl)", persistent_load, allow)
+
+    def _small(self, record: _zip.Record | None) -> str | None:
+        if record is None:
+            return None
+        if record.size > 64:
+            raise CorruptCheckpointError(
+                f"{self.source}: record {record.name!r} is {record.size} bytes, expected a short text"
+            )
+        try:
+            return bytes(self.data[record.offset : record.offset + record.size]).decode("ascii")
+        except UnicodeDecodeError:
+            raise CorruptCheckpointError(f"{self.source}: record {record.name!r} is not text") from None
+
+    def _note_pickle(self, view: Any) -> None:
+        if len(view) > 1 and view[0] == 0x80:
+            self.info["pickle_protocol"] = view[1]
+
+    def _unpickle(self, data: Any, source: str, persistent_load: Any, allow: Iterable[str]) -> Any:
+        return _pickle.unpickle(data, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH)
+
+    # legacy -----------------------------------------------------------------------------------
+    def read_legacy(self, allow: Iterable[str]) -> Any:
+        data = memoryview(self.data)
+        src = self.source
+
+        def next_pickle(
+            pos: int, what: str, persistent_load: Any = None, allow_: Iterable[str] = ()
+        ) -> tuple[Any, int]:
+            extra = TORCH if persistent_load is not None else {}
+            return _pickle.unpickle_at(
+                data,
+                pos,
+                source=f"{src} (legacy {what} pickle)",
+                persistent_load=persistent_load,
+                allow=allow_,
+                extra=extra,
+            )
+
+        magic, pos = next_pickle(0, "magic")
+        if magic != LEGACY_MAGIC:
+            raise CorruptCheckpointError(f"{src}: not a legacy torch file (bad magic number)")
+        version, pos = next_pickle(pos, "version")
+        if version != LEGACY_PROTOCOL:
+            raise CorruptCheckpointError(f"{src}: legacy protocol version {version!r}, expected {LEGACY_PROTOCOL}")
+        sys_info, pos = next_pickle(pos, "sys_info")
+        if not isinstance(sys_info, dict) or type(sys_info.get("little_endian")) is not bool:
+            raise CorruptCheckpointError(f"{src}: legacy sys_info is malformed")
+        self.byteorder = "little" if sys_info["little_endian"] else "big"
+        self.info.update(container="legacy", byteorder=self.byteorder)
+        self._note_pickle(data[pos:])
+
+        def persistent_load(pid: Any) -> Storage:
+            if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+                raise _bad(
+                    f"bad legacy persistent id {pid!r:.100} (expected ('storage', type, key, location, numel, view))"
+                )
+            _, stype, key, location, numel, view_metadata = pid
+            if (
+                not isinstance(stype, StorageType)
+                or not isinstance(key, str)
+                or not isinstance(location, str)
+                or type(numel) is not int
+                or numel < 0
+            ):
+                raise _bad(f"bad legacy storage id {pid!r:.100}")
+            if view_metadata is not None:
+                raise _bad(
+                    f"storage {key} is a legacy storage view (PyTorch < 1.0); load and re-save it with an old PyTorch"
+                )
+            dtype = stype.dtype or torch.uint8
+            known = self.storages.setdefault(key, Storage(key, dtype, numel, location))
+            if (known.dtype, known.numel) != (dtype, numel):
+                raise _bad(f"storage {key} is declared twice with different types or sizes")
+            return known
+
+        obj, pos = next_pickle(pos, "object", persistent_load, allow)
+        keys, pos = next_pickle(pos, "storage keys")
+        if (
+            not isinstance(keys, list)
+            or not all(isinstance(k, str) for k in keys)
+            or len(set(keys)) != len(keys)
+            or set(keys) != set(self.storages)
+        ):
+            raise CorruptCheckpointError(
+                f"{src}: the legacy storage key list does not match the storages the object uses"
+            )
+        fmt = "<q" if self.byteorder == "little" else ">q"
+        for key in keys:
+            storage = self.storages[key]
+            if pos + 8 > self.size:
+                raise CorruptCheckpointError(f"{src}: truncated before the header of storage {key}")
+            (numel,) = struct.unpack_from(fmt, data, pos)
+            if numel != storage.numel:
+                raise CorruptCheckpointError(
+                    f"{src}: storage {key} holds {numel} elements, the pickle declared {storage.numel}"
+                )
+            storage.offset = pos + 8
+            pos = storage.offset + storage.nbytes
+            if pos > self.size:
+                raise CorruptCheckpointError(
+                    f"{src}: storage {key} ({storage.nbytes} bytes at {storage.offset}) runs past the end of the file"
+                )
+        if pos != self.size:
+            raise CorruptCheckpointError(f"{src}: {self.size - pos} bytes of trailing data after the last storage")
+        return obj
+
+    def read_bare(self, allow: Iterable[str]) -> Any:
+        self.info["container"] = "pickle"
+        self._note_pickle(memoryview(self.data)[:2])
+        return self._unpickle(memoryview(self.data), self.source, None, allow)
+
+    # tensors ----------------------------------------------------------------------------------
+    def tensor_loader(self, spec: TensorSpec) -> Any:
+        mapped, swap, storage = self.mapped, self.byteorder != "little", spec.storage
+
+        def load() -> torch.Tensor:
+            return materialize(mapped, storage, spec, swap)
+
+        return load
+
+
+def materialize(mapped: MappedFile, storage: Storage, spec: TensorSpec, byteswap: bool = False) -> torch.Tensor:
+    """The tensor ``spec`` describes, over ``storage``'s bytes in the map (copied only when the bytes
+    are misaligned for the dtype or stored big-endian)."""
+    item = spec.dtype.itemsize
+    count = storage.nbytes // item
+    if count == 0:
+        base = torch.empty(0, dtype=spec.dtype)
+    else:
+        raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
+        if storage.offset % item:
+            raw = raw.clone()
+        if byteswap and item > 1:
+            unit = item // 2 if spec.dtype.is_complex else item
+            raw = raw.view(-1, unit).flip(-1).reshape(-1)
+        base = raw.view(spec.dtype)
+    t = base.as_strided(spec.size, spec.stride, spec.offset)
+    if spec.conj:
+        t = t.conj()
+    if spec.neg:
+        t = torch._neg_view(t)
+    if spec.requires_grad and not spec.parameter:
+        t.requires_grad_(True)
+    return t
+
+
+# -- the object graph -> the checkpoint tree -------------------------------------------------------
+
+_LEAF_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    bytearray,
+    complex,
+    torch.Size,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    np.generic,
+    np.ndarray,
+    np.dtype,
+)
+
+
+class _Tree:
+    """Turns the unpickled graph into a tree: shared containers are copied (with a budget, so a
+    small pickle cannot describe a billion paths), cycles and deep nesting are refused."""
+
+    def __init__(self, reader: _Reader, budget: int) -> None:
+        self.reader = reader
+        self.budget = budget
+        self.active: set[int] = set()
+        self.refs: dict[tuple[int, tuple[Any, ...]], TensorRef] = {}
+
+    def err(self, path: tuple[Any, ...], what: str) -> CorruptCheckpointError:
+        where = "/".join(map(str, path)) or "the root"
+        return CorruptCheckpointError(f"{self.reader.source}: {where}: {what}")
+
+    def convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
+        if len(path) > MAX_DEPTH:
+            raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(obj, _LEAF_TYPES) and type(obj) not in (list, tuple):
+            return obj
+        if isinstance(obj, (TensorSpec, Storage)):
+            if not tensors:
+                raise self.err(
+                    path, "a tensor where only plain values may appear (a dict key, a set, _metadata, a Namespace)"
+                )
+            return self.tensor(obj, path)
+        if isinstance(obj, pathlib.PurePath):
+            return obj
+        if isinstance(obj, Inert):
+            obj = obj.as_dict()
+        elif isinstance(obj, Global):
+            if obj.name in _pickle.BASE or obj.name in TORCH:
+                raise UnsafeCheckpointError(
+                    f"{self.reader.source}: {path_name(path) or 'the root'} is the class or function {obj.name} itself, not data"
+                )
+            return {"__global__": obj.name}
+        elif isinstance(obj, _pickle._NumpyDtype):
+            return np.dtype(obj.spec)
+        key = id(obj)
+        if key in self.active:
+            raise self.err(path, "the object graph has a cycle")
+        self.active.add(key)
+        try:
+            return self._container(obj, path, tensors)
+        finally:
+            self.active.discard(key)
+
+    def _container(self, obj: Any, path: tuple[Any, ...], tensors: bool) -> Any:
+        cls = type(obj)
+        if cls is list:
+            return [self.convert(v, (*path, i), tensors) for i, v in enumerate(obj)]
+        if cls is tuple:
+            return tuple(self.convert(v, (*path, i), tensors) for i, v in enumerate(obj))
+        if cls in (set, frozenset):
+            return cls(self.convert(v, (*path, "<item>"), False) for v in obj)
+        if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
+            out = cls()
+            for k, v in obj.items():
+                out[self.convert(k, (*path, "<key>"), False)] = self.convert(v, (*path, k), tensors)
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                out._metadata = self.convert(meta, (*path, "_metadata"), False)
+            return out
+        if cls is Namespace:
+            return Namespace(**{k: self.convert(v, (*path, k), False) for k, v in vars(obj).items()})
+        raise self.err(path, f"holds a {cls.__module__}.{cls.__qualname__} that no allowed global builds")
+
+    def tensor(self, obj: TensorSpec | Storage, path: tuple[Any, ...]) -> TensorRef:
+        if isinstance(obj, Storage):  # a bare storage: read it as the 1-D tensor of its elements
+            obj = TensorSpec(obj, 0, (obj.numel,), (1,), obj.dtype)
+        s = obj.storage
+        view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
+        return TensorRef(
+            path_name(path),
+            obj.dtype,
+            obj.size,
+            self.reader.source,
+            self.reader.tensor_loader(obj),
+            storage=(self.reader.source, s.offset),
+            view=view,
+            requires_grad=obj.requires_grad,
+            parameter=obj.parameter,
+        )
+
+
+def _open(path: Path, allow: Iterable[str]) -> tuple[_Reader, Any, int]:
+    reader = _Reader(path)
+    head = bytes(reader.data[:4096])
+    if _is_legacy_tar(head):
+        raise UnsafeCheckpointError(
+            f"{path}: a legacy tar checkpoint (PyTorch <= 0.1.10); torch's own loader for it extracts files and is "
+            "refused even by torch.load(weights_only=True). Re-save it with an old PyTorch as a state_dict"
+        )
+    if head[:4] == _zip.LOCAL:
+        tree = reader.read_zip(allow)
+        pickle_size = reader.archive.records["data.pkl"].size
+    elif _is_legacy(head):
+        tree = reader.read_legacy(allow)
+        pickle_size = reader.size - sum(s.nbytes for s in reader.storages.values())
+    elif _pickle_start(head) is not None:
+        tree = reader.read_bare(allow)
+        pickle_size = reader.size
+    else:
+        raise CorruptCheckpointError(f"{path}: neither a torch zip archive, a legacy torch file, nor a pickle")
+    return reader, tree, pickle_size
+
+
+def read(path: Path, *, allow: Iterable[str] = (), **_: Any) -> Checkpoint:
+    """Open a ``torch.save``/Lightning file: parse its structure and pickle; tensors stay on disk.
+
+    Args:
+        allow: globals (``"pkg.mod.Class"`` or ``"pkg.*"``) to admit as inert data: each object of
+            them becomes ``{"__global__": name, "args": ..., "state": ...}``; nothing is imported.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global outside the allow-list (before anything is built).
+        CorruptCheckpointError: the file is truncated or inconsistent.
+
+    Example:
+        >>> ckpt = read(Path("friend.pt"))
+        >>> ckpt.tensors()["0.weight"].shape
+        (16, 8)
+    """
+    return _load(Path(path), tuple(allow))[1]
+
+
+def _load(path: Path, allow: tuple[str, ...]) -> tuple[_Reader, Checkpoint]:
+    reader, obj, pickle_size = _open(path, allow)
+    tree = _Tree(reader, 100_000 + 4 * pickle_size).convert(obj, ())
+    info = dict(reader.info)
+    info["globals"] = sorted({n for n, _ in globals_report(path, allow=allow, _reader=reader)})
+    if isinstance(tree, dict):
+        if "pytorch-lightning_version" in tree:
+            info["lightning_version"] = tree["pytorch-lightning_version"]
+            info["producer"] = "lightning-trainer"
+        elif any(g.endswith(".AttributeDict") and "lightning" in g for g in info["globals"]):
+            info["producer"] = "lightning"
+    return reader, Checkpoint(tree, format=NAME, path=path, info=info)
+
+
+def globals_report(path: Path, *, allow: Iterable[str] = (), _reader: _Reader | None = None) -> list[tuple[str, bool]]:
+    """Every global the file's pickles refer to, with whether safeckpt admits it (nothing is built).
+
+    Example:
+        >>> globals_report(Path("evil.pt"))
+        [('collections.OrderedDict', True), ('posix.system', False)]
+    """
+    reader = _reader or _Reader(Path(path))
+    data = memoryview(reader.data)
+    head = bytes(data[:4096])
+    spans: list[tuple[int, int | None]] = []
+    if head[:4] == _zip.LOCAL:
+        archive = _zip.parse(reader.data, source=reader.source)
+        r = archive.records.get("data.pkl")
+        if r is None:
+            raise CorruptCheckpointError(f"{reader.source}: the archive has no data.pkl")
+        data = data[r.offset : r.offset + r.size]
+        spans = [(0, None)]
+    elif _pickle_start(head) is not None:
+        spans = [(0, 5 if _is_legacy(head) else 1)]
+    names: dict[str, None] = {}
+    for start, count in spans:
+        pos = start
+        for _ in range(count or 1):
+            found, pos = _pickle._scan(data, pos, reader.source)
+            names.update(dict.fromkeys(found))
+            if pos >= len(data):
+                break
+    table = allowed_globals()
+    admitted = _pickle._allowed_by(allow)
+    return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
+
+
+def verify(path: Path) -> list[str]:
+    """Integrity problems and refused globals, as messages (``[]`` for a clean file).
+
+    Checks the zip structure, every record's CRC-32 where one was recorded (torch may write 0),
+    storage sizes, tensor bounds and the whole pickle. Refused globals are reported, and the rest
+    of the file is still checked with them read as inert data.
+
+    Example:
+        >>> verify(Path("friend.pt"))
+        []
+    """
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        refused = [n for n, ok in globals_report(path) if not ok]
+        if refused:
+            problems.append(f"{path}: refers to globals safeckpt does not allow: {', '.join(refused)}")
+            if any(_pickle.is_denied(n) or n.startswith("<") for n in refused):
+                return problems
+        reader, _ = _load(path, tuple(refused))
+        if reader.info.get("container") == "zip":
+            problems += reader.archive.crc_problems(reader.data, str(path))
+    except CheckpointError as e:
+        problems.append(str(e))
+    return problems
+
+
+# -- writing (export) ------------------------------------------------------------------------------
+
+
+def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2, **_: Any) -> Path:
+    """Export with ``torch.save`` (only on an explicit ``format="torch"``), atomically.
+
+    The tree is materialized first (tensors read from their source); ``AttributeDict`` values are
+    pickled as ``safeckpt.tree.AttributeDict``, which safeckpt reads back as itself.
+
+    Example:
+        >>> safeckpt.convert("run.safeckpt", "run.pt", format="torch")
+        PosixPath('run.pt')
+    """
+    obj = ckpt.to_python()
+    with atomic_write(path) as f:
+        torch.save(obj, f, pickle_protocol=pickle_protocol)
+    return Path(os.path.realpath(os.fspath(path)))
+
+
+__all__ = ["EXTENSIONS", "NAME", "allowed_globals", "globals_report", "read", "sniff", "verify", "write"]
