@@ -31,6 +31,7 @@ _FORMATS: dict[str, str] = {
     "safeckpt": "safeckpt.formats.safeckpt",
     "safetensors": "safeckpt.formats.safetensors_file",
     "hf-sharded": "safeckpt.formats.hf_sharded",
+    "dcp": "safeckpt.formats.dcp",
     "torch": "safeckpt.formats.torch_pickle",
 }
 

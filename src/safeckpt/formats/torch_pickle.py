@@ -274,13 +274,14 @@ def sniff(head: bytes, path: Path) -> bool:
 class _Reader:
     """One open file: its map, its storages, and how to turn them into tensors."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mapped: MappedFile | None = None, source: str | None = None) -> None:
+        # dcp reads many archives out of one .distcp file: they share its map (``mapped``)
         self.path = path
-        self.source = str(path)
+        self.source = source or str(path)
         size = path.stat().st_size
         if size == 0:
             raise CorruptCheckpointError(f"{path}: the file is empty")
-        self.mapped = MappedFile(path, size)
+        self.mapped = mapped or MappedFile(path, size)
         self.data = self.mapped.map
         self.size = size
         self.byteorder = "little"
