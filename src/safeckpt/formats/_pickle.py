@@ -502,6 +502,12 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
     denied = [n for n in real if is_denied(n)]
     if denied:
         msg += f" {denied[0]!r} can execute code or load another pickle: do not load this file unless you made it."
+    elif any(n.startswith("torch.nn.modules.") for n in real):
+        msg += (
+            " It holds a whole pickled model (torch.save(model)): safeckpt reads weights, not model objects. Have it "
+            "saved as torch.save(model.state_dict()); or, if you trust the file, read its tensors as inert records "
+            f"with safeckpt.open(path, allow={real!r}) (see formats/torch.md)."
+        )
     elif real and not opcodes:
         msg += (
             " If you trust this file and these classes only hold data, read them as inert records with "
