@@ -83,6 +83,10 @@ def save(
         >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
         PosixPath('run/step-100.safeckpt')
     """
+    if _across_ranks(state, format):
+        from . import distributed
+
+        return distributed.save(path, state, filter=filter, max_shard_size=max_shard_size)
     if isinstance(state, nn.Module):
         tree: Any = st.module_state_dict(st.unwrap(state))
     else:
@@ -90,6 +94,18 @@ def save(
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
     fmt, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
     return fmt.write(ckpt, Path(os.fspath(path)), **opts)
+
+
+def _across_ranks(state: Any, format: str | None = None) -> bool:
+    """In a process group, DTensor state (or an explicit ``format="safeckpt-sharded"`` on several
+    ranks) is saved and loaded collectively by `safeckpt.distributed`; anything else stays local,
+    so a rank-0-only save of replicated state keeps working."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from . import distributed
+
+    several = torch.distributed.get_world_size() > 1
+    return (format == "safeckpt-sharded" and several) or distributed.holds_dtensors(state)
 
 
 def _writer(path: Path, format: str | None, max_shard_size: int | str | None, tree: Any) -> tuple[Any, dict[str, Any]]:
@@ -128,6 +144,10 @@ def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool
         >>> state["step"]
         100
     """
+    if state and _across_ranks(state):
+        from . import distributed
+
+        return distributed.load(path, state, strict=strict, verify=verify)
     local = _local(path)
     ckpt = open(local)
     if verify:
@@ -175,6 +195,10 @@ def load_raw(path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: 
         >>> safeckpt.load_raw("friend.pt", model)          # restricted unpickler, nothing runs
         >>> safeckpt.load_raw("model.safetensors", model, strict=False)
     """
+    if _across_ranks(obj):
+        from . import distributed
+
+        return distributed.load_raw(path, obj, strict=strict)
     target = st.unwrap(obj)
     ckpt = open(_local(path))
     tree = ckpt.tree

@@ -29,6 +29,7 @@ HEAD_BYTES = 4096
 # name -> module, in sniff order (more specific formats first)
 _FORMATS: dict[str, str] = {
     "safeckpt": "safeckpt.formats.safeckpt",
+    "safeckpt-sharded": "safeckpt.formats.safeckpt_sharded",
     "safetensors": "safeckpt.formats.safetensors_file",
     "hf-sharded": "safeckpt.formats.hf_sharded",
     "dcp": "safeckpt.formats.dcp",

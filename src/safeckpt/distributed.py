@@ -1,0 +1,485 @@
+"""torch.distributed: per-rank sharded saves and resharding loads (format ``safeckpt-sharded``).
+
+Built on ``torch.distributed.checkpoint`` (DCP): its planners decide which rank writes which
+slice (a DTensor's local shards; a replicated tensor once, by the lowest rank holding it) and,
+on load, which slices of which saved chunks each rank needs for its own sharding. Our
+`StorageWriter`/`StorageReader` pair replaces DCP's storage: shards are safetensors files, the
+index and every non-tensor value are msgpack, written by rank 0 after every rank's shards are on
+disk. DCP only ever sees tensors, so nothing goes through its ``torch.save`` path; its plans
+travel between ranks through its own collectives (in memory, never on disk).
+
+``safeckpt.save``/``load``/``load_raw`` come here by themselves when a process group is
+initialized and the state holds DTensors (or ``format="safeckpt-sharded"`` is asked for).
+
+Example:
+    >>> fully_shard(model); opt = torch.optim.AdamW(model.parameters())
+    >>> safeckpt.save("run/step-100", {"model": model, "optimizer": opt, "step": 100})   # every rank
+    >>> safeckpt.load("run/step-100", {"model": model, "optimizer": opt})                # any world size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import codec
+from . import state as st
+from ._units import parse_size
+from .errors import CorruptCheckpointError
+from .formats import safeckpt_sharded as fmt
+from .tree import Checkpoint, TensorRef, iter_leaves, path_name
+
+__all__ = ["holds_dtensors", "load", "load_raw", "save"]
+
+
+def _is_dtensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and type(x).__name__ == "DTensor" and hasattr(x, "placements")
+
+
+def holds_dtensors(state: Any) -> bool:
+    """Whether ``state`` (a module, or a dict of modules, optimizers and values) holds a DTensor.
+
+    Example:
+        >>> holds_dtensors({"model": fully_shard(model)})
+        True
+    """
+    objs = state.values() if isinstance(state, Mapping) else [state]
+    for obj in map(st.unwrap, objs):
+        if isinstance(obj, nn.Module):
+            tensors: Iterable[Any] = [*obj.parameters(), *obj.buffers()]
+        elif isinstance(obj, torch.optim.Optimizer):
+            tensors = [p for g in obj.param_groups for p in g["params"]]
+        else:
+            tensors = (x for _, x in iter_leaves(obj) if isinstance(x, torch.Tensor))
+        if any(_is_dtensor(t) for t in tensors):
+            return True
+    return False
+
+
+def _owner(optimizer: torch.optim.Optimizer, modules: Iterable[nn.Module]) -> nn.Module | None:
+    """The module whose parameters include all the optimizer updates, if one is given."""
+    wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for m in modules:
+        if wanted and wanted <= {id(p) for p in m.parameters()}:
+            return m
+    return None
+
+
+class _OptimizerState:
+    """An optimizer seen through its model: state keyed by parameter names (``get_optimizer_state_dict``)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, sd)
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """Raise on every rank if any rank failed, so no rank enters a collective the others skip."""
+    results: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(results, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(results) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"{what} failed on rank {rank} ({message}); nothing was written or changed")
+
+
+# -- saving ------------------------------------------------------------------------------------------
+
+
+def save(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any] | nn.Module,
+    *,
+    filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Save ``state`` from every rank of the default process group as a sharded directory.
+
+    Call it on every rank with the same ``path``. Each rank writes the slices it owns (a DTensor's
+    local shards; a plain tensor counts as replicated and is written once, by the lowest rank) as
+    safetensors files of at most ``max_shard_size`` bytes; rank 0 then writes the msgpack index,
+    holding every non-tensor value (rank 0's), which commits the checkpoint. An optimizer whose
+    parameters belong to a module saved alongside is stored keyed by parameter names.
+
+    Example:
+        >>> safeckpt.distributed.save("run/step-100", {"model": model, "optimizer": opt, "step": 100})
+        PosixPath('/abs/run/step-100')
+    """
+    flat: dict[str, torch.Tensor] = {}
+    declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    used: set[str] = set()
+
+    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
+        fmt.check_storable(x, p)
+        name = fmt.unique(path_name(p) or "tensor", used)
+        flat[name] = x.load() if isinstance(x, TensorRef) else x.detach()
+        declared[name] = (x.dtype, tuple(x.shape))
+        return [name, fmt.tensor_flags(x)]
+
+    error, root, skeleton, limit = None, Path(os.fspath(path)), b"", None
+    try:
+        limit = None if max_shard_size is None else parse_size(max_shard_size)
+        if isinstance(state, nn.Module):
+            tree: Any = st.module_state_dict(st.unwrap(state))
+        else:
+            modules = [m for m in map(st.unwrap, state.values()) if isinstance(m, nn.Module)]
+            views = {}
+            for k, v in state.items():
+                obj = st.unwrap(v)
+                owner = _owner(obj, modules) if isinstance(obj, torch.optim.Optimizer) else None
+                views[k] = v if owner is None else _OptimizerState(owner, obj)
+            tree = st.to_saveable(views, filter)
+        skeleton = codec.encode(tree, payload)
+        root = fmt.target_dir(root)
+    except Exception as e:
+        error = e
+    _agree(error, "safeckpt.save")
+    writer = _Writer(root, skeleton, declared, limit)
+    dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    return root
+
+
+def _done(value: Any) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+class _Writer(StorageWriter):
+    """Each rank's slices into safetensors shards; rank 0's `finish` commits the msgpack index."""
+
+    def __init__(self, root: Path, skeleton: bytes, declared: dict[str, Any], limit: int | None) -> None:
+        super().__init__()
+        self.root, self.skeleton, self.declared, self.limit = root, skeleton, declared, limit
+        self.generation = ""
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # The coordinator names this save; every rank learns the name with its plan.
+        self.generation = fmt.new_generation()
+        return [dataclasses.replace(p, storage_data=(self.generation, rank)) for rank, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        generation, rank = plan.storage_data
+        pieces = []
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+                raise TypeError(
+                    f"{self.root}: {item.index.fqn!r} is not a tensor; safeckpt keeps non-tensor values out of DCP"
+                )
+            td = item.tensor_data
+            get = functools.partial(planner.resolve_data, item)
+            pieces.append(
+                fmt.Piece(
+                    item.index.fqn,
+                    td.properties.dtype,
+                    tuple(td.size),
+                    tuple(td.chunk.offsets),
+                    tuple(td.chunk.sizes),
+                    get,
+                )
+            )
+        out = []
+        for piece, frec, crec in fmt.write_shards(self.root, generation, rank, pieces, self.limit):
+            index = MetadataIndex(piece.name, piece.offsets)
+            out.append(WriteResult(index=index, size_in_bytes=piece.nbytes, storage_data=(frec, crec)))
+        return _done(out)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        written = [(r.index.fqn, *r.storage_data) for rank_results in results for r in rank_results]
+        fmt.commit(self.root, self.generation, written, self.declared, self.skeleton, {}, len(results))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+class _Whole:
+    """A tensor of a non-sharded checkpoint as the one chunk covering it (loaded once, then sliced)."""
+
+    def __init__(self, ref: TensorRef) -> None:
+        self.ref, self.offsets, self.sizes = ref, (0,) * len(ref.shape), tuple(ref.shape)
+        self._tensor: torch.Tensor | None = None
+
+    def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = self.ref.load().detach()
+        t = self._tensor
+        for dim, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+            t = t.narrow(dim, o, n)
+        return t
+
+
+class _Reader(StorageReader):
+    """Slices of a `Checkpoint`'s tensors: chunks of a sharded one, whole tensors of any other."""
+
+    def __init__(self, sources: dict[str, TensorRef]) -> None:
+        super().__init__()
+        self.sources = sources
+        self.storage: dict[Any, Any] = {}
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md, storage = {}, {}
+        for key, ref in self.sources.items():
+            chunks = getattr(ref, "chunks", ()) or (_Whole(ref),)
+            boxes = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in chunks]
+            md[key] = TensorStorageMetadata(TensorProperties(dtype=ref.dtype), torch.Size(ref.shape), boxes)
+            for c in chunks:
+                storage[MetadataIndex(key, c.offsets)] = c
+        return Metadata(state_dict_metadata=md, storage_data=storage)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        for item in plan.items:
+            src = self.storage[item.storage_index].read(tuple(item.storage_offsets), tuple(item.lengths))
+            dst = planner.resolve_tensor(item).detach()
+            if dst.shape != src.shape:
+                raise CorruptCheckpointError(
+                    f"{item.dest_index.fqn}: a slice of {list(src.shape)} read for a box of {list(dst.shape)}"
+                )
+            dst.copy_(src)
+            planner.commit_tensor(item, dst)
+        return _done(None)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+
+class _Plan:
+    """Fresh tensors shaped (and sharded) like the targets, filled in one DCP load, and their sources."""
+
+    def __init__(self) -> None:
+        self.dest: dict[str, torch.Tensor] = {}
+        self.sources: dict[str, TensorRef] = {}
+
+    def slot(self, ref: TensorRef, like: torch.Tensor) -> Callable[[], torch.Tensor]:
+        key = f"t{len(self.dest)}"
+        self.dest[key] = torch.empty_like(like.detach())
+        self.sources[key] = ref
+        return lambda: self.dest[key]
+
+    def run(self) -> None:
+        dcp_load(self.dest, storage_reader=_Reader(self.sources), planner=DefaultLoadPlanner(allow_partial_load=False))
+
+
+def _materialize(ckpt: Checkpoint, v: Any) -> Callable[[], Any]:
+    return lambda: v.load() if isinstance(v, TensorRef) else ckpt.to_python(v)
+
+
+def _module_plan(
+    ckpt: Checkpoint, module: nn.Module, sd: Any, strict: bool, where: str, plan: _Plan
+) -> Callable[[], None]:
+    """Check ``sd`` against ``module`` (keys unless not strict, shapes always) and plan its reads;
+    returns the step that puts the values into the module."""
+    own = module.state_dict(keep_vars=True)
+    if isinstance(sd, Mapping):
+        sd = st.strip_wrapper_prefix(sd, set(own))
+    st.check_module(module, sd, strict, where)
+    values: dict[str, Callable[[], Any]] = {}
+    for k, target in own.items():
+        if k in sd:
+            v = sd[k]
+            values[k] = (
+                plan.slot(v, target)
+                if isinstance(v, TensorRef) and isinstance(target, torch.Tensor)
+                else _materialize(ckpt, v)
+            )
+
+    def apply() -> None:
+        set_model_state_dict(module, {k: get() for k, get in values.items()}, options=StateDictOptions(strict=strict))
+
+    return apply
+
+
+def _optimizer_plan(
+    ckpt: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module | None, saved: Any, where: str, plan: _Plan
+) -> Callable[[], None]:
+    """Check a saved optimizer state (keyed by parameter names or by position) against ``optimizer``
+    and plan its reads into fresh tensors sharded like the optimizer's own state."""
+    st.check_optimizer(optimizer, saved, where)
+    # Both initialize an empty state first (a zero-gradient step with lr 0), as DCP does, so there
+    # is a sharded tensor to load each saved one into.
+    template = get_optimizer_state_dict(model, optimizer) if model is not None else _initialized(optimizer)
+    mine_ids = [p for g in template["param_groups"] for p in g["params"]]
+    saved_ids = [p for g in saved["param_groups"] for p in g["params"]]
+    rename = dict(zip(saved_ids, mine_ids, strict=True))  # torch's rule: parameters match by position in their groups
+    state: dict[Any, dict[str, Callable[[], Any]]] = {}
+    for pid, entry in saved["state"].items():
+        if pid not in rename or not isinstance(entry, Mapping):
+            raise CorruptCheckpointError(
+                f"{where}: optimizer state for parameter {pid!r}, which no parameter group lists"
+            )
+        mine = template["state"].get(rename[pid], {})
+        out: dict[str, Callable[[], Any]] = {}
+        for name, v in entry.items():
+            like = mine.get(name)
+            if isinstance(v, TensorRef) and isinstance(like, torch.Tensor):
+                if tuple(like.shape) != v.shape:
+                    raise RuntimeError(
+                        f"Error(s) in loading optimizer state from {where}: {name!r} of parameter {rename[pid]!r} has shape "
+                        f"{list(v.shape)} in the checkpoint and {list(like.shape)} here; the optimizer is for a different model"
+                    )
+                out[name] = plan.slot(v, like)
+            else:
+                out[name] = _materialize(ckpt, v)
+        state[rename[pid]] = out
+    groups = saved["param_groups"]
+
+    def apply() -> None:
+        loaded_groups = [
+            {**g, "params": list(mine["params"])}
+            for g, mine in zip(ckpt.to_python(groups), template["param_groups"], strict=True)
+        ]
+        sd = {
+            "state": {pid: {k: get() for k, get in entry.items()} for pid, entry in state.items()},
+            "param_groups": loaded_groups,
+        }
+        if model is None:
+            optimizer.load_state_dict(sd)
+        else:
+            set_optimizer_state_dict(model, optimizer, sd)
+
+    return apply
+
+
+def _initialized(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(optimizer)
+    return optimizer.state_dict()
+
+
+def load(
+    path: str | os.PathLike[str], state: Mapping[str, Any], *, strict: bool = True, verify: bool = False
+) -> dict[Any, Any]:
+    """Load into ``state``'s objects on every rank of the default process group, each rank reading
+    only the slices its own sharding needs (any world size, any DTensor placements).
+
+    Semantics are `safeckpt.load`'s: a requested key the checkpoint lacks is a ``KeyError`` unless
+    ``strict=False``; a module's missing or unexpected keys are a ``RuntimeError`` unless
+    ``strict=False``; a shape mismatch always is. Every module is checked before anything is read
+    or changed. The checkpoint may be of any format; a sharded one is read slice by slice from
+    its memory maps, a single file by slicing each tensor's map.
+
+    Returns:
+        The checkpoint's entries not in ``state``, as plain Python with full tensors.
+
+    Example:
+        >>> safeckpt.distributed.load("run/step-100", {"model": model, "optimizer": opt})
+        {'step': 100}
+    """
+    from . import api
+
+    ckpt = api.open(path)
+    if verify:
+        api._verify(ckpt)
+    tree = ckpt.tree
+    if not isinstance(tree, dict):
+        raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
+    if strict:
+        for key in state:
+            if key not in tree:
+                raise KeyError(
+                    f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
+                    "To disable strict loading, set `strict=False`."
+                )
+    targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+    modules = [m for m in targets.values() if isinstance(m, nn.Module)]
+    plan = _Plan()
+    steps: list[Callable[[], None]] = []
+    for key, obj in sorted(targets.items(), key=lambda kv: not isinstance(kv[1], nn.Module)):
+        where = f"{path} (key {key!r})"
+        if isinstance(obj, nn.Module):
+            steps.append(_module_plan(ckpt, obj, tree[key], strict, where, plan))
+        elif isinstance(obj, torch.optim.Optimizer):
+            steps.append(_optimizer_plan(ckpt, obj, _owner(obj, modules), tree[key], where, plan))
+        elif st.is_stateful(obj):
+            steps.append(functools.partial(_load_stateful, obj, ckpt, tree[key]))
+        else:
+            steps.append(functools.partial(_assign, state, key, ckpt, tree[key]))
+    plan.run()
+    for step in steps:
+        step()
+    return {k: ckpt.to_python(v) for k, v in tree.items() if k not in state}
+
+
+def _load_stateful(obj: Any, ckpt: Checkpoint, value: Any) -> None:
+    obj.load_state_dict(ckpt.to_python(value))
+
+
+def _assign(state: Any, key: Any, ckpt: Checkpoint, value: Any) -> None:
+    state[key] = ckpt.to_python(value)
+
+
+def load_raw(path: str | os.PathLike[str], obj: nn.Module, *, strict: bool = True) -> None:
+    """Load a bare state dict (any format) into a module sharded across the default process group.
+
+    Example:
+        >>> safeckpt.distributed.load_raw("model.safetensors", fsdp_model)
+    """
+    from . import api
+
+    module = st.unwrap(obj)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"load_raw into sharded state takes a torch.nn.Module, got {type(obj).__name__}")
+    ckpt = api.open(path)
+    plan = _Plan()
+    apply = _module_plan(ckpt, module, ckpt.tree, strict, str(path), plan)
+    plan.run()
+    apply()

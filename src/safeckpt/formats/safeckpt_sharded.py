@@ -1,0 +1,574 @@
+"""``safeckpt-sharded``: the native directory format (spec: ``formats/safeckpt-sharded.md``).
+
+A directory of plain safetensors files holding tensor *chunks* (a whole tensor, or a box of it:
+a rank's shard of a DTensor, or rows of a tensor split to respect ``max_shard_size``) and one
+msgpack index, ``safeckpt-index.msgpack``, that says which box of which tensor lives in which
+file at which byte offsets and carries the msgpack skeleton of the rest of the state. The index
+is written last, atomically, so a checkpoint exists only once every shard is on disk; shard names
+carry a per-save *generation* so a re-save never touches the files the previous index names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import mmap
+import os
+import re
+import secrets
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+
+from .. import codec
+from .._fs import MappedFile, atomic_write, fsync_dir
+from .._units import parse_size
+from ..errors import CorruptCheckpointError
+from ..tree import Checkpoint, TensorRef, alias_key, path_name
+from . import _safetensors as st
+
+NAME = "safeckpt-sharded"
+EXTENSIONS: tuple[str, ...] = ()
+VERSION = 1
+INDEX = "safeckpt-index.msgpack"
+KEY_GENERATION, KEY_CRC = "safeckpt.generation", "safeckpt.crc32"
+FLAG_PARAMETER, FLAG_REQUIRES_GRAD = 1, 2
+# Files a save may leave behind: shards (and their temporaries) of any generation, index temporaries.
+_OURS = re.compile(
+    r"^\.?shard-(?P<gen>[0-9a-f]{8,64})-\d{5}-\d{5}\.safetensors(\.[0-9a-f]+\.tmp)?$|^\."
+    + re.escape(INDEX)
+    + r"\.[0-9a-f]+\.tmp$"
+)
+_DTYPES = {str(d).removeprefix("torch."): d for d in [*st.CODES, *st.AS_REAL]}
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """A directory holding our index, or the index file itself."""
+    if path.is_dir():
+        return (path / INDEX).is_file()
+    return path.name == INDEX and NAME.encode() in head[:64]
+
+
+def new_generation() -> str:
+    """A fresh generation id (48 random bits, hex) naming one save's shards."""
+    return secrets.token_hex(6)
+
+
+def shard_name(generation: str, rank: int, part: int) -> str:
+    """The file name of ``part`` of the shards ``rank`` writes in save ``generation``."""
+    return f"shard-{generation}-{rank:05d}-{part:05d}.safetensors"
+
+
+def chunk_key(name: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The name a chunk is stored under in its shard: the tensor's name, plus the box in slice
+    notation when the chunk is not the whole tensor (``model/w[0:4,0:8]``)."""
+    if tuple(sizes) == tuple(shape) and not any(offsets):
+        return name
+    return f"{name}[{','.join(f'{o}:{o + s}' for o, s in zip(offsets, sizes, strict=True))}]"
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class _Shard:
+    """One shard file of a checkpoint, its header read and its bytes mapped on first use."""
+
+    def __init__(self, root: Path, name: str, size: int) -> None:
+        self.path, self.size = root / name, size
+
+    @functools.cached_property
+    def header(self) -> st.Header:
+        if not self.path.is_file():
+            raise CorruptCheckpointError(
+                f"{self.path}: shard missing; the index names it, so the checkpoint is incomplete"
+            )
+        actual = self.path.stat().st_size
+        if actual != self.size:
+            raise CorruptCheckpointError(
+                f"{self.path}: the index records {self.size} bytes, the file has {actual} (truncated or replaced)"
+            )
+        return st.read_header(self.path)
+
+    @functools.cached_property
+    def mapped(self) -> MappedFile:
+        return MappedFile(self.path, self.header.size)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A box of a tensor, stored whole as one entry of a shard file.
+
+    Attributes:
+        offsets / sizes: where the box sits in the full tensor and how big it is.
+        key: the entry's name in the shard; ``begin``/``end``: its absolute byte range there.
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    shard: _Shard = field(repr=False)
+    key: str
+    begin: int
+    end: int
+
+    def tensor(self) -> torch.Tensor:
+        """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
+        e = self.shard.header.entries.get(self.key)
+        stored, shape = st.AS_REAL.get(self.dtype, self.dtype), self.sizes + ((2,) if self.dtype in st.AS_REAL else ())
+        if (
+            e is None
+            or e.code not in st.DTYPES
+            or e.dtype != stored
+            or e.torch_shape != shape
+            or (e.begin, e.end) != (self.begin, self.end)
+        ):
+            found = "no such entry" if e is None else f"{e.code} {list(e.torch_shape)} at bytes [{e.begin}, {e.end})"
+            raise CorruptCheckpointError(
+                f"{self.shard.path}: entry {self.key!r} should be {stored} {list(shape)} at bytes [{self.begin}, {self.end}) "
+                f"as the index says, but the shard has {found}; the directory mixes files of different saves"
+            )
+        t = st.entry_tensor(self.shard.mapped, e)
+        return torch.view_as_complex(t) if self.dtype in st.AS_REAL else t
+
+    def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+        """The sub-box ``offsets``/``lengths`` (relative to this chunk), prefetching exactly the
+        byte range it spans so the kernel reads those pages and no neighbours."""
+        t = self.tensor()
+        if t.numel() and all(lengths):
+            first = sum(o * s for o, s in zip(offsets, t.stride(), strict=True))
+            last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, t.stride(), strict=True))
+            _prefetch(self.shard.mapped, self.begin + first * t.element_size(), (last + 1 - first) * t.element_size())
+        for dim, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+            t = t.narrow(dim, o, n)
+        return t
+
+
+def _prefetch(mapped: MappedFile, start: int, length: int) -> None:
+    if length <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    aligned = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        mapped.map.madvise(mmap.MADV_WILLNEED, aligned, length + start - aligned)
+
+
+@dataclass(frozen=True, eq=False)
+class ShardedRef(TensorRef):
+    """A `TensorRef` whose bytes are spread over chunks; ``load()`` assembles the full tensor
+    (a chunk that covers the whole tensor is returned mapped, without a copy)."""
+
+    chunks: tuple[Chunk, ...] = ()
+
+
+def _assemble(dtype: torch.dtype, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+    if len(chunks) == 1 and chunks[0].sizes == shape:
+        return chunks[0].tensor()
+    out = torch.empty(shape, dtype=dtype)
+    for c in chunks:
+        dst = out
+        for dim, (o, n) in enumerate(zip(c.offsets, c.sizes, strict=True)):
+            dst = dst.narrow(dim, o, n)
+        dst.copy_(c.tensor())
+    return out
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The index of the checkpoint in directory ``root``, with its structure validated."""
+    path = root / INDEX
+    try:
+        raw = path.read_bytes()
+        index = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"{root}: no {INDEX}; the directory holds no committed safeckpt-sharded checkpoint"
+        ) from None
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{path}: the index is not valid msgpack ({e}); the file is damaged") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CorruptCheckpointError(f"{path}: invalid index: {what}; the file is damaged (restore it, or re-save)")
+
+    need(isinstance(index, dict) and index.get("format") == NAME, f"not a {NAME} index")
+    version = index.get("version")
+    if version != VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: written as {NAME} version {version!r}, this safeckpt reads version {VERSION}; upgrade safeckpt"
+        )
+    need(isinstance(index.get("generation"), str), "'generation' must be a string")
+    need(isinstance(index.get("skeleton"), bytes), "'skeleton' must be bytes")
+    meta = index.get("metadata", {})
+    need(
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()),
+        "'metadata' must map strings to strings",
+    )
+    files = index.get("files")
+    need(isinstance(files, list), "'files' must be a list")
+    for f in files:
+        need(
+            isinstance(f, dict) and _is_name(f.get("name")) and _nat(f.get("size")),
+            f"file record {f!r} needs a plain file 'name' and a 'size'",
+        )
+    tensors = index.get("tensors")
+    need(isinstance(tensors, dict), "'tensors' must be a map")
+    for name, t in tensors.items():
+        need(
+            isinstance(t, dict) and t.get("dtype") in _DTYPES, f"tensor {name!r} needs a known 'dtype' (got {t!r:.80})"
+        )
+        shape = t.get("shape")
+        need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
+        chunks = t.get("chunks")
+        need(isinstance(chunks, list) and len(chunks) > 0, f"tensor {name!r} needs a non-empty 'chunks' list")
+        for c in chunks:
+            ok = (
+                isinstance(c, dict)
+                and type(c.get("file")) is int
+                and 0 <= c["file"] < len(files)
+                and isinstance(c.get("key"), str)
+            )
+            ok = ok and all(
+                isinstance(c.get(k), list) and len(c[k]) == len(shape) and all(_nat(x) for x in c[k])
+                for k in ("offsets", "sizes")
+            )
+            ok = ok and isinstance(c.get("bytes"), list) and len(c["bytes"]) == 2 and all(_nat(x) for x in c["bytes"])
+            need(ok, f"tensor {name!r} has a malformed chunk {c!r:.120}")
+            nbytes = math.prod(c["sizes"]) * _DTYPES[t["dtype"]].itemsize
+            need(
+                c["bytes"][1] - c["bytes"][0] == nbytes,
+                f"tensor {name!r}: chunk {c['key']!r} spans {c['bytes']} for {nbytes} bytes of data",
+            )
+        _check_tiling(name, tuple(shape), [(tuple(c["offsets"]), tuple(c["sizes"])) for c in chunks], need)
+    return index
+
+
+def _nat(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, str) and x not in ("", ".", "..") and "/" not in x and "\\" not in x and "\0" not in x
+
+
+def _check_tiling(
+    name: str,
+    shape: tuple[int, ...],
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    need: Callable[[bool, str], None],
+) -> None:
+    """Chunks must cover the tensor exactly: inside it, not overlapping, volumes adding up."""
+    for o, s in boxes:
+        need(
+            all(a + b <= d for a, b, d in zip(o, s, shape, strict=True)),
+            f"tensor {name!r}: chunk at {list(o)} of {list(s)} lies outside {list(shape)}",
+        )
+    solid = [(o, s) for o, s in boxes if all(s)]
+    need(
+        sum(math.prod(s) for _, s in solid) == math.prod(shape),
+        f"tensor {name!r}: its chunks do not cover its shape {list(shape)} exactly",
+    )
+    solid.sort()
+    for i, (o, s) in enumerate(solid):
+        for p, q in solid[i + 1 :]:
+            if p[0] >= o[0] + s[0]:
+                break  # sorted by the first offset: no later chunk reaches back into this one
+            need(
+                not all(a < c + d and c < a + b for a, b, c, d in zip(o, s, p, q, strict=True)),
+                f"tensor {name!r}: chunks at {list(o)} and {list(p)} overlap",
+            )
+
+
+def read(path: Path, **_: Any) -> Checkpoint:
+    """Open a sharded checkpoint: read its index and skeleton; shards are opened when a tensor is read.
+
+    Example:
+        >>> ckpt = read(Path("run/step-100"))
+        >>> ckpt["step"], ckpt.tensors()["model/l1.weight"].shape
+        (100, (512, 256))
+    """
+    root = path if path.is_dir() else path.parent
+    index = read_index(root)
+    shards = [_Shard(root, f["name"], f["size"]) for f in index["files"]]
+    refs: dict[str, ShardedRef] = {}
+
+    def tensor(payload: Any) -> TensorRef:
+        if not (
+            isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str) and type(payload[1]) is int
+        ):
+            raise CorruptCheckpointError(f"{root / INDEX}: malformed tensor reference {payload!r:.80} in the skeleton")
+        name, flags = payload
+        if name not in refs:
+            t = index["tensors"].get(name)
+            if t is None:
+                raise CorruptCheckpointError(
+                    f"{root / INDEX}: the skeleton refers to tensor {name!r}, which the index does not list"
+                )
+            dtype, shape = _DTYPES[t["dtype"]], tuple(t["shape"])
+            chunks = tuple(
+                Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
+                for c in t["chunks"]
+            )
+            refs[name] = ShardedRef(
+                name,
+                dtype,
+                shape,
+                str(root),
+                functools.partial(_assemble, dtype, shape, chunks),
+                storage=str(root),
+                view=name,
+                requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
+                parameter=bool(flags & FLAG_PARAMETER),
+                chunks=chunks,
+            )
+        return refs[name]
+
+    tree = codec.decode(index["skeleton"], tensor, source=str(root / INDEX))
+    stray = set(index["tensors"]) - set(refs)
+    if stray:
+        raise CorruptCheckpointError(f"{root / INDEX}: tensors {sorted(stray)[:5]} are indexed but not in the skeleton")
+    info = {
+        "format_version": str(VERSION),
+        "generation": index["generation"],
+        "files": len(shards),
+        "world_size": index.get("world_size", 1),
+    }
+    return Checkpoint(tree, format=NAME, path=root, metadata=index.get("metadata", {}), info=info)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def target_dir(path: Path) -> Path:
+    """The directory a save to ``path`` writes (created, parents too); a file there is refused."""
+    root = Path(os.path.realpath(os.fspath(path)))
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(
+            f"{path} is a file; a sharded checkpoint is a directory: pick another path, or remove the file"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class Piece:
+    """A chunk to write: tensor ``name``'s box at ``offsets`` of ``sizes``, and how to get its values."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    get: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.sizes) * self.dtype.itemsize
+
+
+def write_shards(
+    root: Path, generation: str, rank: int, pieces: list[Piece], limit: int | None
+) -> Iterator[tuple[Piece, dict[str, Any], dict[str, Any]]]:
+    """Write ``pieces`` into shard files of at most ``limit`` bytes of data (a piece larger than
+    ``limit`` gets a file of its own), each atomically and streaming.
+
+    Yields ``(piece, file record, chunk record)``; the chunk record's ``file`` is the file's name
+    (the caller turns it into an index position).
+    """
+    groups: list[list[Piece]] = []
+    size = 0
+    for p in pieces:
+        if not groups or (limit is not None and size + p.nbytes > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.nbytes
+    for part, group in enumerate(groups):
+        name = shard_name(generation, rank, part)
+        used: set[str] = set()
+        keys = [unique(chunk_key(p.name, p.offsets, p.sizes, p.shape), used) for p in group]
+        items = [st.Item(k, p.dtype, p.sizes, p.get) for k, p in zip(keys, group, strict=True)]
+        st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=KEY_CRC)
+        header = st.read_header(root / name)
+        record = {"name": name, "size": header.size}
+        for k, p in zip(keys, group, strict=True):
+            e = header.entries[k]
+            yield (
+                p,
+                record,
+                {"file": name, "key": k, "offsets": list(p.offsets), "sizes": list(p.sizes), "bytes": [e.begin, e.end]},
+            )
+
+
+def unique(name: str, used: set[str]) -> str:
+    """``name``, or ``name~1``, ``name~2``... if already in ``used`` (then recorded there)."""
+    candidate, i = name, 1
+    while candidate in used or candidate == "__metadata__":
+        candidate, i = f"{name}~{i}", i + 1
+    used.add(candidate)
+    return candidate
+
+
+def commit(
+    root: Path,
+    generation: str,
+    written: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    declared: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    skeleton: bytes,
+    metadata: dict[str, str],
+    world_size: int = 1,
+) -> Path:
+    """Write the index (last, atomically) naming every chunk in ``written`` (``(tensor name, file
+    record, chunk record)`` as `write_shards` yields them), then delete the files of other
+    generations. Until the index is replaced the previous checkpoint stays whole."""
+    files: dict[str, int] = {}
+    file_records: list[dict[str, Any]] = []
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, (dtype, shape) in declared.items():
+        tensors[name] = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape), "chunks": []}
+    for name, frec, crec in written:
+        if frec["name"] not in files:
+            files[frec["name"]] = len(file_records)
+            file_records.append(frec)
+        tensors[name]["chunks"].append({**crec, "file": files[frec["name"]]})
+    for name, t in tensors.items():
+        t["chunks"].sort(key=lambda c: c["offsets"])
+        _check_tiling(name, tuple(t["shape"]), [(tuple(c["offsets"]), tuple(c["sizes"])) for c in t["chunks"]], _refuse)
+    index = {
+        "format": NAME,
+        "version": VERSION,
+        "generation": generation,
+        "world_size": world_size,
+        "producer": "safeckpt",
+        "metadata": dict(metadata),
+        "files": file_records,
+        "tensors": tensors,
+        "skeleton": skeleton,
+    }
+    with atomic_write(root / INDEX) as f:
+        f.write(msgpack.packb(index, use_bin_type=True))
+    collect_garbage(root, keep=generation)
+    return root
+
+
+def _refuse(ok: bool, what: str) -> None:
+    if not ok:
+        raise RuntimeError(
+            f"safeckpt cannot index this save: {what}; please report it (the previous checkpoint is untouched)"
+        )
+
+
+def collect_garbage(root: Path, keep: str) -> list[Path]:
+    """Delete shards (and leftover temporaries) of every generation but ``keep``; other files stay."""
+    removed = []
+    for entry in os.scandir(root):
+        m = _OURS.match(entry.name)
+        if m and m.group("gen") != keep and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    if removed:
+        fsync_dir(root)
+    return removed
+
+
+def tensor_flags(x: torch.Tensor | TensorRef) -> int:
+    """The flags the skeleton records with a tensor reference."""
+    parameter = x.parameter if isinstance(x, TensorRef) else isinstance(x, torch.nn.Parameter)
+    return (FLAG_PARAMETER if parameter else 0) | (FLAG_REQUIRES_GRAD if x.requires_grad else 0)
+
+
+def check_storable(x: torch.Tensor | TensorRef, path: tuple[Any, ...]) -> None:
+    """Refuse, before anything is written, a tensor this format cannot hold."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise TypeError(f"{codec.where(path)} is a meta tensor: it has no data to save")
+    if isinstance(x, torch.Tensor) and (x.is_sparse or x.layout != torch.strided):
+        raise TypeError(f"{codec.where(path)} is a {x.layout} tensor; save x.to_dense() or its components instead")
+    st.stored_as(x.dtype, tuple(x.shape), codec.where(path))
+
+
+def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = None, **_: Any) -> Path:
+    """Write ``ckpt`` as a sharded directory in this process, shards of at most ``max_shard_size``
+    bytes of tensor data. A tensor larger than that is split by rows across files (a single row
+    larger than the limit is stored whole). Tied tensors are written once.
+
+    Example:
+        >>> write(Checkpoint({"model": sd, "step": 3}, format="memory", path="<memory>"), Path("run"), max_shard_size="2GB")
+        PosixPath('run')
+    """
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    names: dict[Hashable, str] = {}
+    used: set[str] = set()
+    pieces: list[Piece] = []
+    declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
+        key = alias_key(x)
+        if key not in names:
+            check_storable(x, p)
+            name = names[key] = unique(path_name(p) or "tensor", used)
+            declared[name] = (x.dtype, tuple(x.shape))
+            pieces.extend(_split(name, x, limit))
+        return [names[key], tensor_flags(x)]
+
+    skeleton = codec.encode(ckpt.tree, payload)
+    root = target_dir(path)
+    generation = new_generation()
+    written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
+    return commit(root, generation, written, declared, skeleton, ckpt.metadata)
+
+
+def _split(name: str, x: torch.Tensor | TensorRef, limit: int | None) -> list[Piece]:
+    shape = tuple(x.shape)
+    get = x.load if isinstance(x, TensorRef) else (lambda: x)
+    whole = Piece(name, x.dtype, shape, (0,) * len(shape), shape, get)
+    if limit is None or whole.nbytes <= limit or not shape or shape[0] <= 1:
+        return [whole]
+    rows = max(1, limit // (whole.nbytes // shape[0]))
+    out = []
+    for start in range(0, shape[0], rows):
+        n = min(rows, shape[0] - start)
+        out.append(
+            Piece(
+                name,
+                x.dtype,
+                shape,
+                (start,) + (0,) * (len(shape) - 1),
+                (n, *shape[1:]),
+                functools.partial(_rows, get, start, n),
+            )
+        )
+    return out
+
+
+def _rows(get: Callable[[], torch.Tensor], start: int, n: int) -> torch.Tensor:
+    return get().narrow(0, start, n)
+
+
+def verify(path: Path) -> list[str]:
+    """Check every chunk against its shard's header and recompute every shard's CRC-32s; return
+    the problems found.
+
+    Example:
+        >>> verify(Path("run/step-100"))
+        []
+    """
+    root = path if path.is_dir() else path.parent
+    ckpt = read(root)
+    problems: list[str] = []
+    for ref in {r.name: r for r in ckpt.tensors().values()}.values():
+        for c in getattr(ref, "chunks", ()):
+            try:
+                c.tensor()
+            except CorruptCheckpointError as e:
+                problems.append(str(e))
+    for f in read_index(root)["files"]:
+        shard = _Shard(root, f["name"], f["size"])
+        try:
+            found = st.checksum_problems(shard.header, KEY_CRC)
+        except CorruptCheckpointError as e:
+            found = [str(e)]
+        problems.extend([f"{shard.path}: no checksums recorded"] if found is None else found)
+    return problems
