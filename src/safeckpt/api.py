@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,11 @@ def load_raw(path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: 
                     f"with `safeckpt convert {path} weights.safetensors --key model`."
                 )
         st.check_module(target, sd, strict, str(path))
+        if not strict and isinstance(sd, Mapping) and set(sd) - own:  # what the module ignores stays unread (unmapped)
+            meta = getattr(sd, "_metadata", None)
+            sd = OrderedDict((k, v) for k, v in sd.items() if k in own)
+            if meta is not None:
+                sd._metadata = meta  # type: ignore[attr-defined]
         st.apply(target, ckpt.to_python(sd), strict)
     elif isinstance(target, torch.optim.Optimizer):
         if isinstance(tree, Mapping) and "param_groups" not in tree and _is_wrapped(tree):

@@ -332,8 +332,12 @@ def write(
     extra = stf.carried_metadata(ckpt.metadata, plan)
     token = secrets.token_hex(4)
     on_disk: list[str] = []
-    committed = False
+    committed = pre_index = False
     try:
+        if n > 1 and not index.exists() and (directory / base).is_file():
+            # Hugging Face loaders read a lone *.safetensors only while it is alone: index the old file first
+            pre_index = _index_old_single(index, directory / base)
+            live = {base} if pre_index else live
         for name, items in zip(final, groups, strict=True):
             target = name if name not in live else f".{name.removesuffix('.safetensors')}.{token}.safetensors"
             kept = {it.name for it in items}
@@ -343,25 +347,27 @@ def write(
             committed = n == 1 and target == base and not index.exists()  # replacing the lone file is the commit
         index_meta = {"total_size": sum(_nbytes(it) for it in plan.items), **extra, **plan.aliases}
         if on_disk != final:  # the old set still uses some of these names: commit under the temporary names first
-            _write_index(index, index_meta, groups, on_disk)
+            _write_index(index, index_meta, _weight_map(groups, on_disk))
             committed = True
             for tmp, name in zip(on_disk, final, strict=True):
                 if tmp != name:
                     _place(directory / tmp, directory / name)
-        if n > 1:
-            _write_index(index, index_meta, groups, final)
-        elif index.exists():
-            index.unlink()  # the single file takes over once no index points elsewhere
+        if n > 1 or index.exists():  # one file replacing a sharded set: an index names it until the old set is gone
+            _write_index(index, index_meta, _weight_map(groups, final))
         committed = True
     except BaseException:
         if not committed:
             for name in on_disk:
                 if name not in live:
                     (directory / name).unlink(missing_ok=True)
+            if pre_index:
+                index.unlink(missing_ok=True)
         raise
     old = live | {base} | set(on_disk) | {m.group(0) for m in map(_staging(base).fullmatch, os.listdir(directory)) if m}
     for name in old - set(final):
         (directory / name).unlink(missing_ok=True)
+    if n == 1 and index.exists():
+        index.unlink()  # the single file stands alone now
     fsync_dir(directory)
     return directory
 
@@ -412,12 +418,26 @@ def _staging(base: str) -> re.Pattern[str]:
     return re.compile(rf"\.{stem}(-\d{{5}}-of-\d{{5}})?\.[0-9a-f]{{8}}\.safetensors")
 
 
-def _write_index(index: Path, metadata: dict[str, Any], groups: list[list[st.Item]], names: list[str]) -> None:
-    weight_map = dict(sorted((it.name, name) for name, items in zip(names, groups, strict=True) for it in items))
+def _weight_map(groups: list[list[st.Item]], names: list[str]) -> dict[str, str]:
+    return dict(sorted((it.name, name) for name, items in zip(names, groups, strict=True) for it in items))
+
+
+def _write_index(index: Path, metadata: dict[str, Any], weight_map: dict[str, str]) -> None:
     with atomic_write(index) as f:
         write_all(
             f, json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, ensure_ascii=False).encode()
         )
+
+
+def _index_old_single(index: Path, single: Path) -> bool:
+    """Write an index naming ``single`` for all its tensors (False if it is not a readable file)."""
+    try:
+        header = st.read_header(single)
+    except (CorruptCheckpointError, OSError):
+        return False
+    total = sum(e.end - e.begin for e in header.entries.values())
+    _write_index(index, {"total_size": total}, {name: single.name for name in sorted(header.entries)})
+    return True
 
 
 def _place(src: Path, dst: Path) -> None:
