@@ -10,7 +10,16 @@ Example:
 """
 
 from .api import convert, load, load_raw, open, save
-from .errors import CheckpointError, CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    HubAuthError,
+    HubError,
+    HubNotFoundError,
+    UnknownFormatError,
+    UnsafeCheckpointError,
+)
+from .hub import pull_from_hub, push_to_hub  # huggingface_hub itself is imported on first use
 from .tree import AttributeDict, Checkpoint, TensorRef
 
 __version__ = "0.1.0"
@@ -20,6 +29,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CorruptCheckpointError",
+    "HubAuthError",
+    "HubError",
+    "HubNotFoundError",
     "TensorRef",
     "UnknownFormatError",
     "UnsafeCheckpointError",
@@ -28,5 +40,7 @@ __all__ = [
     "load",
     "load_raw",
     "open",
+    "pull_from_hub",
+    "push_to_hub",
     "save",
 ]

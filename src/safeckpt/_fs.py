@@ -6,7 +6,7 @@ import contextlib
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -97,6 +97,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+# Placeholders for files whose bytes are fetched on first read (the shards of a Hub checkpoint,
+# see hub.py): a sparse file of the real size holding only the real header. REMOTE maps its real
+# path to a function that fetches the real file and returns its local path; `MappedFile` maps that.
+REMOTE: dict[str, Callable[[], Path]] = {}
+
+
+def remote(path: str | os.PathLike[str]) -> Callable[[], Path] | None:
+    """The fetch function if ``path`` is a placeholder registered in `REMOTE`, else None."""
+    return REMOTE.get(os.path.realpath(path)) if REMOTE else None
+
+
 class MappedFile:
     """A file mapped once (copy-on-write) and cut into tensors on demand.
 
@@ -109,6 +120,7 @@ class MappedFile:
         self.path = path
         st = os.stat(path)
         self._stamp = (st.st_size, st.st_mtime_ns)
+        self._fetch = remote(path)
         if expect_size is not None and st.st_size != expect_size:
             raise CorruptCheckpointError(f"{path}: expected {expect_size} bytes, the file has {st.st_size}")
         self._map: mmap.mmap | None = None
@@ -116,9 +128,10 @@ class MappedFile:
     @property
     def map(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.path, "rb") as f:
+            with open(self._fetch() if self._fetch else self.path, "rb") as f:
                 st = os.fstat(f.fileno())
-                if (st.st_size, st.st_mtime_ns) != self._stamp:
+                # a fetched placeholder is another file: only its size must match
+                if (st.st_size, self._stamp[1] if self._fetch else st.st_mtime_ns) != self._stamp:
                     raise CorruptCheckpointError(
                         f"{self.path}: the file changed after it was opened; open it again"
                     )

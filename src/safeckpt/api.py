@@ -138,6 +138,7 @@ def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool
 
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
+        For an ``hf://`` path its tensors are lazy `TensorRef`s (``.load()`` downloads their shard).
 
     Example:
         >>> state = {"model": model, "optimizer": opt, "step": 0}
@@ -171,7 +172,11 @@ def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool
         if isinstance(obj, nn.Module):
             sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True))) if isinstance(sd, Mapping) else sd
         st.check(obj, sd, strict, f"{path} (key {key!r})")
-    full = ckpt.to_python()
+    if os.fspath(path).startswith("hf://"):
+        # the remainder's tensors stay lazy, so a partial load downloads only the shards it needs
+        full = {**ckpt.to_python({k: tree[k] for k in targets}), **{k: v for k, v in tree.items() if k not in targets}}
+    else:
+        full = ckpt.to_python()
     for key, obj in targets.items():
         value = full.pop(key)
         if isinstance(obj, nn.Module):

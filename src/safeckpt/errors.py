@@ -4,7 +4,10 @@
 CheckpointError(Exception)
 ├── UnknownFormatError(CheckpointError, ValueError)     no registered format recognises the file
 ├── CorruptCheckpointError(CheckpointError, ValueError)  truncated, bad header, bad offsets, bad sizes
-└── UnsafeCheckpointError(CheckpointError)              a pickle names a global that is not allowed
+├── UnsafeCheckpointError(CheckpointError)              a pickle names a global that is not allowed
+└── HubError(CheckpointError)                           a Hugging Face Hub request failed
+    ├── HubNotFoundError(HubError, FileNotFoundError)   no such repo, revision or file (or not cached offline)
+    └── HubAuthError(HubError, PermissionError)         the token cannot read (or write) the repo
 ```
 
 Key mismatches on load keep the types PyTorch users already catch: ``KeyError`` for a missing
@@ -14,7 +17,15 @@ mis-shaped keys. Every message names the file and, where it applies, the key and
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "UnknownFormatError", "UnsafeCheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "HubAuthError",
+    "HubError",
+    "HubNotFoundError",
+    "UnknownFormatError",
+    "UnsafeCheckpointError",
+]
 
 
 class CheckpointError(Exception):
@@ -31,3 +42,15 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle-based file refers to a global outside the allow-list; nothing was imported or run."""
+
+
+class HubError(CheckpointError):
+    """A Hugging Face Hub request failed; the message is one line naming the repo and the fix."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """No such repo, revision or file on the Hub, or (offline) not in the local cache."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """The Hub refused the request: no token, or one without access to the repo."""
