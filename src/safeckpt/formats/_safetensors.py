@@ -288,11 +288,11 @@ def write(
             data = tensor_bytes(t)
             crc = 0
             for i in range(0, len(data), CHUNK):
-                piece = data[i : i + CHUNK]
-                write_all(f, piece)
+                write_all(f, data[i : i + CHUNK])
                 if checksum_key:
-                    crc = zlib.crc32(piece, crc)
+                    crc = zlib.crc32(data[i : i + CHUNK], crc)
             crcs.append(crc)
+            del t, data  # let go before the next tensor is fetched: at most one is held at a time
         if checksum_key:
             marker = f'"{checksum_key}":"'.encode()
             at = 8 + blob.index(marker) + len(marker)
