@@ -27,10 +27,10 @@ from typing import Any
 
 import safeckpt
 
-from . import formats
+from . import _hub_cli, formats
 from ._units import format_size, parse_size
 from .compare import Change, compare, leaves
-from .errors import CheckpointError, CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
 from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
 
 __all__ = ["VERBS", "Verb", "main"]
@@ -212,7 +212,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     )
     _add_select(p, "leaves")
     _add_allow(p)
-    p.add_argument("--json", action="store_true", help="print the report as JSON (schema below)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (fields described above)")
 
 
 def _optimizer_paths(tree: Any) -> set[str]:
@@ -269,12 +269,15 @@ def _inspect_report(ckpt: Checkpoint, tree: Any, depth: int | None) -> dict[str,
         d["tensors"] += 1
         d["nbytes"] += ref.nbytes
         d["numel"] += ref.numel
-    optimizers = _optimizer_paths(tree)
+    # parameters: the weights entry of a wrapped checkpoint, else every tensor outside optimizer state
+    weights_key = _weights_key(ckpt.tree)
+    params_tree = tree[weights_key] if isinstance(tree, dict) and weights_key in tree else tree
+    optimizers = _optimizer_paths(params_tree)
     params: dict[Hashable, TensorRef] = {}
-    for p, leaf in iter_leaves(tree):
+    for p, leaf in iter_leaves(params_tree):
         name = path_name(p)
         if isinstance(leaf, TensorRef) and not any(
-            name == o or name.startswith(o + "/") or o == "" for o in optimizers
+            o == "" or name == o or name.startswith(o + "/") for o in optimizers
         ):
             params.setdefault(leaf.alias_key, leaf)
     groups: dict[Hashable, list[str]] = {}
@@ -303,6 +306,7 @@ def _inspect_report(ckpt: Checkpoint, tree: Any, depth: int | None) -> dict[str,
         "entries": entries,
         "totals": {
             "tensors": len(unique),
+            "names": sum(isinstance(leaf, TensorRef) for _, leaf in iter_leaves(tree)),
             "nbytes": sum(r.nbytes for r in unique.values()),
             "numel": sum(r.numel for r in unique.values()),
             "parameters": sum(r.numel for r in params.values()),
@@ -313,7 +317,7 @@ def _inspect_report(ckpt: Checkpoint, tree: Any, depth: int | None) -> dict[str,
         "metadata": ckpt.metadata,
         "info": ckpt.info,
         "lightning": lightning,
-        "weights_key": _weights_key(ckpt.tree),
+        "weights_key": weights_key,
     }
 
 
@@ -342,11 +346,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         f"{k} {v['tensors']} ({format_size(v['nbytes'])})"
         for k, v in sorted(t["by_dtype"].items(), key=lambda kv: -kv[1]["nbytes"])
     )
-    print(f"tensors:    {t['tensors']}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
-    print(
-        f"parameters: {t['parameters']:,}"
-        + (f" (plus {t['numel'] - t['parameters']:,} optimizer-state elements)" if t["numel"] > t["parameters"] else "")
-    )
+    names = f" ({t['names']} names)" if t["names"] != t["tensors"] else ""
+    print(f"tensors:    {t['tensors']}{names}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
+    where = f" in {report['weights_key']!r}" if report["weights_key"] is not None else ""
+    print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements in all tensors)")
     for group in report["tied"]:
         print(f"tied:       {' = '.join(group)}")
     for group in report["shared"]:
@@ -398,6 +401,14 @@ def _run_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if (dst.exists() or dst.is_symlink()) and not args.force:
         raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
+    if args.format is None and max_shard is None:
+        # Without --format the safe formats are written; a .pt name would then hold a .safeckpt file.
+        owners = [n for n in formats.names() if dst.suffix.lower() in formats.get(n).EXTENSIONS]
+        if owners and not {"safeckpt", "safetensors"} & set(owners):
+            raise Usage(
+                f"{dst}: the {dst.suffix} extension means format {owners[0]!r}, which is written only when asked: "
+                f"pass --format {owners[0]}, or name the output .safetensors or .safeckpt"
+            )
     ckpt = _open(args.src, args)
     tree = ckpt.tree
     key = None
@@ -470,12 +481,14 @@ def _run_verify(args: argparse.Namespace) -> int:
     ckpt = None
     try:
         ckpt = fmt.read(local)
+        report["structure"] = "ok"
     except UnsafeCheckpointError as e:
+        report["structure"] = "unsafe"
         if globals_report is None:  # else the globals report below names every refused global
             problems.append(str(e))
     except CheckpointError as e:
+        report["structure"] = "failed"
         problems.append(str(e))
-    report["structure"] = "ok" if ckpt is not None else "failed"
     if ckpt is not None:
         refs = _unique(ckpt.tree)
         report["tensors"], report["nbytes"] = len(refs), sum(r.nbytes for r in refs.values())
@@ -489,16 +502,16 @@ def _run_verify(args: argparse.Namespace) -> int:
                     problems.append(str(e))
                 bar(ref.nbytes)
         report["tensors_read"] = len(refs) - failed
-    check = getattr(fmt, "verify", None)
+    check = getattr(fmt, "verify", None)  # the format's own checks: checksums, zip CRCs, ...
     if check is None:
-        report["checksums"] = "none"
+        report["checks"] = "none"
     else:
         try:
             found = list(check(local))
         except CheckpointError as e:
             found = [str(e)]
         problems.extend(found)
-        report["checksums"] = "failed" if found else "ok"
+        report["checks"] = "failed" if found else "ok"
     if globals_report is not None:
         try:
             report["globals"] = [{"name": str(g), "allowed": bool(ok)} for g, ok in globals_report(local)]
@@ -506,12 +519,12 @@ def _run_verify(args: argparse.Namespace) -> int:
             problems.append(str(e))
             report["globals"] = None
         for g in report["globals"] or ():
-            if not g["allowed"]:
+            if not g["allowed"] and not any(g["name"] in p for p in problems):
                 problems.append(
                     f"{local}: refers to the global {g['name']}, which safeckpt refuses: torch.load would import it "
                     "(and may run code); do not load this file with torch.load"
                 )
-    report["problems"] = problems
+    report["problems"] = problems = list(dict.fromkeys(problems))  # a format's checks may repeat the reader
     report["ok"] = not problems
     if args.json:
         _print_json(report)
@@ -520,7 +533,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"  structure  {report['structure']}")
         if "tensors_read" in report:
             print(f"  tensors    {report['tensors_read']} of {report['tensors']} read")
-        print(f"  checksums  {'not recorded by this format' if report['checksums'] == 'none' else report['checksums']}")
+        print(f"  checks     {'none in this format' if report['checks'] == 'none' else report['checks']}")
         if report.get("globals") is not None:
             refused = sum(not g["allowed"] for g in report["globals"])
             print(f"  globals    {len(report['globals']) - refused} allowed, {refused} refused")
@@ -652,7 +665,8 @@ VERBS: dict[str, Verb] = {
         description="""\
 Show what a checkpoint holds without reading tensor data: its format, a tree of keys with
 dtype, shape and size for tensors and the value of small non-tensor leaves, totals (tensors,
-bytes by dtype, parameters: elements of every tensor outside optimizer state), tied tensors,
+bytes by dtype, parameters: the elements of the weights entry of a wrapped checkpoint, else of
+every tensor outside optimizer state), tied tensors and views of one storage,
 Lightning and safetensors metadata.
 
 examples:
@@ -663,7 +677,7 @@ examples:
 --json prints one object: path, format, file_bytes; entries: a list of
 {path, keys, kind: tensor|value|container, ...} in tree order (tensor: dtype, shape,
 nbytes; value: type and value, or repr when it is not plain JSON; container, past --depth:
-type, len, tensors, nbytes); totals: {tensors, nbytes, numel, parameters,
+type, len, tensors, nbytes); totals: {tensors (distinct), names, nbytes, numel, parameters,
 by_dtype: {dtype: {tensors, nbytes, numel}}}; tied and shared: lists of path groups;
 metadata, info, lightning (null unless a Trainer checkpoint) and weights_key (the entry
 holding a wrapped checkpoint's weights, or null). Non-finite floats print as "nan"/"inf".""",
@@ -694,7 +708,7 @@ match it; 2 bad arguments, an unreadable source, or DST exists (use --force).
         help="check a checkpoint's integrity and, for pickles, its safety",
         description="""\
 Check a checkpoint: its headers, offsets and sizes; that every tensor reads as declared;
-checksums where the format records them; and, for pickle-based files, every global the pickle
+the format's own checks (checksums, zip CRCs) where it has them; and, for pickle-based files, every global the pickle
 refers to, each marked allowed or refused (nothing in the file is run or imported).
 
 examples:
@@ -702,7 +716,7 @@ examples:
   safeckpt verify run.safeckpt --quiet && echo intact
 
 exit codes: 0 no problem; 1 a problem found (corrupt, or a refused global); 2 not a checkpoint.
---json prints {path, format, tensors, nbytes, structure, tensors_read, checksums: ok|failed|none,
+--json prints {path, format, tensors, nbytes, structure: ok|failed|unsafe, tensors_read, checks: ok|failed|none,
 globals: [{name, allowed}] or absent, problems: [...], ok}.""",
         add_arguments=_verify_args,
         run=_run_verify,
@@ -726,6 +740,8 @@ changed: [{path, kind: tensor|value|type, a, b, max_abs_diff}]}; leaves as in in
         add_arguments=_diff_args,
         run=_run_diff,
     ),
+    "push": Verb(_hub_cli.PUSH_HELP, _hub_cli.PUSH_DESCRIPTION, _hub_cli.push_args, _hub_cli.run_push),
+    "pull": Verb(_hub_cli.PULL_HELP, _hub_cli.PULL_DESCRIPTION, _hub_cli.pull_args, _hub_cli.run_pull),
 }
 
 
@@ -777,8 +793,10 @@ def _fix(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         where = where or e.filename
         msg = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, (FileNotFoundError, PermissionError)) else msg
-    msg = msg.replace("pass max_shard_size=", "pass --max-shard-size")  # the API's words, in the CLI's
-    if isinstance(e, FileNotFoundError):
+    msg = msg.replace("pass max_shard_size=", "pass --max-shard-size").rstrip(".")  # the API's words, in the CLI's
+    if isinstance(e, HubError):
+        pass  # already names the repo and the fix
+    elif isinstance(e, FileNotFoundError):
         msg += "; check the path"
     elif isinstance(e, PermissionError):
         msg += "; check its permissions, or choose another path"
@@ -792,7 +810,7 @@ def _fix(e: BaseException) -> str:
             else "; is it a checkpoint? safeckpt reads torch .pt/.pth/.bin/.ckpt, safetensors, sharded and DCP directories and .safeckpt"
         )
     elif isinstance(e, UnsafeCheckpointError):
-        msg += "; run `safeckpt verify` on it to list every global it refers to (nothing was run)"
+        msg += "; run `safeckpt verify` on it to list every global it refers to"
     elif isinstance(e, CorruptCheckpointError) and "damaged" not in msg:
         msg += "; the file is damaged: fetch or save it again"
     elif isinstance(e, ImportError):
