@@ -811,7 +811,11 @@ def _persid(vm: _VM, pid: Any) -> None:
         raise UnsafeCheckpointError(
             f"{vm.source}: the pickle refers to external objects (persistent id {pid!r:.60}), which are not allowed here"
         )
-    vm.stack.append(vm.persistent_load(pid))
+    try:
+        value = vm.persistent_load(pid)
+    except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+        raise e if str(e).startswith(vm.source) else type(e)(f"{vm.source}: {e}") from None
+    vm.stack.append(value)
 
 
 def _dict(vm: _VM) -> None:

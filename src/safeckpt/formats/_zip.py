@@ -185,11 +185,13 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
             )
         if flags & 0x1 or flags & 0x40:
             raise err(f"entry {name!r} is encrypted")
-        if method != 0 or csize != usize:
+        if method != 0:
             raise err(
                 f"entry {name!r} is compressed (method {method}, {csize} bytes expanding to {usize}); torch writes stored "
                 "entries only, and safeckpt never inflates (a zip bomb would)"
             )
+        if csize != usize:
+            raise err(f"stored entry {name!r} declares {usize} bytes but stores {csize}")
         if disk_start != 0:
             raise err(f"entry {name!r} starts on another disk")
         if local_at + _LOCAL_SIZE > cd_offset:
