@@ -15,10 +15,10 @@ import msgpack
 import pytest
 import safetensors.torch
 import torch
-from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict
 from safetensors import safe_open
 
 import safeckpt
+from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict
 from safeckpt import formats
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
@@ -69,7 +69,7 @@ def test_layout_stock_readers_and_round_trip(tmp_path: Path) -> None:
     names = set()
     for shard in shards(root):
         with safe_open(shard, "pt") as f:
-            names |= set(f.keys())  # noqa: SIM118 - safe_open is no dict
+            names |= set(f.keys())
     assert "model/l1.weight" in names and "optimizer/state/0/exp_avg[0:3,0:4]" in names  # 80 bytes, by rows
     # the index is plain msgpack
     index = index_of(root)
