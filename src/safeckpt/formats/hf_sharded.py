@@ -172,9 +172,9 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
             f"{index}: not an index: an index is a JSON file of at most {MAX_INDEX >> 20} MiB, this is {info.st_size} bytes"
         )
     with open(index, "rb") as f:
-        raw = f.read(MAX_INDEX + 1)
-    if len(raw) > MAX_INDEX:
-        raise CorruptCheckpointError(f"{index}: the index grew past {MAX_INDEX >> 20} MiB while being read")
+        raw = f.read(info.st_size + 1)  # not MAX_INDEX + 1: read(n) allocates n bytes up front
+    if len(raw) > info.st_size:
+        raise CorruptCheckpointError(f"{index}: the index changed while being read; open it again")
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=st._no_duplicates)
     except st._Duplicate as e:
