@@ -164,9 +164,10 @@ def full_downloads(log: list[minihub.Request]) -> list[str]:
 
 
 def cli(hub: Hub, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "safeckpt.cli", *args], capture_output=True, text=True, env=hub.env(**env), timeout=300
-    )
+    """The ``safeckpt`` console script, talking to ``hub`` through HF_ENDPOINT/HF_TOKEN/HF_HOME."""
+    script = Path(sys.executable).with_name("safeckpt")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "safeckpt"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=hub.env(**env), timeout=300)
 
 
 # -- import and URI ------------------------------------------------------------------------------
@@ -560,3 +561,74 @@ def test_placeholder_header_is_the_real_header(hub: Hub) -> None:
     (n,) = struct.unpack("<Q", real[:8])
     data = view.read_bytes()
     assert len(data) == len(real) and data[: 8 + n] == real[: 8 + n] and not any(data[8 + n :])
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_cli_push_fabric_checkpoint_then_load_it_elsewhere(hub: Hub) -> None:
+    """`safeckpt push fabric.ckpt me/run1`, then on another machine `safeckpt.load("hf://me/run1/...")`."""
+    fixture = FIXTURES / "lightning" / "fabric.ckpt"
+    repo = hub.repo()
+    r = cli(hub, "push", str(fixture), repo, "--message", "from fabric")
+    assert r.returncode == 0, r.stderr
+    uri = r.stdout.strip()
+    assert uri.startswith(f"hf://{repo}@") and uri.endswith("/fabric.safeckpt"), uri
+
+    hub.new_machine()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    state = {"model": model, "optimizer": opt, "hparams": None, "args": None, "data_dir": None, "step": 0}
+    assert safeckpt.load(f"hf://{repo}/fabric.safeckpt", state) == {}
+    oracle = torch.load(fixture, weights_only=False)  # our own trusted fixture, as the differential oracle
+    assert_bits_equal(model.state_dict(), oracle["model"])
+    assert_bits_equal(opt.state_dict(), oracle["optimizer"])
+    assert (state["step"], dict(state["hparams"]), state["args"]) == (
+        oracle["step"],
+        dict(oracle["hparams"]),
+        oracle["args"],
+    )
+    assert state["data_dir"] == oracle["data_dir"]
+
+    # pull by file and revision, offline from the cache, and errors as one line
+    sha = uri.split("@")[1].split("/")[0]
+    r = cli(hub, "pull", repo, "fabric.safeckpt", "--revision", sha)
+    assert r.returncode == 0, r.stderr
+    pulled = Path(r.stdout.strip())
+    mark = hub.mark()
+    r = cli(hub, "pull", f"hf://{repo}@{sha}/fabric.safeckpt", "--json", HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["path"] == str(pulled) and hub.since(mark) == []
+    r = cli(hub, "pull", f"{repo}-nope")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "not found" in r.stderr and f"{repo}-nope" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("server", ["regular"], indirect=True)
+def test_cli_push_weights_and_read_hf_paths(hub: Hub, tmp_path: Path) -> None:
+    model = TiedLM(0)
+    src = safeckpt.save(tmp_path / "weights.safetensors", model)
+    repo = hub.repo()
+    r = cli(hub, "push", str(src), repo, "--max-shard-size", "5KB", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["path_in_repo"] == ""
+    fresh = TiedLM(1)
+    hf.load_torch_model(fresh, safeckpt.pull_from_hub(repo))
+    assert_bits_equal(fresh.state_dict(), model.state_dict())
+
+    r = cli(hub, "inspect", f"hf://{repo}", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "hf-sharded"
+    out = tmp_path / "body.safetensors"
+    r = cli(hub, "convert", f"hf://{repo}", str(out), "--include", "body*")
+    assert r.returncode == 0, r.stderr
+    assert_bits_equal(
+        safeckpt.load(out), {"body.bias": model.body.bias.detach(), "body.weight": model.body.weight.detach()}
+    )
+    r = cli(hub, "pull", f"hf://{repo}", "--local-dir", str(tmp_path / "copy"), "--include", "*.json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir() if not p.name.startswith(".")) == [
+        "model.safetensors.index.json"
+    ]
