@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from .._fs import MappedFile
-from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import Checkpoint, TensorRef, path_name
 from . import _safetensors as st
 from . import _zip, torch_pickle
-from ._pickle import Handler, unpickle
+from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
 
 NAME = "dcp"
 EXTENSIONS: tuple[str, ...] = ()
@@ -284,6 +284,14 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+# exactly what .metadata may name: the DCP dataclasses, torch.Size, layouts, dtypes, a pathlib path
+META_GLOBALS = frozenset(
+    [*HANDLERS, "torch.Size", "torch.serialization._get_layout"]
+    + [f"torch.{n}" for n in TORCH_DTYPES]
+    + [n for n in BASE if n.startswith("pathlib.")]
+)
+
+
 def read_metadata(path: Path) -> Metadata:
     """Parse a DCP ``.metadata`` file through the restricted VM (no torch class is touched).
 
@@ -295,7 +303,18 @@ def read_metadata(path: Path) -> Metadata:
     size = path.stat().st_size
     if size > MAX_METADATA:
         raise CorruptCheckpointError(f"{path}: {size} bytes is more than any DCP .metadata (limit {MAX_METADATA})")
-    obj = unpickle(path.read_bytes(), source=str(path), extra=HANDLERS)
+    data = path.read_bytes()
+    try:
+        refused = [n for n in globals_in(data) if n not in META_GLOBALS]
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(str(e).replace("<pickle>", str(path), 1)) from None
+    if refused:
+        raise UnsafeCheckpointError(
+            f"{path}: the DCP metadata refers to {', '.join(map(repr, refused[:8]))}, outside the classes torch writes "
+            "there; nothing was imported or run. Do not load this checkpoint with torch either: "
+            "torch reads .metadata with pickle.load"
+        )
+    obj = unpickle(data, source=str(path), extra=HANDLERS)
     if not isinstance(obj, Metadata):
         raise CorruptCheckpointError(f"{path}: holds a {type(obj).__name__}, not a DCP Metadata")
     return obj
