@@ -352,15 +352,18 @@ def failing_ref(name: str) -> TensorRef:
 
 
 def test_failed_rewrite_leaves_the_old_set_untouched(tmp_path: Path) -> None:
-    directory = tmp_path / "d"
-    directory.mkdir()
-    save_torch_state_dict(fx.tied_net(0).state_dict(), directory, max_shard_size=300)
-    listing = {p.name: p.read_bytes() for p in directory.iterdir()}
     new = {**fx.tied_net(1).state_dict(), "zz.bad": failing_ref("zz.bad")}
-    for limit in (300, 500, 10_000):  # same names (staged), fewer shards, one file
-        with pytest.raises(OSError, match="disk on fire"):
-            formats.get("hf-sharded").write(Checkpoint(new, format="memory", path="-"), directory, max_shard_size=limit)
-        assert {p.name: p.read_bytes() for p in directory.iterdir()} == listing
+    for old_limit in (300, 10_000):  # an old sharded set, an old lone model.safetensors
+        directory = tmp_path / f"d{old_limit}"
+        directory.mkdir()
+        save_torch_state_dict(fx.tied_net(0).state_dict(), directory, max_shard_size=old_limit)
+        listing = {p.name: p.read_bytes() for p in directory.iterdir()}
+        for limit in (300, 500, 10_000):  # same names (staged), other names, one file
+            with pytest.raises(OSError, match="disk on fire"):
+                formats.get("hf-sharded").write(
+                    Checkpoint(new, format="memory", path="-"), directory, max_shard_size=limit
+                )
+            assert {p.name: p.read_bytes() for p in directory.iterdir()} == listing
 
 
 def run_until_crash(k: int, action: Callable[[], None]) -> int:
