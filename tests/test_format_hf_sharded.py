@@ -458,3 +458,19 @@ def test_verify(tmp_path: Path) -> None:
     assert len(problems) == 1 and entry.name in problems[0] and shard.name in problems[0]
     with pytest.raises(CorruptCheckpointError, match=shard.name):
         safeckpt.load(directory, verify=True)
+
+
+@pytest.mark.parametrize("name", ["sharded_st", "sharded_bin", "single_st", "mixin"])
+def test_convert_fixture_to_native_and_back_to_a_module(name: str, tmp_path: Path) -> None:
+    if name == "sharded_bin" and not HAS_TORCH_READER:
+        pytest.skip("the torch format is not registered yet")
+    native = safeckpt.convert(FIXTURES / name, tmp_path / "x.safeckpt")
+    assert safeckpt.open(native).format == "safeckpt"
+    net = fx.TiedNet()
+    safeckpt.load_raw(native, net)
+    assert_bits_equal(fx.tied_net().state_dict(), net.state_dict())
+    assert net.head.weight is net.emb.weight
+    back = safeckpt.convert(native, tmp_path / "back", format="hf-sharded", max_shard_size=300)
+    net = fx.TiedNet()
+    huggingface_hub.load_torch_model(net, back)
+    assert_bits_equal(fx.tied_net().state_dict(), net.state_dict())
