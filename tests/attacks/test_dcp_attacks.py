@@ -330,6 +330,33 @@ def test_planner_huge_list_index(tmp_path: Path) -> None:
         safeckpt.open(path)
 
 
+def test_planner_path_too_deep(tmp_path: Path) -> None:
+    path, md = copy(tmp_path)
+    md.planner_data["step"] = ("a",) * 10_000  # a tree that deep would break every recursive walker
+    write(path, md)
+    with pytest.raises(CorruptCheckpointError, match=r"planner_data must map names to tuples of 1 to 256 keys"):
+        safeckpt.open(path)
+
+
+@pytest.mark.parametrize(
+    "field, value, cause",
+    [
+        pytest.param("dtype", torch.qint8, "no quantized tensors", id="quantized"),
+        pytest.param("size", torch.Size([1] * 65), "up to 64 non-negative ints", id="65-dims"),
+    ],
+)
+def test_tensor_description_refused(tmp_path: Path, field: str, value: Any, cause: str) -> None:
+    path, md = copy(tmp_path)
+    item = md.state_dict_metadata["model.0.bias"]
+    if field == "dtype":
+        item.properties.dtype = value  # type: ignore[union-attr]
+    else:
+        item.size = value  # type: ignore[union-attr]
+    write(path, md)
+    with pytest.raises(CorruptCheckpointError, match=rf"\.metadata: .*{cause}"):
+        safeckpt.open(path)
+
+
 # -- truncated and damaged .metadata ---------------------------------------------------------------
 
 

@@ -60,7 +60,7 @@ def sniff(head: bytes, path: Path) -> bool:
 # -- .metadata: the dataclasses, as our own records --------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Chunk:
     """A box of a tensor: ``offsets`` where it starts in each dimension, ``sizes`` its extent."""
 
@@ -72,7 +72,7 @@ class Chunk:
         return math.prod(self.sizes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorItem:
     """``TensorStorageMetadata``: a tensor's dtype, full size and the chunks it was saved in."""
 
@@ -85,20 +85,24 @@ class TensorItem:
         return math.prod(self.size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BytesItem:
     """``BytesStorageMetadata``: a non-tensor value, saved as one ``torch.save`` archive."""
 
 
 @dataclass(frozen=True)
 class Index:
-    """``MetadataIndex``: the key of a storage entry (``offset`` is a tensor chunk's offsets)."""
+    """``MetadataIndex``: the key of a storage entry (``offset`` is a tensor chunk's offsets).
+
+    The only record that is hashed (a dict key): equal on ``(fqn, offset)``, like torch's. The other
+    records hash by identity, so a crafted pickle cannot make key hashing cost more than its bytes.
+    """
 
     fqn: str
     offset: tuple[int, ...] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Storage:
     """``_StorageInfo``: bytes ``[offset, offset + length)`` of ``relative_path``."""
 
@@ -132,12 +136,12 @@ class _MemFormat(int):
     """``_MEM_FORMAT_ENCODING`` member (0 contiguous, 1 channels_last, 2 preserve)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Properties:
     dtype: torch.dtype
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _StorageMeta:
     checkpoint_id: str | None
 
@@ -152,8 +156,12 @@ def _fields(state: Any, cls: str, required: tuple[str, ...], optional: tuple[str
 
 
 def _ints(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, (tuple, list)) or not all(type(d) is int and d >= 0 for d in x):
-        raise CorruptCheckpointError(f"{what} must be a sequence of non-negative ints, got {x!r:.80}")
+    if (
+        not isinstance(x, (tuple, list))
+        or len(x) > torch_pickle.MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in x)
+    ):
+        raise CorruptCheckpointError(f"{what} must be up to {torch_pickle.MAX_DIMS} non-negative ints, got {x!r:.80}")
     return tuple(x)
 
 
@@ -172,6 +180,8 @@ def _properties(state: Any) -> _Properties:
     dtype, layout, requires_grad, mem, pin = state
     if not isinstance(dtype, torch.dtype) or type(requires_grad) is not bool or type(pin) is not bool:
         raise CorruptCheckpointError(f"TensorProperties state {state!r:.120} has wrong types")
+    if str(dtype).startswith("torch.q"):
+        raise CorruptCheckpointError(f"a tensor of dtype {dtype}: DCP saves no quantized tensors")
     if layout is not torch.strided:
         raise CorruptCheckpointError(f"a tensor of layout {layout}: DCP saves strided tensors only")
     if not isinstance(mem, _MemFormat):
@@ -231,12 +241,14 @@ def _metadata(state: Any) -> Metadata:
         ok = isinstance(planner, dict) and all(
             isinstance(k, str)
             and isinstance(v, tuple)
-            and v
+            and 0 < len(v) <= torch_pickle.MAX_DEPTH
             and all(isinstance(p, str) or (type(p) is int and p >= 0) for p in v)
             for k, v in planner.items()
         )
         if not ok:
-            raise CorruptCheckpointError("Metadata.planner_data must map names to non-empty tuples of keys")
+            raise CorruptCheckpointError(
+                f"Metadata.planner_data must map names to tuples of 1 to {torch_pickle.MAX_DEPTH} keys (str, int >= 0)"
+            )
     version = f["version"] if isinstance(f["version"], str) else None
     meta = f["storage_meta"]
     if meta is not None and not isinstance(meta, _StorageMeta):
@@ -403,7 +415,7 @@ class _Dir:
             if "DCP_SHARDING_INFO" in header.metadata:
                 try:
                     sharding = json.loads(header.metadata["DCP_SHARDING_INFO"])
-                except ValueError:
+                except (ValueError, RecursionError):
                     sharding = None  # type: ignore[assignment]
                 if not isinstance(sharding, dict):
                     raise CorruptCheckpointError(f"{where}: DCP_SHARDING_INFO is not a JSON object")
@@ -500,7 +512,8 @@ def _no_overlaps(d: _Dir, fqn: str, boxes: list[Chunk]) -> None:
     budget = MAX_OVERLAP_CHECKS
     for i, a in enumerate(boxes):
         end = a.offsets[axis] + a.sizes[axis]
-        for b in boxes[i + 1 :]:
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
             if b.offsets[axis] >= end:
                 break
             budget -= 1
