@@ -149,10 +149,13 @@ class Chunk:
 
 
 def _prefetch(mapped: MappedFile, start: int, length: int) -> None:
+    # We know the exact range we touch: ask for it, and turn off fault read-around there, which
+    # (read_ahead_kb is often MBs) would otherwise pull in other ranks' slices as well.
     if length <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
         return
     aligned = start - start % mmap.PAGESIZE
     with contextlib.suppress(OSError, ValueError):
+        mapped.map.madvise(mmap.MADV_RANDOM, aligned, length + start - aligned)
         mapped.map.madvise(mmap.MADV_WILLNEED, aligned, length + start - aligned)
 
 
