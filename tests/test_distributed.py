@@ -196,7 +196,7 @@ def two_ranks(r: Rank) -> None:
     def strict_missing_module_keys() -> None:
         big = fsdp(fresh(3, extra=True), r.mesh)
         before = full(big.state_dict())
-        with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "extra.weight", "extra.bias"'):
+        with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "extra.weight", "extra.bias"'):
             safeckpt.load(r.out / "ckpt", {"model": big})
         assert_bits_equal(before, full(big.state_dict()), "after a failed strict load")
         safeckpt.load(r.out / "ckpt", {"model": big}, strict=False)  # Fabric #20274: honoured here
@@ -217,7 +217,7 @@ def two_ranks(r: Rank) -> None:
     def shape_mismatch_always() -> None:
         narrow = fsdp(fresh(5, hidden=512), r.mesh)
         for strict in (True, False):
-            with pytest.raises(RuntimeError, match="size mismatch for up.weight"):
+            with pytest.raises(RuntimeError, match=r"size mismatch for up\.weight"):
                 safeckpt.load(r.out / "ckpt", {"model": narrow}, strict=strict)
 
     r.check("load_same_mesh", same_mesh)
