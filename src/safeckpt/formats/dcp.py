@@ -124,12 +124,24 @@ class Metadata:
 
 
 class _New:
-    """A dataclass instance between ``NEWOBJ`` and ``BUILD``."""
+    """What ``NEWOBJ`` of a DCP dataclass makes: a box that its ``BUILD`` fills with our record.
 
-    __slots__ = ("cls",)
+    ``BUILD`` fills the box in place rather than replacing it (the VM would then rescan its memo),
+    and the box hashes by identity, so nothing is hashed while unpickling; `_unbox` takes the
+    record out, checking its type.
+    """
+
+    __slots__ = ("cls", "value")
 
     def __init__(self, cls: str) -> None:
         self.cls = cls
+        self.value: Any = None
+
+
+def _unbox(x: Any, cls: type | tuple[type, ...]) -> Any:
+    """The record in ``x`` (or ``x`` itself) if it is a ``cls``, else None."""
+    v = x.value if isinstance(x, _New) else x
+    return v if isinstance(v, cls) else None
 
 
 class _MemFormat(int):
@@ -191,11 +203,13 @@ def _properties(state: Any) -> _Properties:
 
 def _tensor_item(state: Any) -> TensorItem:
     f = _fields(state, "TensorStorageMetadata", ("properties", "size", "chunks"))
-    if not isinstance(f["properties"], _Properties):
+    props = _unbox(f["properties"], _Properties)
+    chunks = [_unbox(c, Chunk) for c in f["chunks"]] if isinstance(f["chunks"], list) else [None]
+    if props is None:
         raise CorruptCheckpointError("TensorStorageMetadata.properties is not a TensorProperties")
-    if not isinstance(f["chunks"], list) or not all(isinstance(c, Chunk) for c in f["chunks"]):
+    if None in chunks:
         raise CorruptCheckpointError("TensorStorageMetadata.chunks is not a list of ChunkStorageMetadata")
-    return TensorItem(f["properties"].dtype, _ints(f["size"], "tensor size"), tuple(f["chunks"]))
+    return TensorItem(props.dtype, _ints(f["size"], "tensor size"), tuple(chunks))
 
 
 def _index(state: Any) -> Index:
@@ -229,13 +243,13 @@ def _metadata(state: Any) -> Metadata:
         state, "Metadata", ("state_dict_metadata",), ("planner_data", "storage_data", "storage_meta", "version")
     )
     items, planner, storage = f["state_dict_metadata"], f["planner_data"], f["storage_data"]
-    if not isinstance(items, dict) or not all(
-        isinstance(k, str) and isinstance(v, (TensorItem, BytesItem)) for k, v in items.items()
-    ):
+    if isinstance(items, dict):
+        items = {k: _unbox(v, (TensorItem, BytesItem)) for k, v in items.items()}
+    if not isinstance(items, dict) or not all(isinstance(k, str) and v is not None for k, v in items.items()):
         raise CorruptCheckpointError("Metadata.state_dict_metadata must map names to Tensor/BytesStorageMetadata")
-    if not isinstance(storage, dict) or not all(
-        isinstance(k, Index) and isinstance(v, Storage) for k, v in storage.items()
-    ):
+    if isinstance(storage, dict):  # equal keys: the last wins, as in the dict torch unpickles
+        storage = {_unbox(k, Index): _unbox(v, Storage) for k, v in storage.items()}
+    if not isinstance(storage, dict) or None in storage or None in storage.values():
         raise CorruptCheckpointError("Metadata.storage_data must map MetadataIndex to _StorageInfo (FileSystemWriter)")
     if planner is not None:
         ok = isinstance(planner, dict) and all(
@@ -251,8 +265,9 @@ def _metadata(state: Any) -> Metadata:
             )
     version = f["version"] if isinstance(f["version"], str) else None
     meta = f["storage_meta"]
-    if meta is not None and not isinstance(meta, _StorageMeta):
+    if meta is not None and _unbox(meta, _StorageMeta) is None:
         raise CorruptCheckpointError("Metadata.storage_meta is not a StorageMeta")
+    meta = _unbox(meta, _StorageMeta)
     return Metadata(items, planner, storage, version, meta.checkpoint_id if meta else None)
 
 
@@ -263,9 +278,10 @@ def _dataclass(cls: str, make: Callable[[Any], Any]) -> Handler:
         return _New(cls)
 
     def build(obj: Any, state: Any) -> Any:
-        if not isinstance(obj, _New) or obj.cls != cls:
+        if not isinstance(obj, _New) or obj.cls != cls or obj.value is not None:
             raise CorruptCheckpointError(f"a second BUILD of a {cls}")
-        return make(state)
+        obj.value = make(state)
+        return obj
 
     return Handler(new=new, build=build)
 
@@ -327,9 +343,10 @@ def read_metadata(path: Path) -> Metadata:
             "torch reads .metadata with pickle.load"
         )
     obj = unpickle(data, source=str(path), extra=HANDLERS)
-    if not isinstance(obj, Metadata):
+    meta = _unbox(obj, Metadata)
+    if meta is None:
         raise CorruptCheckpointError(f"{path}: holds a {type(obj).__name__}, not a DCP Metadata")
-    return obj
+    return meta
 
 
 # -- the directory: files, segments, and what lies in them -----------------------------------------
