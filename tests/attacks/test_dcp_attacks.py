@@ -273,6 +273,17 @@ def test_chunks_must_tile_the_tensor(tmp_path: Path, chunks: Any, rekey: Any, ca
         read_all(path)
 
 
+def test_one_chunk_shared_many_times(tmp_path: Path) -> None:
+    # the memo makes each extra reference cost 2 bytes: refused in time linear in the references
+    path, md = copy(tmp_path)
+    item = md.state_dict_metadata["model.0.weight"]
+    item.chunks = [item.chunks[0]] * 100_000  # type: ignore[union-attr]
+    write(path, md)
+    assert (path / ".metadata").stat().st_size < 1 << 20
+    with pytest.raises(CorruptCheckpointError, match=r"cover 1200000 elements of its 24"):
+        safeckpt.open(path)
+
+
 def test_absurd_size_backed_by_a_few_bytes(tmp_path: Path) -> None:
     path, md = copy(tmp_path)
     item = md.state_dict_metadata["model.0.bias"]
