@@ -592,11 +592,16 @@ def test_cli_push_fabric_checkpoint_then_load_it_elsewhere(hub: Hub) -> None:
     )
     assert state["data_dir"] == oracle["data_dir"]
 
-    # pull by file and revision, offline from the cache, and errors as one line
+
+@pytest.mark.parametrize("server", ["regular"], indirect=True)
+def test_cli_pull_by_file_revision_offline_and_errors(hub: Hub) -> None:
+    repo = hub.repo()
+    uri = safeckpt.push_to_hub(train_state(2), repo, path_in_repo="fabric.safeckpt")
     sha = uri.split("@")[1].split("/")[0]
     r = cli(hub, "pull", repo, "fabric.safeckpt", "--revision", sha)
     assert r.returncode == 0, r.stderr
     pulled = Path(r.stdout.strip())
+    assert pulled.read_bytes() == safeckpt.pull_from_hub(repo, filename="fabric.safeckpt").read_bytes()
     mark = hub.mark()
     r = cli(hub, "pull", f"hf://{repo}@{sha}/fabric.safeckpt", "--json", HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
@@ -618,9 +623,6 @@ def test_cli_push_weights_and_read_hf_paths(hub: Hub, tmp_path: Path) -> None:
     hf.load_torch_model(fresh, safeckpt.pull_from_hub(repo))
     assert_bits_equal(fresh.state_dict(), model.state_dict())
 
-    r = cli(hub, "inspect", f"hf://{repo}", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["format"] == "hf-sharded"
     out = tmp_path / "body.safetensors"
     r = cli(hub, "convert", f"hf://{repo}", str(out), "--include", "body*")
     assert r.returncode == 0, r.stderr
@@ -632,3 +634,56 @@ def test_cli_push_weights_and_read_hf_paths(hub: Hub, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "copy").iterdir() if not p.name.startswith(".")) == [
         "model.safetensors.index.json"
     ]
+
+
+def test_folder_view_skips_subfolders_and_other_formats_copies(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model repo root with pytorch_model.bin beside model.safetensors, and other runs in
+    sub-folders: reading the weights downloads neither."""
+    monkeypatch.setattr(hubmod, "OTHER_WEIGHTS_SIZE", 1000)
+    repo = hub.repo()
+    model = TiedLM(0)
+    safeckpt.push_to_hub(model, repo)
+    safeckpt.push_to_hub(train_state(1), repo, path_in_repo="runs/a/checkpoint.safeckpt")
+    api = hf.HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.upload_file(path_or_fileobj=b"\0" * 5000, path_in_repo="pytorch_model.bin", repo_id=repo)
+    api.upload_file(path_or_fileobj=b'{"dim": 32}', path_in_repo="config.json", repo_id=repo)
+    hub.new_machine()
+    mark = hub.mark()
+    fresh = TiedLM(1)
+    safeckpt.load_raw(f"hf://{repo}", fresh)
+    assert_bits_equal(fresh.state_dict(), model.state_dict())
+    got = [r.path for r in hub.since(mark) if r.method == "GET" and "/resolve/" in r.path]
+    assert not [p for p in got if p.endswith(("pytorch_model.bin", "checkpoint.safeckpt"))], got
+    assert any(p.endswith("config.json") for p in got)
+
+
+@pytest.mark.parametrize("server", ["regular"], indirect=True)
+def test_verify_and_diff_read_hf_paths(hub: Hub) -> None:
+    from safeckpt import cli as safeckpt_cli
+
+    repo = hub.repo()
+    a = safeckpt.push_to_hub(train_state(1), repo, max_shard_size="24KB")
+    b = safeckpt.push_to_hub(train_state(2), repo, max_shard_size="24KB")
+    assert safeckpt_cli.main(["verify", "--quiet", f"hf://{repo}/checkpoint"]) == 0
+    assert safeckpt_cli.main(["diff", "--quiet", a, a]) == 0
+    assert safeckpt_cli.main(["diff", "--quiet", a, b]) == 1
+    assert safeckpt.load(b, verify=True)["step"] == 2
+
+
+def test_a_download_that_disagrees_with_the_header_read_is_refused(hub: Hub) -> None:
+    repo = hub.repo()
+    model = TiedLM(0)
+    safeckpt.push_to_hub(model, repo)
+    ckpt = safeckpt.open(f"hf://{repo}/model.safetensors")  # placeholder: header only
+    # the blob behind the commit changes (a stale CDN, a bad mirror): the same bytes count, another header
+    store = hub.store
+    entry = store.repos[("model", repo)]["commits"][store.repos[("model", repo)]["branches"]["main"]]["files"][
+        "model.safetensors"
+    ]
+    blob = Path(store.blob_path(entry))
+    data = bytearray(blob.read_bytes())
+    at = data.index(b'"format":"pt"')
+    data[at : at + 13] = b'"format":"PT"'
+    blob.write_bytes(bytes(data))
+    with pytest.raises(safeckpt.CorruptCheckpointError, match="header differs"):
+        ckpt["body.weight"].load()

@@ -6,13 +6,15 @@ cache and offline mode are read when a function is called (arguments first, then
 
 Reading ``hf://owner/name[@revision]/path`` is lazy where the format allows it. The path is pinned
 to a commit and mirrored in a *view* directory inside the repo's cache folder
-(``<cache>/models--owner--name/safeckpt-views/<commit>/...``): small files are hard links to the
+(``<cache>/models--owner--name/safeckpt-views/<commit>/...``): other files are hard links to the
 cached downloads, and each safetensors file not yet downloaded is a *placeholder*, a sparse file of
 the real size holding only its real header (fetched with one HTTP range request). The format
 readers read headers from it as from any file; the first tensor load maps the file through
 `_fs.MappedFile`, which downloads the real file into the Hub cache then (see `_fs.REMOTE`) and
 hard-links it over the placeholder. So opening a sharded checkpoint downloads its index and shard
-headers, and loading some of its tensors downloads only the shards that hold them.
+headers, and loading some of its tensors downloads only the shards that hold them. A directory's
+view holds its files, not its sub-folders, and beside safetensors weights it leaves out large
+copies in other formats (``pytorch_model.bin``, ``tf_model.h5``).
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ import torch
 from torch import nn
 
 from . import _fs
-from .errors import HubAuthError, HubError, HubNotFoundError
+from .errors import CorruptCheckpointError, HubAuthError, HubError, HubNotFoundError
 
 __all__ = ["HubPath", "parse_uri", "pull_from_hub", "push_to_hub", "resolve"]
 
 HEX40 = re.compile(r"[0-9a-f]{40}")
 LAZY_SUFFIXES = (".safetensors", ".safeckpt")  # files probed for a safetensors header
+# Beside safetensors weights, a view leaves out the other formats' copies of them (a Hub model
+# repo often has pytorch_model.bin, tf_model.h5 and flax_model.msgpack too): large files with these
+# extensions are never what a safetensors-based checkpoint needs.
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".pkl")
+OTHER_WEIGHTS_SIZE = 10 << 20
 PROBE = 64 << 10  # first range request; most safetensors headers fit
 MAX_HEADER = 100_000_000
 VIEWS = "safeckpt-views"
@@ -223,11 +230,13 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
         is_dir = not isinstance(found[0], hf.hf_api.RepoFile)
     else:
         is_dir = True
-    if is_dir:
+    if is_dir:  # checkpoint directories are flat: sub-folders are other things (other runs, onnx/, ...)
         entries = api.list_repo_tree(
-            loc.repo_id, path_in_repo=loc.path or None, repo_type=loc.repo_type, revision=commit, recursive=True
+            loc.repo_id, path_in_repo=loc.path or None, repo_type=loc.repo_type, revision=commit
         )
         files = {e.path: e.size for e in entries if isinstance(e, hf.hf_api.RepoFile)}
+        if any(p.endswith(".safetensors") for p in files):  # read from those: leave out other frameworks' copies
+            files = {p: n for p, n in files.items() if not _other_weights(p, n)}
     else:
         files = {loc.path: found[0].size}
     lazy: list[str] = []
@@ -248,6 +257,12 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
         lazy.append(rel)
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / MANIFEST).write_text(json.dumps({"uri": str(loc), "commit": commit, "name": name, "lazy": lazy}))
+
+
+def _other_weights(path: str, size: int) -> bool:
+    """A large weights file of another format (``pytorch_model.bin``, ``tf_model.h5``, ...)."""
+    name = path.rsplit("/", 1)[-1]
+    return size >= OTHER_WEIGHTS_SIZE and name.endswith(OTHER_WEIGHTS) and "index" not in name
 
 
 def _register(root: Path, loc: HubPath, commit: str, hub: _Hub) -> bool:
@@ -275,8 +290,16 @@ def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) 
         with lock:
             if local.stat().st_nlink == 1:
                 now = dataclasses.replace(hub, offline=_offline())  # offline may have been set since
-                with _errors(f"hf://{loc.repo_id}@{commit}/{repo_path}", now, loc.repo_id, commit, repo_path):
+                where = f"hf://{loc.repo_id}@{commit}/{repo_path}"
+                with _errors(where, now, loc.repo_id, commit, repo_path):
                     real = Path(_download(loc, repo_path, commit, now))
+                with open(local, "rb") as f, open(real, "rb") as g:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if g.read(8 + n) != struct.pack("<Q", n) + f.read(n):  # the reader trusted this header
+                        raise CorruptCheckpointError(
+                            f"{where}: the downloaded file's header differs from the one read before ({real}); "
+                            "delete it from the cache and load again"
+                        )
                 _link(real, local)
             _fs.REMOTE.pop(os.path.realpath(local), None)
             return local
