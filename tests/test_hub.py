@@ -687,3 +687,17 @@ def test_a_download_that_disagrees_with_the_header_read_is_refused(hub: Hub) -> 
     blob.write_bytes(bytes(data))
     with pytest.raises(safeckpt.CorruptCheckpointError, match="header differs"):
         ckpt["body.weight"].load()
+
+
+def test_push_checkpoint_directories(hub: Hub) -> None:
+    """A pickle-sharded HF directory goes up as safetensors weights; a DCP directory (Fabric FSDP,
+    two ranks) as one native checkpoint. Both read back equal to the source."""
+    repo = hub.repo()
+    weights, dcp = FIXTURES / "hf" / "sharded_bin", FIXTURES / "dcp" / "fabric_fsdp"
+    assert safeckpt.push_to_hub(weights, repo, max_shard_size=400).count("/") == 3  # the repo root
+    assert safeckpt.push_to_hub(dcp, repo).endswith("/fabric_fsdp.safeckpt")
+    files = hf.HfApi(endpoint=hub.endpoint, token=TOKEN).list_repo_files(repo)
+    assert "model.safetensors.index.json" in files and not [f for f in files if f.endswith(".bin")]
+    hub.new_machine()
+    assert_bits_equal(safeckpt.load(f"hf://{repo}"), safeckpt.load(weights))
+    assert_bits_equal(safeckpt.load(f"hf://{repo}/fabric_fsdp.safeckpt"), safeckpt.load(dcp))

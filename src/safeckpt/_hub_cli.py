@@ -46,6 +46,12 @@ exit codes: 0 downloaded; 2 no such repo, revision or file, no access, or not ca
 
 
 def push_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``safeckpt push``.
+
+    Example:
+        >>> push_args(parser := argparse.ArgumentParser()); parser.parse_args(["a.ckpt", "me/run1"]).repo_id
+        'me/run1'
+    """
     p.add_argument("src", help="checkpoint file or directory (any format safeckpt reads), or an hf:// URI")
     p.add_argument("repo_id", help="the repo to push to: owner/name")
     p.add_argument("--path-in-repo", metavar="PATH", help="folder for weights, file name for a training checkpoint")
@@ -58,6 +64,12 @@ def push_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    """``safeckpt push``: `hub.push_to_hub`, then print the pushed checkpoint's hf:// URI.
+
+    Example:
+        $ safeckpt push fabric.ckpt me/run1
+        hf://me/run1@3f2c.../fabric.safeckpt
+    """
     _bars(args)
     uri = hub.push_to_hub(
         args.src,
@@ -79,6 +91,12 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def pull_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``safeckpt pull``.
+
+    Example:
+        >>> pull_args(parser := argparse.ArgumentParser()); parser.parse_args(["me/run1", "a.safeckpt"]).filename
+        'a.safeckpt'
+    """
     p.add_argument("repo", help="owner/name, or an hf://owner/name[@revision]/path URI")
     p.add_argument("filename", nargs="?", help="one file of the repo (default: the whole repo)")
     p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
@@ -88,6 +106,13 @@ def pull_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
+    """``safeckpt pull``: `hub.pull_from_hub` (an hf:// path may name a file or a folder), then
+    print the local path.
+
+    Example:
+        $ safeckpt pull hf://me/run1@v1/checkpoint
+        /home/me/.cache/huggingface/hub/models--me--run1/snapshots/3f2c.../checkpoint
+    """
     _bars(args)
     repo_id, revision, filename, folder = args.repo, args.revision, args.filename, None
     if repo_id.startswith("hf://"):

@@ -111,7 +111,12 @@ def _offline() -> bool:
 @dataclass(frozen=True)
 class HubPath:
     """A parsed ``hf://`` URI: ``repo_id``, ``revision`` (None: the default branch), ``path`` in the
-    repo ("" for its root) and ``repo_type`` (``model``, ``dataset`` or ``space``)."""
+    repo ("" for its root) and ``repo_type`` (``model``, ``dataset`` or ``space``).
+
+    Example:
+        >>> str(HubPath("me/run1", "v2", "ckpt.safeckpt"))
+        'hf://me/run1@v2/ckpt.safeckpt'
+    """
 
     repo_id: str
     revision: str | None
@@ -211,7 +216,11 @@ def _view(loc: HubPath, commit: str, hub: _Hub) -> Path:
         tmp = root.with_name(f".{root.name}.{secrets.token_hex(4)}.tmp")
         try:
             _build(tmp, name, loc, commit, hub)
-            os.replace(tmp, root)
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                if not (root / MANIFEST).is_file():
+                    raise  # else another process built the same view first: use theirs
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _register(root, loc, commit, hub)
@@ -370,7 +379,9 @@ def _errors(
     """Turn the Hub client's exceptions into one line naming ``what``, the repo, and the fix."""
     errors = _hf().errors
     rev = revision or "main"
-    token = "the token given" if hub.token else "no token (pass token= or set HF_TOKEN)"
+    who = (
+        "the token cannot read it" if hub.token else "no token was given (pass token=, set HF_TOKEN or `hf auth login`)"
+    )
     try:
         yield
     except HubError:
@@ -381,7 +392,7 @@ def _errors(
         ) from None
     except errors.RepositoryNotFoundError:
         raise HubNotFoundError(
-            f"{what}: repository {repo_id!r} not found on {hub.endpoint}, or it is private and {token} cannot read it; "
+            f"{what}: repository {repo_id!r} not found on {hub.endpoint}, or it is private and {who}; "
             "check the name and the token"
         ) from None
     except errors.RevisionNotFoundError:
