@@ -43,6 +43,7 @@ __all__ = [
     "Inert",
     "globals_in",
     "is_denied",
+    "load",
     "unpickle",
     "unpickle_at",
 ]
@@ -195,6 +196,13 @@ def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
     if not isinstance(data, (bytes, bytearray)):
         raise _bad(f"bytearray from a {type(data).__name__}")
     return bytearray(data)
+
+
+def _bytes(data: Any = b"") -> bytes:
+    # protocols 0-2 write b"" as builtins.bytes() (other bytes go through _codecs.encode)
+    if not isinstance(data, bytes):
+        raise _bad(f"bytes() of a {type(data).__name__}")
+    return data
 
 
 def _check_key(obj: Any) -> None:
@@ -397,15 +405,17 @@ def _array(shape: Any, dtype: np.dtype, fortran: Any, raw: Any) -> np.ndarray:
         raise _bad(
             f"numpy array of shape {shape} and dtype {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, has {len(raw)}"
         )
-    flat = np.frombuffer(bytes(raw), dtype=dtype)
-    return flat.reshape(shape, order="F" if fortran else "C").copy(order="F" if fortran else "C")
+    order = "F" if fortran else "C"
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order=order).copy(order=order)
 
 
 def _np_reconstruct_build(obj: _NumpyArray, state: Any) -> np.ndarray:
     if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
         raise _bad("numpy array: unexpected state")
     _, shape, dtype, fortran, raw = state
-    return _array(shape, _real_dtype(dtype), fortran, raw)
+    arr = _array(shape, _real_dtype(dtype), fortran, raw)
+    # numpy's own __setstate__ turns a non-native byte order into the native dtype (same values)
+    return arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="), order="A")
 
 
 def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
@@ -435,6 +445,7 @@ def _base() -> dict[str, Handler]:
         "builtins.frozenset": Handler(call=_frozenset),
         "builtins.complex": Handler(call=_complex),
         "builtins.bytearray": Handler(call=_bytearray),
+        "builtins.bytes": Handler(call=_bytes),
         "argparse.Namespace": Handler(call=_namespace, new=_namespace, build=_namespace_build),
         "torch.Size": Handler(call=_size),
         "torch.device": Handler(call=_device),
@@ -538,11 +549,12 @@ class _VM:
         self.memo: dict[int, Any] = {}
         self.buildable: dict[int, tuple[Any, Callable[[Any, Any], Any]]] = {}
         self.proto = 0
+        self.base = 0  # where this pickle starts in its file (for messages)
 
     # -- reading ------------------------------------------------------------------------------
     def err(self, what: str, at: int | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{self.source}: malformed pickle at byte {self.pos if at is None else at}: {what}"
+            f"{self.source}: malformed pickle at byte {self.base + (self.pos if at is None else at)}: {what}"
         )
 
     def read(self, k: int) -> bytes:
@@ -682,32 +694,110 @@ class _VM:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, allow_trailing: bool) -> Any:
-        data, st = self.data, self.stack
-        while True:
-            if self.pos >= self.n:
-                raise self.err("no STOP opcode (truncated)")
-            op = data[self.pos]
-            self.pos += 1
-            if op == 0x2E:  # STOP
-                if len(st) != 1 or self.marks:
-                    raise self.err(f"{len(st)} values and {len(self.marks)} open MARKs at STOP (expected one value)")
-                if not allow_trailing and self.pos != self.n:
-                    raise CorruptCheckpointError(
-                        f"{self.source}: {self.n - self.pos} bytes of trailing data after the pickle's STOP "
-                        "(a second pickle hidden behind the first?)"
-                    )
-                return st[0]
-            handler = _OPS.get(op)
-            if handler is None:
-                raise self._bad_opcode(op)
-            try:
-                handler(self)
-            except (UnsafeCheckpointError, CorruptCheckpointError):
-                raise
-            except (struct.error, ValueError, OverflowError, TypeError, KeyError, IndexError, AttributeError) as e:
-                raise self.err(f"opcode {op:#04x}: {type(e).__name__}: {e}") from None
-            except RecursionError:
-                raise self.err("a value nested too deeply to hash") from None
+        # the opcodes torch's pickles are made of are inlined; the rest go through _OPS
+        data, n, st, memo, marks, ops = self.data, self.n, self.stack, self.memo, self.marks, _OPS
+        unpack_from = struct.unpack_from
+        pos = self.pos
+        op = -1
+        try:
+            while True:
+                op = data[pos]
+                pos += 1
+                if op == 0x71:  # BINPUT
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
+                        self.pos = pos
+                        self.memo_put(data[pos])
+                    memo[data[pos]] = st[-1]
+                    pos += 1
+                elif op == 0x68:  # BINGET
+                    st.append(memo[data[pos]])
+                    pos += 1
+                elif op == 0x72:  # LONG_BINPUT
+                    (k,) = unpack_from("<I", data, pos)
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
+                        self.memo_put(k)
+                    memo[k] = st[-1]
+                    pos += 4
+                elif op == 0x6A:  # LONG_BINGET
+                    st.append(memo[unpack_from("<I", data, pos)[0]])
+                    pos += 4
+                elif op == 0x58 or op == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
+                    if op == 0x58:
+                        (k,) = unpack_from("<I", data, pos)
+                        pos += 4
+                    else:
+                        k = data[pos]
+                        pos += 1
+                    if k > n - pos:
+                        raise self.err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos)
+                    st.append(str(data[pos : pos + k], "utf-8", "surrogatepass"))
+                    pos += k
+                elif op == 0x28:  # MARK
+                    if len(marks) >= MAX_MARK_DEPTH:
+                        raise self.err(f"more than {MAX_MARK_DEPTH} nested MARKs", pos)
+                    marks.append(len(st))
+                elif op == 0x4B:  # BININT1
+                    st.append(data[pos])
+                    pos += 1
+                elif op == 0x4A:  # BININT
+                    st.append(unpack_from("<i", data, pos)[0])
+                    pos += 4
+                elif op == 0x74:  # TUPLE
+                    if not marks:
+                        raise self.err("no MARK to pop to", pos)
+                    at = marks.pop()
+                    t = tuple(st[at:])
+                    del st[at:]
+                    st.append(t)
+                elif 0x85 <= op <= 0x87:  # TUPLE1-3
+                    k = op - 0x84
+                    if len(st) - (marks[-1] if marks else 0) < k:
+                        raise self.err("stack underflow", pos)
+                    t = tuple(st[-k:])
+                    del st[-k:]
+                    st.append(t)
+                elif op == 0x29:
+                    st.append(())
+                elif op == 0x89:
+                    st.append(False)
+                elif op == 0x88:
+                    st.append(True)
+                elif op == 0x4E:
+                    st.append(None)
+                elif op == 0x7D:
+                    st.append({})
+                elif op == 0x94:  # MEMOIZE
+                    self.pos = pos
+                    self.memo_put(len(memo))
+                elif op == 0x2E:  # STOP
+                    self.pos = pos
+                    if len(st) != 1 or marks:
+                        raise self.err(f"{len(st)} values and {len(marks)} open MARKs at STOP (expected one value)")
+                    if not allow_trailing and pos != n:
+                        raise CorruptCheckpointError(
+                            f"{self.source}: {n - pos} bytes of trailing data after the pickle's STOP "
+                            "(a second pickle hidden behind the first?)"
+                        )
+                    return st[0]
+                else:
+                    handler = ops.get(op)
+                    self.pos = pos
+                    if handler is None:
+                        raise self._bad_opcode(op)
+                    handler(self)
+                    pos = self.pos
+        except (UnsafeCheckpointError, CorruptCheckpointError):
+            raise
+        except (IndexError, struct.error) as e:
+            if pos >= n or isinstance(e, struct.error):
+                raise self.err("the pickle ends before its STOP opcode (truncated)", pos) from None
+            raise self.err(f"opcode {op:#04x}: stack underflow", pos) from None
+        except KeyError as e:
+            raise self.err(f"opcode {op:#04x}: memo entry {e} was never stored", pos) from None
+        except (ValueError, OverflowError, TypeError, AttributeError) as e:
+            raise self.err(f"opcode {op:#04x}: {type(e).__name__}: {e}", pos) from None
+        except RecursionError:
+            raise self.err("a value nested too deeply to hash", pos) from None
 
     def _bad_opcode(self, op: int) -> CheckpointErrorT:
         at = self.pos - 1
@@ -941,129 +1031,136 @@ _REFUSED = {
 
 # -- the static scan -------------------------------------------------------------------------------
 
-# opcode -> (argument kind, values popped (-1: to MARK), values pushed)
-_ARG_FIXED = {
-    0x80: 1,
-    0x95: 8,
-    0x4B: 1,
-    0x4D: 2,
-    0x4A: 4,
-    0x47: 8,
-    0x71: 1,
-    0x72: 4,
-    0x68: 1,
-    0x6A: 4,
-    0x82: 1,
-    0x83: 2,
-    0x84: 4,
-}
-_ARG_LEN = {
-    0x8A: ("<B", 1),
-    0x8B: ("<i", 4),
-    0x58: ("<I", 4),
-    0x8C: ("<B", 1),
-    0x8D: ("<Q", 8),
-    0x55: ("<B", 1),
-    0x54: ("<i", 4),
-    0x43: ("<B", 1),
-    0x42: ("<I", 4),
-    0x8E: ("<Q", 8),
-    0x96: ("<Q", 8),
-}
-_ARG_LINES = {0x49: 1, 0x4C: 1, 0x46: 1, 0x56: 1, 0x53: 1, 0x70: 1, 0x67: 1, 0x50: 1, 0x63: 2, 0x69: 2}
-_EFFECT = {
-    0x80: (0, 0), 0x95: (0, 0), 0x28: (0, 0), 0x30: (1, 0), 0x31: (-1, 0), 0x32: (0, 1), 0x4E: (0, 1), 0x88: (0, 1),
-    0x89: (0, 1), 0x4B: (0, 1), 0x4D: (0, 1), 0x4A: (0, 1), 0x8A: (0, 1), 0x8B: (0, 1), 0x47: (0, 1), 0x49: (0, 1),
-    0x4C: (0, 1), 0x46: (0, 1), 0x58: (0, 1), 0x8C: (0, 1), 0x8D: (0, 1), 0x56: (0, 1), 0x55: (0, 1), 0x54: (0, 1),
-    0x53: (0, 1), 0x43: (0, 1), 0x42: (0, 1), 0x8E: (0, 1), 0x96: (0, 1), 0x29: (0, 1), 0x74: (-1, 1), 0x85: (1, 1),
-    0x86: (2, 1), 0x87: (3, 1), 0x5D: (0, 1), 0x6C: (-1, 1), 0x7D: (0, 1), 0x64: (-1, 1), 0x8F: (0, 1), 0x90: (-1, 0),
-    0x91: (-1, 1), 0x61: (1, 0), 0x65: (-1, 0), 0x73: (2, 0), 0x75: (-1, 0), 0x70: (0, 0), 0x71: (0, 0), 0x72: (0, 0),
-    0x94: (0, 0), 0x67: (0, 1), 0x68: (0, 1), 0x6A: (0, 1), 0x63: (0, 1), 0x93: (2, 1), 0x52: (2, 1), 0x81: (2, 1),
-    0x92: (3, 1), 0x62: (1, 0), 0x51: (1, 1), 0x50: (0, 1), 0x69: (-1, 1), 0x6F: (-1, 1), 0x82: (0, 1), 0x83: (0, 1),
-    0x84: (0, 1), 0x97: (0, 1), 0x98: (1, 1),
+# the static scan: opcode -> (argument kind, argument, values popped (-1: to MARK), values pushed);
+# kinds: 0 none, 1 fixed size, 2 length-prefixed (struct format, size), 3 text lines
+_SCAN: dict[int, tuple[int, Any, int, int]] = {
+    0x80: (1, 1, 0, 0), 0x95: (1, 8, 0, 0), 0x28: (0, 0, 0, 0), 0x30: (0, 0, 1, 0), 0x31: (0, 0, -1, 0),
+    0x32: (0, 0, 0, 1), 0x4E: (0, 0, 0, 1), 0x88: (0, 0, 0, 1), 0x89: (0, 0, 0, 1), 0x4B: (1, 1, 0, 1),
+    0x4D: (1, 2, 0, 1), 0x4A: (1, 4, 0, 1), 0x8A: (2, ("<B", 1), 0, 1), 0x8B: (2, ("<i", 4), 0, 1),
+    0x47: (1, 8, 0, 1), 0x49: (3, 1, 0, 1), 0x4C: (3, 1, 0, 1), 0x46: (3, 1, 0, 1), 0x58: (2, ("<I", 4), 0, 1),
+    0x8C: (2, ("<B", 1), 0, 1), 0x8D: (2, ("<Q", 8), 0, 1), 0x56: (3, 1, 0, 1), 0x55: (2, ("<B", 1), 0, 1),
+    0x54: (2, ("<i", 4), 0, 1), 0x53: (3, 1, 0, 1), 0x43: (2, ("<B", 1), 0, 1), 0x42: (2, ("<I", 4), 0, 1),
+    0x8E: (2, ("<Q", 8), 0, 1), 0x96: (2, ("<Q", 8), 0, 1), 0x29: (0, 0, 0, 1), 0x74: (0, 0, -1, 1),
+    0x85: (0, 0, 1, 1), 0x86: (0, 0, 2, 1), 0x87: (0, 0, 3, 1), 0x5D: (0, 0, 0, 1), 0x6C: (0, 0, -1, 1),
+    0x7D: (0, 0, 0, 1), 0x64: (0, 0, -1, 1), 0x8F: (0, 0, 0, 1), 0x90: (0, 0, -1, 0), 0x91: (0, 0, -1, 1),
+    0x61: (0, 0, 1, 0), 0x65: (0, 0, -1, 0), 0x73: (0, 0, 2, 0), 0x75: (0, 0, -1, 0), 0x70: (3, 1, 0, 0),
+    0x71: (1, 1, 0, 0), 0x72: (1, 4, 0, 0), 0x94: (0, 0, 0, 0), 0x67: (3, 1, 0, 1), 0x68: (1, 1, 0, 1),
+    0x6A: (1, 4, 0, 1), 0x63: (3, 2, 0, 1), 0x93: (0, 0, 2, 1), 0x52: (0, 0, 2, 1), 0x81: (0, 0, 2, 1),
+    0x92: (0, 0, 3, 1), 0x62: (0, 0, 1, 0), 0x51: (0, 0, 1, 1), 0x50: (3, 1, 0, 1), 0x69: (3, 2, -1, 1),
+    0x6F: (0, 0, -1, 1), 0x82: (1, 1, 0, 1), 0x83: (1, 2, 0, 1), 0x84: (1, 4, 0, 1), 0x97: (0, 0, 0, 1),
+    0x98: (0, 0, 1, 1),
 }  # fmt: skip
-_STRING_OPS = {0x58, 0x8C, 0x8D, 0x56, 0x55, 0x54, 0x53}
+_STRING_OPS = {0x58, 0x8C, 0x8D, 0x55, 0x54}
+_NAME_LIMIT = 1024  # longer strings cannot be (parts of) a global name worth resolving
 
 
 def _scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[list[str], int]:
     """Every global a pickle names (first-seen order) and where its STOP ends; builds nothing."""
-    vm = _VM(data, pos, source, {}, lambda _: False, None)
+    n = len(data)
     names: dict[str, None] = {}
-    stack: list[Any] = []  # strings stay themselves; anything else is None
+    stack: list[Any] = []  # (start, length) of short strings; None for any other value
     marks: list[int] = []
     memo: dict[int, Any] = {}
+    table, unpack_from = _SCAN, struct.unpack_from
+
+    def err(what: str, at: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: malformed pickle at byte {at}: {what}")
+
+    def text(v: Any) -> str | None:
+        if isinstance(v, tuple):
+            return bytes(data[v[0] : v[0] + v[1]]).decode("utf-8", "surrogatepass")
+        return v if isinstance(v, str) else None
+
+    def line(at: int) -> tuple[bytes, int]:
+        start = i = at
+        step = 256
+        while i < n:
+            j = min(n, i + step)
+            k = bytes(data[i:j]).find(b"\n")
+            if k >= 0:
+                return bytes(data[start : i + k]), i + k + 1
+            i, step = j, min(step * 2, 1 << 20)
+        raise err("a text opcode's line has no end (truncated)", at)
+
     while True:
-        if vm.pos >= vm.n:
-            raise vm.err("no STOP opcode (truncated)")
-        at = vm.pos
-        op = vm.data[at]
-        vm.pos += 1
-        if op == 0x2E:
-            return list(names), vm.pos
-        if op not in _EFFECT:
-            raise vm.err(f"unknown opcode {op:#04x}", at)
+        if pos >= n:
+            raise err("no STOP opcode (truncated)", pos)
+        at = pos
+        op = data[pos]
+        pos += 1
+        spec = table.get(op)
+        if spec is None:
+            if op == 0x2E:
+                return list(names), pos
+            raise err(f"unknown opcode {op:#04x}", at)
+        kind, arg, pops, pushes = spec
         value: Any = None
         try:
-            if op in _ARG_FIXED:
-                arg = vm.read(_ARG_FIXED[op])
-                if op in (0x71, 0x72, 0x68, 0x6A):
-                    idx = int.from_bytes(arg, "little")
-                    if op in (0x68, 0x6A):
-                        value = memo.get(idx)
-                    else:
-                        memo[idx] = stack[-1] if stack else None
+            if kind == 1:
+                if pos + arg > n:
+                    raise err("truncated argument", at)
+                if op == 0x71 or op == 0x72:
+                    memo[data[pos] if op == 0x71 else unpack_from("<I", data, pos)[0]] = stack[-1] if stack else None
+                elif op == 0x68 or op == 0x6A:
+                    value = memo.get(data[pos] if op == 0x68 else unpack_from("<I", data, pos)[0])
                 elif op in (0x82, 0x83, 0x84):
-                    names[f"<{_REFUSED[op]} extension code {int.from_bytes(arg, 'little')}>"] = None
-            elif op in _ARG_LEN:
-                fmt, size = _ARG_LEN[op]
-                raw = vm.read(vm.unpack(fmt, size))
-                if op in _STRING_OPS:
-                    value = raw.decode("utf-8", "surrogatepass")
-            elif op in _ARG_LINES:
-                lines = [vm.line() for _ in range(_ARG_LINES[op])]
-                if op in (0x63, 0x69):
-                    names[_full_name(lines[0].decode("utf-8"), lines[1].decode("utf-8"))] = None
-                elif op in (0x56, 0x53):
-                    value = (
-                        lines[0].decode("raw_unicode_escape")[1:-1]
-                        if op == 0x53
-                        else lines[0].decode("raw_unicode_escape")
-                    )
+                    code = int.from_bytes(bytes(data[pos : pos + arg]), "little")
+                    names[f"<{_REFUSED[op]} extension code {code}>"] = None
+                pos += arg
+            elif kind == 2:
+                fmt, size = arg
+                if pos + size > n:
+                    raise err("truncated length", at)
+                (k,) = unpack_from(fmt, data, pos)
+                pos += size
+                if k < 0 or k > n - pos:
+                    raise err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos)
+                if op in _STRING_OPS and k <= _NAME_LIMIT:
+                    value = (pos, k)
+                pos += k
+            elif kind == 3:
+                first, pos = line(pos)
+                if op == 0x63 or op == 0x69:
+                    second, pos = line(pos)
+                    names[_full_name(first.decode("utf-8"), second.decode("utf-8"))] = None
+                elif op == 0x56:
+                    value = first.decode("raw_unicode_escape")
+                elif op == 0x53:
+                    value = first.decode("raw_unicode_escape")[1:-1]
                 elif op == 0x67:
-                    value = memo.get(int(lines[0]))
+                    value = memo.get(int(first))
                 elif op == 0x70:
-                    memo[int(lines[0])] = stack[-1] if stack else None
+                    memo[int(first)] = stack[-1] if stack else None
+            elif op == 0x94:
+                memo[len(memo)] = stack[-1] if stack else None
+            elif op == 0x32:
+                value = stack[-1] if stack else None
+            elif op == 0x93:
+                module, name = (text(stack[-2]), text(stack[-1])) if len(stack) >= 2 else (None, None)
+                label = (
+                    _full_name(module, name)
+                    if module is not None and name is not None
+                    else f"<STACK_GLOBAL at byte {at} with computed operands>"
+                )
+                names[label] = None
+            elif op == 0x6F:
+                names.setdefault("<OBJ opcode>", None)
+            elif op == 0x97 or op == 0x98:
+                names.setdefault(f"<{_REFUSED[op]} opcode>", None)
         except CorruptCheckpointError:
             raise
         except (UnicodeDecodeError, ValueError) as e:
-            raise vm.err(f"opcode {op:#04x}: {e}", at) from None
-        if op == 0x94:
-            memo[len(memo)] = stack[-1] if stack else None
-        elif op == 0x32:
-            value = stack[-1] if stack else None
-        elif op == 0x93:
-            mod, name = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
-            label = (
-                _full_name(mod, name)
-                if isinstance(mod, str) and isinstance(name, str)
-                else f"<STACK_GLOBAL at byte {at} with computed operands>"
-            )
-            names[label] = None
-        elif op in (0x6F,):
-            names.setdefault("<OBJ opcode>", None)
-        elif op in (0x97, 0x98):
-            names.setdefault(f"<{_REFUSED[op]} opcode>", None)
+            raise err(f"opcode {op:#04x}: {e}", at) from None
         if op == 0x28:
             marks.append(len(stack))
             continue
-        pops, pushes = _EFFECT[op]
         if pops == -1:
             if not marks:
-                raise vm.err("no MARK to pop to", at)
+                raise err("no MARK to pop to", at)
             del stack[marks.pop() :]
         elif pops:
             if len(stack) - (marks[-1] if marks else 0) < pops:
-                raise vm.err("stack underflow", at)
+                raise err("stack underflow", at)
             del stack[-pops:]
         if pushes:
             stack.append(value)
@@ -1098,9 +1195,23 @@ def unpickle_at(
     Example:
         >>> obj, end = unpickle_at(data, 0, source="old.pt")
     """
+    obj, end, _ = load(data, offset, source=source, persistent_load=persistent_load, allow=allow, extra=extra)
+    return obj, end
+
+
+def load(
+    data: bytes | bytearray | memoryview,
+    offset: int = 0,
+    *,
+    source: str,
+    persistent_load: Callable[[Any], Any] | None = None,
+    allow: Iterable[str] = (),
+    extra: Mapping[str, Handler] | None = None,
+) -> tuple[Any, int, list[str]]:
+    """`unpickle_at` that also returns the globals the pickle names (scanned once, before anything is built)."""
     allowed = _allowed_by(allow)
     table = {**BASE, **(extra or {})}
-    names, _ = _scan(data, offset, source)
+    names, end = _scan(data, offset, source)
     refused = [
         n
         for n in names
@@ -1108,9 +1219,13 @@ def unpickle_at(
     ]
     if refused:
         raise _refusal(source, refused, allowed)
-    vm = _VM(data, offset, source, table, allowed, persistent_load)
+    # the VM runs on a copy of just this pickle: bytes are the fastest to index, and a legacy
+    # file's storages after it are never copied
+    whole = isinstance(data, bytes) and offset == 0 and end == len(data)
+    vm = _VM(data if whole else bytes(memoryview(data)[offset:end]), 0, source, table, allowed, persistent_load)
+    vm.base = offset
     obj = vm.run(allow_trailing=True)
-    return obj, vm.pos
+    return obj, offset + vm.pos, names
 
 
 def unpickle(

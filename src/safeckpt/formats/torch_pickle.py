@@ -287,6 +287,7 @@ class _Reader:
         self.byteorder = "little"
         self.storages: dict[str, Storage] = {}
         self.info: dict[str, Any] = {}
+        self.globals: list[str] = []  # every global the file's pickles name
 
     # zip ------------------------------------------------------------------------------------------
     def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
@@ -342,9 +343,9 @@ class _Reader:
             self.storages[key] = storage
             return storage
 
-        view = memoryview(self.data)[pkl.offset : pkl.offset + pkl.size]
-        self._note_pickle(view)
-        return self._unpickle(view, f"{self.source} (data.pkl)", persistent_load, allow)
+        data = bytes(self.data[pkl.offset : pkl.offset + pkl.size])  # the pickle alone, never the storages
+        self._note_pickle(data)
+        return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
 
     def _small(self, record: _zip.Record | None) -> str | None:
         if record is None:
@@ -363,7 +364,16 @@ class _Reader:
             self.info["pickle_protocol"] = view[1]
 
     def _unpickle(self, data: Any, source: str, persistent_load: Any, allow: Iterable[str]) -> Any:
-        return _pickle.unpickle(data, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH)
+        obj, end, names = _pickle.load(
+            data, 0, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH
+        )
+        if end != len(data):
+            raise CorruptCheckpointError(
+                f"{source}: {len(data) - end} bytes of trailing data after the pickle's STOP "
+                "(a second pickle hidden behind the first?)"
+            )
+        self.globals.extend(names)
+        return obj
 
     # legacy -----------------------------------------------------------------------------------
     def read_legacy(self, allow: Iterable[str]) -> Any:
@@ -374,7 +384,7 @@ class _Reader:
             pos: int, what: str, persistent_load: Any = None, allow_: Iterable[str] = ()
         ) -> tuple[Any, int]:
             extra = TORCH if persistent_load is not None else {}
-            return _pickle.unpickle_at(
+            obj, end, names = _pickle.load(
                 data,
                 pos,
                 source=f"{src} (legacy {what} pickle)",
@@ -382,6 +392,8 @@ class _Reader:
                 allow=allow_,
                 extra=extra,
             )
+            self.globals.extend(names)
+            return obj, end
 
         magic, pos = next_pickle(0, "magic")
         if magic != LEGACY_MAGIC:
@@ -642,7 +654,7 @@ def read(path: Path, *, allow: Iterable[str] = (), **_: Any) -> Checkpoint:
 
 def _load(path: Path, allow: tuple[str, ...]) -> tuple[_Reader, Checkpoint]:
     reader, obj, pickle_size = _open(path, allow)
-    tree = _Tree(reader, 100_000 + 4 * pickle_size).convert(obj, ())
+    tree = _Tree(reader, 20_000 + 4 * pickle_size).convert(obj, ())
     info = dict(reader.info)
     info["globals"] = sorted({n for n, _ in globals_report(path, allow=allow, _reader=reader)})
     if isinstance(tree, dict):
@@ -661,7 +673,11 @@ def globals_report(path: Path, *, allow: Iterable[str] = (), _reader: _Reader | 
         >>> globals_report(Path("evil.pt"))
         [('collections.OrderedDict', True), ('posix.system', False)]
     """
-    reader = _reader or _Reader(Path(path))
+    if _reader is not None:
+        table, admitted = allowed_globals(), _pickle._allowed_by(allow)
+        names = list(dict.fromkeys(_reader.globals))
+        return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
+    reader = _Reader(Path(path))
     data = memoryview(reader.data)
     head = bytes(data[:4096])
     spans: list[tuple[int, int | None]] = []
