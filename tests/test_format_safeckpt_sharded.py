@@ -4,6 +4,7 @@ consolidation in bounded memory. Multi-rank saves and loads are in ``test_distri
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,6 +24,12 @@ from safeckpt import formats
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
 from safeckpt.formats import safeckpt_sharded as fmt
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sharded"
+_spec = importlib.util.spec_from_file_location("sharded_fixtures", FIXTURES / "make_fixtures.py")
+assert _spec and _spec.loader
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
 
 
 def shards(root: Path) -> list[Path]:
@@ -281,3 +288,23 @@ def test_no_pickle_anywhere(tmp_path: Path) -> None:
             msgpack.unpackb(f.read_bytes(), raw=False)
         else:
             st.read_header(f)
+
+
+def test_fixture_written_by_two_fsdp2_ranks() -> None:
+    root = FIXTURES / "fsdp2-2ranks"
+    expected = safetensors.torch.load_file(FIXTURES / "fsdp2-2ranks.expected.safetensors")
+    ckpt = safeckpt.open(root)
+    assert ckpt.format == "safeckpt-sharded" and ckpt.info["world_size"] == 2
+    refs = ckpt.tensors()
+    assert sorted(refs) == sorted(expected)
+    assert len(refs["model/0.weight"].chunks) == 2  # uneven: rows 0-2 on rank 0, 3-4 on rank 1
+    for name, t in expected.items():
+        assert_bits_equal(t, refs[name].load(), name)
+    assert ckpt["step"] == fx.STEP and ckpt["meta"] == fx.META
+    model = fx.model()
+    opt = torch.optim.Adam(model.parameters())
+    safeckpt.load(root, {"model": model, "optimizer": opt})
+    assert_bits_equal({k: expected[f"model/{k}"] for k in model.state_dict()}, dict(model.state_dict()))
+    assert opt.param_groups[0]["lr"] == fx.META["lr"]
+    assert_bits_equal(expected["optimizer/state/2.weight/exp_avg"], opt.state_dict()["state"][2]["exp_avg"])
+    assert fmt.verify(root) == []
