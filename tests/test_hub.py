@@ -701,3 +701,21 @@ def test_push_checkpoint_directories(hub: Hub) -> None:
     hub.new_machine()
     assert_bits_equal(safeckpt.load(f"hf://{repo}"), safeckpt.load(weights))
     assert_bits_equal(safeckpt.load(f"hf://{repo}/fabric_fsdp.safeckpt"), safeckpt.load(dcp))
+
+
+@pytest.mark.parametrize("server", ["regular"], indirect=True)
+def test_a_listing_that_escapes_the_folder_is_refused(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    repo = hub.repo()
+    safeckpt.push_to_hub(TiedLM(0), repo, path_in_repo="weights")
+    listing = minihub.tree_entries
+
+    def malicious(files: dict[str, Any], path: str, recursive: bool) -> list[dict[str, Any]]:
+        entries = listing(files, path, recursive)
+        return [*entries, {**entries[0], "path": f"{path}/../../../../escaped.json"}]
+
+    monkeypatch.setattr(minihub, "tree_entries", malicious)
+    with pytest.raises(HubError, match="refusing to write it"):
+        safeckpt.open(f"hf://{repo}/weights")
+    assert not list(Path(os.environ["HF_HOME"]).rglob("escaped.json"))

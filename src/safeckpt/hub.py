@@ -249,8 +249,12 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
     else:
         files = {loc.path: found[0].size}
     lazy: list[str] = []
+    (tmp / name if is_dir else tmp).mkdir(parents=True, exist_ok=True)
+    prefix = f"{loc.path}/" if loc.path else ""
     for repo_path, size in sorted(files.items()):
-        rel = repo_path[len(loc.path) :].lstrip("/") if is_dir else ""
+        rel = repo_path[len(prefix) :] if is_dir else ""
+        if is_dir and (not repo_path.startswith(prefix) or rel in ("", ".", "..") or any(c in rel for c in "/\\\0")):
+            raise HubError(f"{loc}: the Hub listed {repo_path!r} as a file of this folder; refusing to write it")
         local = tmp / name / rel if rel else tmp / name
         local.parent.mkdir(parents=True, exist_ok=True)
         cached = _repo_dir(loc, hub) / "snapshots" / commit / repo_path
@@ -264,7 +268,6 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
             f.write(header)
             f.truncate(size)
         lazy.append(rel)
-    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / MANIFEST).write_text(json.dumps({"uri": str(loc), "commit": commit, "name": name, "lazy": lazy}))
 
 
