@@ -506,6 +506,8 @@ def push_to_hub(
     ``checkpoint.safeckpt``; a sharded directory with ``max_shard_size``). A ``path_in_repo`` ending
     in ``.safeckpt`` forces the native format.
 
+    The checkpoint is written to a temporary directory first (as much disk as it takes), then uploaded.
+
     Args:
         revision: the branch to commit to (created from the default branch if missing).
         private: visibility of a repo this call creates (an existing repo keeps its own).
