@@ -308,3 +308,20 @@ def test_fixture_written_by_two_fsdp2_ranks() -> None:
     assert opt.param_groups[0]["lr"] == fx.META["lr"]
     assert_bits_equal(expected["optimizer/state/2.weight/exp_avg"], opt.state_dict()["state"][2]["exp_avg"])
     assert fmt.verify(root) == []
+
+
+def test_huge_declared_tensor_is_refused_before_allocating(tmp_path: Path) -> None:
+    root = safeckpt.save(tmp_path / "d", {"w": torch.ones(4, 4)}, max_shard_size=32)  # two chunks of 2 rows
+
+    def inflate(ix: dict[str, Any]) -> None:
+        rows = 2**40  # 16 TiB if anyone allocated it
+        t = ix["tensors"]["w"]
+        t["shape"] = [2 * rows, 4]
+        for i, c in enumerate(t["chunks"]):
+            c["offsets"], c["sizes"] = [i * rows, 0], [rows, 4]
+            c["bytes"] = [c["bytes"][0], c["bytes"][0] + rows * 16]
+
+    rewrite_index(root, inflate)
+    ckpt = safeckpt.open(root)  # the index alone is consistent
+    with pytest.raises(CorruptCheckpointError, match="mixes files of different saves"):
+        ckpt.tensors()["w"].load()

@@ -24,7 +24,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -209,7 +209,7 @@ class _Writer(StorageWriter):
                     f"{self.root}: {item.index.fqn!r} is not a tensor; safeckpt keeps non-tensor values out of DCP"
                 )
             td = item.tensor_data
-            get = functools.partial(planner.resolve_data, item)
+            get = cast(Callable[[], torch.Tensor], functools.partial(planner.resolve_data, item))  # tensors only
             pieces.append(
                 fmt.Piece(
                     item.index.fqn,
@@ -266,7 +266,8 @@ class _Reader(StorageReader):
         pass
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        md, storage = {}, {}
+        md: dict[str, Any] = {}
+        storage: dict[MetadataIndex, Any] = {}
         for key, ref in self.sources.items():
             chunks = getattr(ref, "chunks", ()) or (_Whole(ref),)
             boxes = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in chunks]
@@ -355,7 +356,7 @@ def _optimizer_plan(
     st.check_optimizer(optimizer, saved, where)
     # Both initialize an empty state first (a zero-gradient step with lr 0), as DCP does, so there
     # is a sharded tensor to load each saved one into.
-    template = get_optimizer_state_dict(model, optimizer) if model is not None else _initialized(optimizer)
+    template: dict[str, Any] = _initialized(optimizer) if model is None else get_optimizer_state_dict(model, optimizer)
     mine_ids = [p for g in template["param_groups"] for p in g["params"]]
     saved_ids = [p for g in saved["param_groups"] for p in g["params"]]
     rename = dict(zip(saved_ids, mine_ids, strict=True))  # torch's rule: parameters match by position in their groups
@@ -386,7 +387,7 @@ def _optimizer_plan(
             {**g, "params": list(mine["params"])}
             for g, mine in zip(ckpt.to_python(groups), template["param_groups"], strict=True)
         ]
-        sd = {
+        sd: dict[str, Any] = {
             "state": {pid: {k: get() for k, get in entry.items()} for pid, entry in state.items()},
             "param_groups": loaded_groups,
         }

@@ -26,7 +26,7 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, fsync_dir
+from .._fs import MappedFile, atomic_write, fsync_dir, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, path_name
@@ -168,14 +168,17 @@ class ShardedRef(TensorRef):
 
 
 def _assemble(dtype: torch.dtype, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+    # Map (and so check against its shard) every chunk before allocating: the chunks tile the
+    # tensor, so the allocation is never larger than data that is really on disk.
+    parts = [c.tensor() for c in chunks]
     if len(chunks) == 1 and chunks[0].sizes == shape:
-        return chunks[0].tensor()
+        return parts[0]
     out = torch.empty(shape, dtype=dtype)
-    for c in chunks:
+    for c, part in zip(chunks, parts, strict=True):
         dst = out
         for dim, (o, n) in enumerate(zip(c.offsets, c.sizes, strict=True)):
             dst = dst.narrow(dim, o, n)
-        dst.copy_(c.tensor())
+        dst.copy_(part)
     return out
 
 
@@ -225,7 +228,7 @@ def read_index(root: Path) -> dict[str, Any]:
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
         chunks = t.get("chunks")
-        need(isinstance(chunks, list) and len(chunks) > 0, f"tensor {name!r} needs a non-empty 'chunks' list")
+        need(isinstance(chunks, list) and (chunks or 0 in shape), f"tensor {name!r} needs a non-empty 'chunks' list")
         for c in chunks:
             ok = (
                 isinstance(c, dict)
@@ -451,7 +454,7 @@ def commit(
         "skeleton": skeleton,
     }
     with atomic_write(root / INDEX) as f:
-        f.write(msgpack.packb(index, use_bin_type=True))
+        write_all(f, msgpack.packb(index, use_bin_type=True))
     collect_garbage(root, keep=generation)
     return root
 
