@@ -448,6 +448,11 @@ def test_allow_admits_named_globals_as_inert_data(old_callback_checkpoint: Path,
     assert value["dirpath"] == "ckpts" and torch.equal(value["best_score"], torch.tensor(0.25))
     model = MLP()
     model.load_state_dict(ckpt.to_python(ckpt["state_dict"]))
+    loaded = MLP()
+    safeckpt.load_raw(old_callback_checkpoint, loaded, allow=allow)  # a Trainer-style file: its state_dict
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert safeckpt.load(old_callback_checkpoint, allow=allow)["epoch"] == 3
     assert tp.verify(old_callback_checkpoint) == [
         f"{old_callback_checkpoint}: refers to globals safeckpt does not allow: oldlib.callbacks.CallbackState"
     ]

@@ -127,14 +127,22 @@ def _only_tensors(tree: Any) -> bool:
     return isinstance(tree, dict) and bool(leaves) and all(isinstance(v, (torch.Tensor, TensorRef)) for _, v in leaves)
 
 
-def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool = True, verify: bool = False) -> dict[Any, Any]:
+def load(
+    path: PathLike,
+    state: Mapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
+    verify: bool = False,
+    allow: Iterable[str] = (),
+) -> dict[Any, Any]:
     """Load a checkpoint, into ``state``'s objects in place if given (Fabric's ``fabric.load``).
 
     Without ``state`` the whole checkpoint comes back as plain Python with CPU tensors. With it,
     modules get ``load_state_dict(sd, strict)``, optimizers and other stateful objects
     ``load_state_dict(sd)``, and plain values are replaced in ``state``. Everything is checked
     first (every requested key present unless ``strict=False``; every module's keys and shapes),
-    so a failed load leaves every object untouched.
+    so a failed load leaves every object untouched. ``allow`` admits extra pickle globals as
+    inert data when reading a pickle-based file (see `open`).
 
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
@@ -151,7 +159,7 @@ def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool
 
         return distributed.load(path, state, strict=strict, verify=verify)
     local = _local(path)
-    ckpt = open(local)
+    ckpt = open(local, allow=allow)
     if verify:
         _verify(ckpt)
     if not state:
@@ -188,13 +196,16 @@ def load(path: PathLike, state: Mapping[str, Any] | None = None, *, strict: bool
     return full
 
 
-def load_raw(path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: bool = True) -> None:
+def load_raw(
+    path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: bool = True, allow: Iterable[str] = ()
+) -> None:
     """Load a bare state dict (a friend's ``torch.save(model.state_dict())``, a safetensors file,
     a sharded directory) into a module or optimizer (Fabric's ``fabric.load_raw``).
 
     A Lightning Trainer checkpoint contributes its ``state_dict`` entry. A wrapped checkpoint
     (``{"model": ..., "optimizer": ...}``) whose keys match nothing in the module is an error that
-    names the keys found, never a silent no-op.
+    names the keys found, never a silent no-op. ``allow`` admits extra pickle globals as inert
+    data (an old Trainer checkpoint's callback objects; see `open`).
 
     Example:
         >>> model = MyModel()
@@ -206,7 +217,7 @@ def load_raw(path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: 
 
         return distributed.load_raw(path, obj, strict=strict)
     target = st.unwrap(obj)
-    ckpt = open(_local(path))
+    ckpt = open(_local(path), allow=allow)
     tree = ckpt.tree
     if isinstance(target, nn.Module):
         sd = tree["state_dict"] if _is_trainer_checkpoint(tree) else tree

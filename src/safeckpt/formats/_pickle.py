@@ -517,12 +517,12 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
         msg += (
             " It holds a whole pickled model (torch.save(model)): safeckpt reads weights, not model objects. Have it "
             "saved as torch.save(model.state_dict()); or, if you trust the file, read its tensors as inert records "
-            f"with safeckpt.open(path, allow={real!r}) (see formats/torch.md)."
+            f"by passing allow={real!r} to safeckpt.open (see formats/torch.md)."
         )
     elif real and not opcodes:
         msg += (
-            " If you trust this file and these classes only hold data, read them as inert records with "
-            f"safeckpt.open(path, allow={real!r}) (see formats/torch.md)."
+            " If you trust this file and these classes only hold data, read them as inert records: pass "
+            f"allow={real!r} to safeckpt.open/load/load_raw/convert (or --allow NAME to the CLI; see formats/torch.md)."
         )
     return UnsafeCheckpointError(msg)
 
