@@ -220,6 +220,11 @@ def two_ranks(r: Rank) -> None:
             with pytest.raises(RuntimeError, match=r"size mismatch for up\.weight"):
                 safeckpt.load(r.out / "ckpt", {"model": narrow}, strict=strict)
 
+    def replicated_only() -> None:
+        plain = fresh(0)  # DDP-style state: no DTensor, every rank holds the same tensors
+        safeckpt.save(r.out / "replicated", {"model": plain, "step": 5}, format="safeckpt-sharded")
+
+    r.check("replicated_only", replicated_only)
     r.check("load_same_mesh", same_mesh)
     r.check("load_tensor_parallel", other_layout)
     r.check("strict_missing_module_keys", strict_missing_module_keys)
@@ -369,6 +374,16 @@ def test_every_rank_writes_its_shards_and_replicated_tensors_once(runs: dict[str
     for replicated in ("model/scale", "optimizer/state/up.weight/step", "ids"):
         assert chunks[replicated] == [(files[0], [0] * len(index["tensors"][replicated]["shape"]))]
     assert sorted(os.listdir(root)) == sorted([fmt.INDEX, *files])
+
+
+def test_explicit_sharded_save_of_replicated_state(runs: dict[str, Any]) -> None:
+    outcome(runs["two"], "replicated_only")
+    root = runs["out"] / "replicated"
+    index = msgpack.unpackb((root / fmt.INDEX).read_bytes(), raw=False)
+    assert index["world_size"] == 2 and len(index["files"]) == 1  # rank 1 held nothing rank 0 did not
+    assert all(len(t["chunks"]) == 1 for t in index["tensors"].values())
+    loaded = safeckpt.load(root)
+    assert loaded["step"] == 5 and list(loaded["model"]) == list(MLP().state_dict())
 
 
 def test_load_at_two_ranks_same_sharding(runs: dict[str, Any]) -> None:

@@ -39,12 +39,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -343,7 +338,8 @@ def _module_plan(
             )
 
     def apply() -> None:
-        set_model_state_dict(module, {k: get() for k, get in values.items()}, options=StateDictOptions(strict=strict))
+        # the keys are the module's own state_dict() keys, as checked above (and as saved)
+        module.load_state_dict({k: get() for k, get in values.items()}, strict=strict)
 
     return apply
 
