@@ -36,7 +36,10 @@ from safeckpt.formats import _safetensors as st
 from safeckpt.formats import safeckpt_sharded as fmt
 from safeckpt.tree import iter_leaves, map_leaves
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+    pytest.mark.slow,
+]
 
 
 class MLP(nn.Module):
@@ -408,6 +411,8 @@ def test_shape_mismatch_is_an_error_even_when_not_strict(runs: dict[str, Any]) -
 
 def test_load_at_three_ranks_reads_about_its_share(runs: dict[str, Any]) -> None:
     got = outcome(runs["three"], "reshard")
+    if not any(m["read"] for m in got):
+        pytest.skip("this filesystem reports no reads from storage (tmpfs?): nothing to measure")
     data = sum(f.stat().st_size for f in (runs["out"] / "ckpt").glob("shard-*"))
     for rank, m in enumerate(got):
         # each rank reads its slices (and the small replicated tensors, index and headers), not the files
