@@ -7,6 +7,7 @@ import argparse
 import collections
 import contextlib
 import io
+import itertools
 import os
 import pathlib
 import pickle
@@ -343,6 +344,30 @@ def test_big_endian_files_are_byteswapped(tmp_path: Path) -> None:
     old = {k for k, v in ours.items() if v.dtype in tp._STORAGE_NAMES.values()}
     assert {"float32", "complex128", "int64", "bfloat16"} <= old
     same({k: ours[k] for k in old}, {k: theirs[k] for k in old})
+
+
+def test_big_endian_legacy_file(tmp_path: Path) -> None:
+    """What a big-endian machine writes in the legacy format (torch 2.13 cannot read it on a
+    little-endian one: it takes the element counts as native); safeckpt swaps counts and data."""
+    src = TORCH_FIXTURES / "friend_legacy.pt"
+    data = src.read_bytes()
+    ends = [0]
+    for _ in range(5):
+        ends.append(_pickle._scan(data, ends[-1], "")[1])
+    parts = [data[a:b] for a, b in itertools.pairwise(ends)]
+    sys_info = pickle.loads(parts[2])  # our own trusted fixture
+    sys_info["little_endian"] = False
+    reader, _, _ = tp._open(src, ())
+    out = parts[0] + parts[1] + pickle.dumps(sys_info, protocol=2) + parts[3] + parts[4]
+    for key in pickle.loads(parts[4]):
+        s = reader.storages[key]
+        raw = np.frombuffer(data[s.offset : s.offset + s.nbytes], np.uint8)
+        out += struct.pack(">q", s.numel) + raw.reshape(-1, s.dtype.itemsize)[:, ::-1].tobytes()
+    big = tmp_path / "big_legacy.pt"
+    big.write_bytes(out)
+    ckpt = safeckpt.open(big)
+    assert ckpt.info == {**ckpt.info, "container": "legacy", "byteorder": "big"}
+    same(ckpt.to_python(), torch.load(src, weights_only=True))
 
 
 def test_zip64_archive(tmp_path: Path) -> None:

@@ -829,12 +829,6 @@ def _proto(vm: _VM) -> None:
         raise vm.err(f"pickle protocol {vm.proto} (safeckpt reads protocols 0 to {HIGHEST_PROTOCOL})")
 
 
-def _mark(vm: _VM) -> None:
-    if len(vm.marks) >= MAX_MARK_DEPTH:
-        raise vm.err(f"more than {MAX_MARK_DEPTH} nested MARKs")
-    vm.marks.append(len(vm.stack))
-
-
 def _long(vm: _VM, k: int) -> None:
     if k < 0 or k > MAX_LONG_BYTES:
         raise vm.err(f"an integer of {k} bytes (limit {MAX_LONG_BYTES})")
@@ -944,39 +938,24 @@ def _additems(vm: _VM) -> None:
     target.update(_set(items))
 
 
-def _tuple_n(n: int) -> Callable[[_VM], None]:
-    def op(vm: _VM) -> None:
-        items = [vm.pop() for _ in range(n)][::-1]
-        vm.stack.append(tuple(items))
-
-    return op
-
-
 def _utf8(b: bytes) -> str:
     return b.decode("utf-8", "surrogatepass")
 
 
+# the opcodes `_VM.run` does not inline
 _OPS: dict[int, Callable[[_VM], None]] = {
     0x80: _proto,
     0x95: _frame,
-    0x28: _mark,
     0x30: lambda vm: vm.pop() and None,
     0x31: lambda vm: vm.pop_mark() and None,
     0x32: lambda vm: vm.stack.append(vm.top()),
-    0x4E: lambda vm: vm.stack.append(None),
-    0x88: lambda vm: vm.stack.append(True),
-    0x89: lambda vm: vm.stack.append(False),
-    0x4B: lambda vm: vm.stack.append(vm.read(1)[0]),  # BININT1
     0x4D: lambda vm: vm.stack.append(vm.unpack("<H", 2)),  # BININT2
-    0x4A: lambda vm: vm.stack.append(vm.unpack("<i", 4)),  # BININT
     0x8A: lambda vm: _long(vm, vm.read(1)[0]),  # LONG1
     0x8B: lambda vm: _long(vm, vm.unpack("<i", 4)),  # LONG4
     0x47: lambda vm: vm.stack.append(vm.unpack(">d", 8)),  # BINFLOAT
     0x49: _int_text,  # INT
     0x4C: lambda vm: vm.stack.append(int(vm.line().rstrip(b"L"))),  # LONG
     0x46: lambda vm: vm.stack.append(float(vm.line())),  # FLOAT
-    0x58: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<I", 4)))),  # BINUNICODE
-    0x8C: lambda vm: vm.stack.append(_utf8(vm.read(vm.read(1)[0]))),  # SHORT_BINUNICODE
     0x8D: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<Q", 8)))),  # BINUNICODE8
     0x56: lambda vm: vm.stack.append(vm.line().decode("raw_unicode_escape")),  # UNICODE
     0x55: lambda vm: vm.stack.append(vm.read(vm.read(1)[0]).decode("utf-8")),  # SHORT_BINSTRING
@@ -986,14 +965,8 @@ _OPS: dict[int, Callable[[_VM], None]] = {
     0x42: lambda vm: vm.stack.append(vm.read(vm.unpack("<I", 4))),  # BINBYTES
     0x8E: lambda vm: vm.stack.append(vm.read(vm.unpack("<Q", 8))),  # BINBYTES8
     0x96: lambda vm: vm.stack.append(bytearray(vm.read(vm.unpack("<Q", 8)))),  # BYTEARRAY8
-    0x29: lambda vm: vm.stack.append(()),
-    0x74: lambda vm: vm.stack.append(tuple(vm.pop_mark())),
-    0x85: _tuple_n(1),
-    0x86: _tuple_n(2),
-    0x87: _tuple_n(3),
     0x5D: lambda vm: vm.stack.append([]),
     0x6C: lambda vm: vm.stack.append(vm.pop_mark()),  # LIST
-    0x7D: lambda vm: vm.stack.append({}),
     0x64: _dict,
     0x8F: lambda vm: vm.stack.append(set()),
     0x90: _additems,
@@ -1003,12 +976,7 @@ _OPS: dict[int, Callable[[_VM], None]] = {
     0x73: _setitem,
     0x75: _setitems,
     0x70: _put_text,
-    0x71: lambda vm: vm.memo_put(vm.read(1)[0]),
-    0x72: lambda vm: vm.memo_put(vm.unpack("<I", 4)),
-    0x94: lambda vm: vm.memo_put(len(vm.memo)),
     0x67: _get_text,
-    0x68: lambda vm: vm.memo_get(vm.read(1)[0]),
-    0x6A: lambda vm: vm.memo_get(vm.unpack("<I", 4)),
     0x63: _global,
     0x93: _stack_global,
     0x52: _reduce,
@@ -1208,7 +1176,12 @@ def load(
     allow: Iterable[str] = (),
     extra: Mapping[str, Handler] | None = None,
 ) -> tuple[Any, int, list[str]]:
-    """`unpickle_at` that also returns the globals the pickle names (scanned once, before anything is built)."""
+    """`unpickle_at` that also returns the globals the pickle names (scanned once, before anything is built).
+
+    Example:
+        >>> load(pickle.dumps(collections.OrderedDict(a=1), protocol=4), source="x.pkl")
+        (OrderedDict([('a', 1)]), 52, ['collections.OrderedDict'])
+    """
     allowed = _allowed_by(allow)
     table = {**BASE, **(extra or {})}
     names, end = _scan(data, offset, source)

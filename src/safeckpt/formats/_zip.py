@@ -55,7 +55,12 @@ class Archive:
     zip64: bool
 
     def crc_problems(self, data: Any, source: str) -> list[str]:
-        """Records whose recorded CRC-32 is not zero and disagrees with their bytes (torch may write 0)."""
+        """Records whose recorded CRC-32 is not zero and disagrees with their bytes (torch may write 0).
+
+        Example:
+            >>> parse(data, source="friend.pt").crc_problems(data, "friend.pt")
+            []
+        """
         problems = []
         view = memoryview(data)
         for r in self.records.values():
@@ -70,7 +75,12 @@ class Archive:
 
 
 def looks_like_zip(head: bytes) -> bool:
-    """A torch archive starts with a local file header whose name has a directory (``<prefix>/...``)."""
+    """A torch archive starts with a local file header whose name has a directory (``<prefix>/...``).
+
+    Example:
+        >>> looks_like_zip(Path("friend.pt").read_bytes()[:4096])
+        True
+    """
     if len(head) < _LOCAL_SIZE or head[:4] != LOCAL:
         return False
     (n,) = struct.unpack_from("<H", head, 26)

@@ -223,7 +223,12 @@ TORCH: dict[str, Handler] = _torch_table()
 
 
 def allowed_globals() -> dict[str, Handler]:
-    """The whole allow-list this format reads with: the VM's base table plus the torch globals."""
+    """The whole allow-list this format reads with: the VM's base table plus the torch globals.
+
+    Example:
+        >>> "torch._utils._rebuild_tensor_v2" in allowed_globals(), "posix.system" in allowed_globals()
+        (True, False)
+    """
     return {**_pickle.BASE, **TORCH}
 
 
@@ -291,6 +296,8 @@ class _Reader:
 
     # zip ------------------------------------------------------------------------------------------
     def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
+        """The object graph of the torch archive at ``[start, start+length)`` of the file (DCP
+        segments are whole archives inside a ``.distcp``); feed it to `_Tree` for a tree."""
         archive = _zip.parse(self.data, source=self.source, start=start, length=length)
         records = archive.records
         if "constants.pkl" in records or any(k.startswith("code/") for k in records):
@@ -480,7 +487,11 @@ class _Reader:
 
 def materialize(mapped: MappedFile, storage: Storage, spec: TensorSpec, byteswap: bool = False) -> torch.Tensor:
     """The tensor ``spec`` describes, over ``storage``'s bytes in the map (copied only when the bytes
-    are misaligned for the dtype or stored big-endian)."""
+    are misaligned for the dtype or stored big-endian).
+
+    Example:
+        >>> t = materialize(MappedFile(path), storage, TensorSpec(storage, 0, (2, 3), (3, 1), torch.float32))
+    """
     item = spec.dtype.itemsize
     count = storage.nbytes // item
     if count == 0:
