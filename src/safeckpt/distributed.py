@@ -411,7 +411,7 @@ def load(
     Semantics are `safeckpt.load`'s: a requested key the checkpoint lacks is a ``KeyError`` unless
     ``strict=False``; a module's missing or unexpected keys are a ``RuntimeError`` unless
     ``strict=False``; a shape mismatch always is. Every module is checked before anything is read
-    or changed. The checkpoint may be of any format; a sharded one is read slice by slice from
+    or changed, and if any rank finds a problem every rank raises. The checkpoint may be of any format; a sharded one is read slice by slice from
     its memory maps, a single file by slicing each tensor's map.
 
     Returns:
@@ -423,33 +423,36 @@ def load(
     """
     from . import api
 
-    ckpt = api.open(path)
-    if verify:
-        api._verify(ckpt)
-    tree = ckpt.tree
-    if not isinstance(tree, dict):
-        raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
-    if strict:
-        for key in state:
-            if key not in tree:
-                raise KeyError(
-                    f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
-                    "To disable strict loading, set `strict=False`."
-                )
-    targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
-    modules = [m for m in targets.values() if isinstance(m, nn.Module)]
-    plan = _Plan()
-    steps: list[Callable[[], None]] = []
-    for key, obj in sorted(targets.items(), key=lambda kv: not isinstance(kv[1], nn.Module)):
-        where = f"{path} (key {key!r})"
-        if isinstance(obj, nn.Module):
-            steps.append(_module_plan(ckpt, obj, tree[key], strict, where, plan))
-        elif isinstance(obj, torch.optim.Optimizer):
-            steps.append(_optimizer_plan(ckpt, obj, _owner(obj, modules), tree[key], where, plan))
-        elif st.is_stateful(obj):
-            steps.append(functools.partial(_load_stateful, obj, ckpt, tree[key]))
-        else:
-            steps.append(functools.partial(_assign, state, key, ckpt, tree[key]))
+    plan, steps, tree, error = _Plan(), [], {}, None
+    try:
+        ckpt = api.open(path)
+        if verify:
+            api._verify(ckpt)
+        tree = ckpt.tree
+        if not isinstance(tree, dict):
+            raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
+        if strict:
+            for key in state:
+                if key not in tree:
+                    raise KeyError(
+                        f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint "
+                        f"{path}. To disable strict loading, set `strict=False`."
+                    )
+        targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+        modules = [m for m in targets.values() if isinstance(m, nn.Module)]
+        for key, obj in sorted(targets.items(), key=lambda kv: not isinstance(kv[1], nn.Module)):
+            where = f"{path} (key {key!r})"
+            if isinstance(obj, nn.Module):
+                steps.append(_module_plan(ckpt, obj, tree[key], strict, where, plan))
+            elif isinstance(obj, torch.optim.Optimizer):
+                steps.append(_optimizer_plan(ckpt, obj, _owner(obj, modules), tree[key], where, plan))
+            elif st.is_stateful(obj):
+                steps.append(functools.partial(_load_stateful, obj, ckpt, tree[key]))
+            else:
+                steps.append(functools.partial(_assign, state, key, ckpt, tree[key]))
+    except Exception as e:
+        error = e
+    _agree(error, "safeckpt.load")
     plan.run()
     for step in steps:
         step()
@@ -472,11 +475,16 @@ def load_raw(path: str | os.PathLike[str], obj: nn.Module, *, strict: bool = Tru
     """
     from . import api
 
-    module = st.unwrap(obj)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"load_raw into sharded state takes a torch.nn.Module, got {type(obj).__name__}")
-    ckpt = api.open(path)
-    plan = _Plan()
-    apply = _module_plan(ckpt, module, ckpt.tree, strict, str(path), plan)
+    plan, apply, error = _Plan(), None, None
+    try:
+        module = st.unwrap(obj)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"load_raw into sharded state takes a torch.nn.Module, got {type(obj).__name__}")
+        ckpt = api.open(path)
+        apply = _module_plan(ckpt, module, ckpt.tree, strict, str(path), plan)
+    except Exception as e:
+        error = e
+    _agree(error, "safeckpt.load_raw")
     plan.run()
+    assert apply is not None
     apply()
