@@ -605,3 +605,26 @@ def test_registry_sniffs_torch_last() -> None:
     assert formats.names()[-1] == "torch" or "torch" in formats.names()
     assert formats.detect(TORCH_FIXTURES / "friend.pt").NAME == "torch"
     assert formats.detect(LIGHTNING_FIXTURES / "trainer.ckpt").NAME == "torch"
+
+
+def test_file_changed_after_open_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "friend.pt"
+    path.write_bytes((TORCH_FIXTURES / "friend.pt").read_bytes())
+    ckpt = safeckpt.open(path)
+    with open(path, "r+b") as f:
+        f.truncate(1024)  # the storages' pages are gone: reading them through the map would SIGBUS
+    with pytest.raises(CorruptCheckpointError, match="changed after it was opened"):
+        ckpt.tensors()["l2.bias"].load()
+
+
+def test_values_that_would_confuse_their_readers_are_refused(tmp_path: Path) -> None:
+    shadow = b"\x80\x02cargparse\nNamespace\n)\x81}X\x0b\x00\x00\x00_get_kwargsK\x01sb."
+    with pytest.raises(CorruptCheckpointError, match="Namespace's own"):
+        _pickle.unpickle(shadow, source="ns.pkl")
+    key = b"\x80\x02}cmylib\nThing\nK\x01s."  # an admitted class used as a dict key
+    tree = _pickle.unpickle(key, source="k.pkl", allow=["mylib.Thing"])
+    assert [type(k).__name__ for k in tree] == ["Global"]
+    path = tmp_path / "k.pkl"
+    path.write_bytes(key)
+    with pytest.raises(CorruptCheckpointError, match="not plain data"):
+        safeckpt.open(path, allow=["mylib.Thing"])

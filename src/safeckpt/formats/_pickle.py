@@ -286,8 +286,9 @@ def _namespace(*args: Any) -> argparse.Namespace:
 
 
 def _namespace_build(ns: argparse.Namespace, state: Any) -> argparse.Namespace:
-    if not isinstance(state, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
-        raise _bad("argparse.Namespace state must be a dict of attribute names")
+    # an attribute may not shadow one of Namespace's own (its repr calls _get_kwargs)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and not hasattr(argparse.Namespace, k) for k in state):
+        raise _bad("argparse.Namespace state must be a dict of attribute names that are not Namespace's own")
     for k, v in state.items():
         setattr(ns, k, v)
     return ns

@@ -283,7 +283,8 @@ class _Reader:
         # dcp reads many archives out of one .distcp file: they share its map (``mapped``)
         self.path = path
         self.source = source or str(path)
-        size = path.stat().st_size
+        st = path.stat()
+        size, self.stamp = st.st_size, (st.st_size, st.st_mtime_ns)
         if size == 0:
             raise CorruptCheckpointError(f"{path}: the file is empty")
         self.mapped = mapped or MappedFile(path, size)
@@ -477,9 +478,18 @@ class _Reader:
 
     # tensors ----------------------------------------------------------------------------------
     def tensor_loader(self, spec: TensorSpec) -> Any:
-        mapped, swap, storage = self.mapped, self.byteorder != "little", spec.storage
+        mapped, swap, storage, path, stamp = (
+            self.mapped,
+            self.byteorder != "little",
+            spec.storage,
+            self.path,
+            self.stamp,
+        )
 
         def load() -> torch.Tensor:
+            st = os.stat(path)  # pages past a truncated file's end would fault (SIGBUS), not raise
+            if (st.st_size, st.st_mtime_ns) != stamp:
+                raise CorruptCheckpointError(f"{path}: the file changed after it was opened; open it again")
             return materialize(mapped, storage, spec, swap)
 
         return load
@@ -590,16 +600,19 @@ class _Tree:
             return [self.convert(v, (*path, i), tensors) for i, v in enumerate(obj)]
         if cls is tuple:
             return tuple(self.convert(v, (*path, i), tensors) for i, v in enumerate(obj))
-        if cls in (set, frozenset):
-            return cls(self.convert(v, (*path, "<item>"), False) for v in obj)
-        if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
-            out = cls()
-            for k, v in obj.items():
-                out[self.convert(k, (*path, "<key>"), False)] = self.convert(v, (*path, k), tensors)
-            meta = getattr(obj, "_metadata", None)
-            if meta is not None:
-                out._metadata = self.convert(meta, (*path, "_metadata"), False)
-            return out
+        try:
+            if cls in (set, frozenset):
+                return cls(self.convert(v, (*path, "<item>"), False) for v in obj)
+            if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
+                out = cls()
+                for k, v in obj.items():
+                    out[self.convert(k, (*path, "<key>"), False)] = self.convert(v, (*path, k), tensors)
+                meta = getattr(obj, "_metadata", None)
+                if meta is not None:
+                    out._metadata = self.convert(meta, (*path, "_metadata"), False)
+                return out
+        except TypeError:  # an admitted global used as a key became a (unhashable) inert record
+            raise self.err(path, "a dict key or set member that is not plain data") from None
         if cls is Namespace:
             return Namespace(**{k: self.convert(v, (*path, k), False) for k, v in vars(obj).items()})
         raise self.err(path, f"holds a {cls.__module__}.{cls.__qualname__} that no allowed global builds")
