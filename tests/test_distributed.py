@@ -227,7 +227,18 @@ def two_ranks(r: Rank) -> None:
         plain = fresh(0)  # DDP-style state: no DTensor, every rank holds the same tensors
         safeckpt.save(r.out / "replicated", {"model": plain, "step": 5}, format="safeckpt-sharded")
 
+    def one_rank_fails() -> None:
+        m = fsdp(fresh(13), r.mesh)
+        bad_load = {"model": m, "nope": 1} if r.rank == 1 else {"model": m}
+        with pytest.raises(KeyError if r.rank == 1 else RuntimeError, match="'nope'" if r.rank else "failed on rank 1"):
+            safeckpt.load(r.out / "ckpt", bad_load)
+        bad_save = {"model": m, "x": object() if r.rank == 1 else 1}
+        with pytest.raises(TypeError if r.rank == 1 else RuntimeError, match=r"\['x'\]|failed on rank 1"):
+            safeckpt.save(r.out / "never", bad_save)
+        assert not (r.out / "never" / fmt.INDEX).exists()
+
     r.check("replicated_only", replicated_only)
+    r.check("one_rank_fails", one_rank_fails)
     r.check("load_same_mesh", same_mesh)
     r.check("load_tensor_parallel", other_layout)
     r.check("strict_missing_module_keys", strict_missing_module_keys)
@@ -387,6 +398,10 @@ def test_explicit_sharded_save_of_replicated_state(runs: dict[str, Any]) -> None
     assert all(len(t["chunks"]) == 1 for t in index["tensors"].values())
     loaded = safeckpt.load(root)
     assert loaded["step"] == 5 and list(loaded["model"]) == list(MLP().state_dict())
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(runs: dict[str, Any]) -> None:
+    outcome(runs["two"], "one_rank_fails")  # and nobody hangs in a collective the others skipped
 
 
 def test_load_at_two_ranks_same_sharding(runs: dict[str, Any]) -> None:
