@@ -559,7 +559,14 @@ class _Tree:
         where = "/".join(map(str, path)) or "the root"
         return CorruptCheckpointError(f"{self.reader.source}: {where}: {what}")
 
-    def convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
+    def convert(self, obj: Any, path: tuple[Any, ...] = ()) -> Any:
+        """The tree for ``obj`` (found at ``path``): `TensorRef` leaves, copied containers."""
+        try:
+            return self._convert(obj, path)
+        except RecursionError:  # the caller's own stack was already deep
+            raise self.err(path, "nested too deeply to read") from None
+
+    def _convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
         self.budget -= 1
         if self.budget < 0:
             raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
@@ -597,24 +604,24 @@ class _Tree:
     def _container(self, obj: Any, path: tuple[Any, ...], tensors: bool) -> Any:
         cls = type(obj)
         if cls is list:
-            return [self.convert(v, (*path, i), tensors) for i, v in enumerate(obj)]
+            return [self._convert(v, (*path, i), tensors) for i, v in enumerate(obj)]
         if cls is tuple:
-            return tuple(self.convert(v, (*path, i), tensors) for i, v in enumerate(obj))
+            return tuple(self._convert(v, (*path, i), tensors) for i, v in enumerate(obj))
         try:
             if cls in (set, frozenset):
-                return cls(self.convert(v, (*path, "<item>"), False) for v in obj)
+                return cls(self._convert(v, (*path, "<item>"), False) for v in obj)
             if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
                 out = cls()
                 for k, v in obj.items():
-                    out[self.convert(k, (*path, "<key>"), False)] = self.convert(v, (*path, k), tensors)
+                    out[self._convert(k, (*path, "<key>"), False)] = self._convert(v, (*path, k), tensors)
                 meta = getattr(obj, "_metadata", None)
                 if meta is not None:
-                    out._metadata = self.convert(meta, (*path, "_metadata"), False)
+                    out._metadata = self._convert(meta, (*path, "_metadata"), False)
                 return out
         except TypeError:  # an admitted global used as a key became a (unhashable) inert record
             raise self.err(path, "a dict key or set member that is not plain data") from None
         if cls is Namespace:
-            return Namespace(**{k: self.convert(v, (*path, k), False) for k, v in vars(obj).items()})
+            return Namespace(**{k: self._convert(v, (*path, k), False) for k, v in vars(obj).items()})
         raise self.err(path, f"holds a {cls.__module__}.{cls.__qualname__} that no allowed global builds")
 
     def tensor(self, obj: TensorSpec | Storage, path: tuple[Any, ...]) -> TensorRef:
