@@ -628,3 +628,29 @@ def test_values_that_would_confuse_their_readers_are_refused(tmp_path: Path) -> 
     path.write_bytes(key)
     with pytest.raises(CorruptCheckpointError, match="not plain data"):
         safeckpt.open(path, allow=["mylib.Thing"])
+
+
+_FRIEND = (TORCH_FIXTURES / "friend.pt").read_bytes()
+_HEADERS = sorted(
+    {i for i in range(len(_FRIEND)) if _FRIEND.startswith((b"PK\x01\x02", b"PK\x03\x04", b"PK\x05\x06"), i)}
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=hs.lists(
+        hs.tuples(hs.sampled_from(_HEADERS), hs.integers(0, 45), hs.integers(0, 255)), min_size=1, max_size=4
+    )
+)
+def test_damaged_zip_headers_fail_cleanly(
+    edits: list[tuple[int, int, int]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    data = bytearray(_FRIEND)
+    for header, field, value in edits:
+        data[min(header + field, len(data) - 1)] = value
+    path = tmp_path_factory.mktemp("zipfuzz") / "friend.pt"
+    path.write_bytes(bytes(data))
+    with contextlib.suppress(CheckpointError):
+        safeckpt.open(path).to_python()
+    with contextlib.suppress(CheckpointError):
+        tp.verify(path)
