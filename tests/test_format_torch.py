@@ -304,6 +304,11 @@ def test_view_bounds_are_checked_before_any_tensor_exists() -> None:
     ]:
         with pytest.raises(CorruptCheckpointError, match=match):
             tp._rebuild_v2(storage, *args)
+    ints = tp.Storage("1", torch.int64, 4, "cpu", 0)
+    with pytest.raises(CorruptCheckpointError, match="cannot require gradients"):
+        tp._rebuild_v2(ints, 0, (4,), (1,), True)
+    with pytest.raises(CorruptCheckpointError, match="cannot require gradients"):
+        tp._rebuild_parameter(tp._rebuild_v2(ints, 0, (4,), (1,)), True, None)
     with pytest.raises(CorruptCheckpointError, match=r"over a torch\.float32 storage"):
         tp._rebuild_v3(storage, 0, (2,), (1,), False, None, torch.float64)
 

@@ -105,6 +105,7 @@ def _tensor(
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
+    _check_grad(requires_grad, dtype)
     if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
         raise _bad("a tensor with backward hooks (they are code; torch.save never writes them)")
     conj = neg = False
@@ -128,6 +129,11 @@ def _tensor(
     elif offset > available:
         raise _bad(f"empty tensor at offset {offset} past its storage of {available} elements")
     return TensorSpec(storage, offset, size, stride, dtype, requires_grad, False, conj, neg)
+
+
+def _check_grad(requires_grad: bool, dtype: torch.dtype) -> None:
+    if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+        raise _bad(f"a {dtype} tensor cannot require gradients (only floating point and complex ones can)")
 
 
 def _rebuild_v2(
@@ -159,6 +165,7 @@ def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorSpec
 def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> TensorSpec:
     if not isinstance(data, TensorSpec) or type(requires_grad) is not bool:
         raise _bad("a Parameter must wrap a tensor")
+    _check_grad(requires_grad, data.dtype)
     if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
         raise _bad("a Parameter with backward hooks")
     return TensorSpec(
