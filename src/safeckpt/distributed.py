@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from . import codec
@@ -51,10 +52,6 @@ from .formats import safeckpt_sharded as fmt
 from .tree import Checkpoint, TensorRef, iter_leaves, path_name
 
 __all__ = ["holds_dtensors", "load", "load_raw", "save"]
-
-
-def _is_dtensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and type(x).__name__ == "DTensor" and hasattr(x, "placements")
 
 
 def holds_dtensors(state: Any) -> bool:
@@ -72,7 +69,7 @@ def holds_dtensors(state: Any) -> bool:
             tensors = [p for g in obj.param_groups for p in g["params"]]
         else:
             tensors = (x for _, x in iter_leaves(obj) if isinstance(x, torch.Tensor))
-        if any(_is_dtensor(t) for t in tensors):
+        if any(isinstance(t, DTensor) for t in tensors):
             return True
     return False
 

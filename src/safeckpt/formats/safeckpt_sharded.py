@@ -228,7 +228,10 @@ def read_index(root: Path) -> dict[str, Any]:
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
         chunks = t.get("chunks")
-        need(isinstance(chunks, list) and (chunks or 0 in shape), f"tensor {name!r} needs a non-empty 'chunks' list")
+        need(
+            isinstance(chunks, list) and (len(chunks) > 0 or 0 in shape),
+            f"tensor {name!r} needs a non-empty 'chunks' list",
+        )
         for c in chunks:
             ok = (
                 isinstance(c, dict)
