@@ -713,6 +713,14 @@ def _cases() -> list[tuple[Case, bytes]]:
         torch_zip(neg, {"0": FOUR_FLOATS}).build(),
         what="a negative stride",
     )
+    expanded = P2 + state_dict(w=tensor_v2(storage_pid("0", 4), 0, (1 << 40, 1 << 40), (0, 0))) + STOP
+    add(
+        "m51_huge_expanded_view.pt",
+        "corrupt",
+        r"beyond 4611686018427387904 elements",
+        torch_zip(expanded, {"0": FOUR_FLOATS}).build(),
+        what="a stride-0 view of 2^80 elements over 4 floats",
+    )
     return c
 
 

@@ -13,6 +13,7 @@ The spec, with the exact allow-list, is ``formats/torch.md``.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pathlib
 import re
@@ -39,6 +40,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_DEPTH = 256  # nesting of the object tree
 MAX_DIMS = 64
+MAX_ELEMENTS = 1 << 62  # an expanded (stride-0) view may be larger than its storage, not than this
 _LEGACY_TAR_MEMBERS = (b"sys_info", b"pickle", b"storages", b"tensors")
 _MAGIC_BYTES = LEGACY_MAGIC.to_bytes(10, "little")
 
@@ -103,6 +105,8 @@ def _tensor(
     size, stride = _dims(size, "size"), _dims(stride, "stride")
     if len(size) != len(stride):
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
+    if math.prod(size) > MAX_ELEMENTS or any(x > MAX_ELEMENTS for x in stride):
+        raise _bad(f"tensor size {list(size)} / stride {list(stride)} beyond {MAX_ELEMENTS} elements")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
     _check_grad(requires_grad, dtype)
