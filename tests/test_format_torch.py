@@ -304,6 +304,8 @@ def test_view_bounds_are_checked_before_any_tensor_exists() -> None:
     ]:
         with pytest.raises(CorruptCheckpointError, match=match):
             tp._rebuild_v2(storage, *args)
+    with pytest.raises(CorruptCheckpointError, match="plain dtype"):
+        tp._rebuild_v3(tp.Storage("2", torch.uint8, 4, "cpu", 0), 0, (4,), (1,), False, None, torch.qint8)
     ints = tp.Storage("1", torch.int64, 4, "cpu", 0)
     with pytest.raises(CorruptCheckpointError, match="cannot require gradients"):
         tp._rebuild_v2(ints, 0, (4,), (1,), True)

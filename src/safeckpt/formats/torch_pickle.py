@@ -157,8 +157,9 @@ def _rebuild_v2(
 def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, metadata: Any = None
 ) -> TensorSpec:
-    if not isinstance(dtype, torch.dtype):
-        raise _bad(f"_rebuild_tensor_v3 needs a dtype, got {type(dtype).__name__}")
+    if not isinstance(dtype, torch.dtype) or dtype.is_quantized:
+        # torch writes quantized tensors with _rebuild_qtensor (refused): a bare quantized dtype has no quantizer
+        raise _bad(f"_rebuild_tensor_v3 needs a plain dtype, got {dtype!r}")
     return _tensor(storage, offset, size, stride, dtype, requires_grad, hooks, metadata)
 
 
