@@ -350,19 +350,26 @@ def _run_inspect(args: argparse.Namespace) -> int:
     print(f"tensors:    {t['tensors']}{names}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
     where = f" in {report['weights_key']!r}" if report["weights_key"] is not None else ""
     print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements in all tensors)")
+
+    def short(name: str) -> str:  # --json has the full names
+        return name if len(name) <= 60 else "..." + name[-57:]
+
     for group in report["tied"]:
-        print(f"tied:       {' = '.join(group)}")
+        print(f"tied:       {' = '.join(map(short, group))}")
     for group in report["shared"]:
-        print(f"shared:     {', '.join(group)} (views of one storage)")
+        print(f"shared:     {', '.join(map(short, group))} (views of one storage)")
     if report["lightning"]:
         lt = report["lightning"]
         print(
             f"lightning:  Trainer checkpoint, Lightning {lt['version']}, epoch {lt['epoch']}, global step {lt['global_step']}"
         )
-    for label, items in (("metadata:", report["metadata"]), ("info:", report["info"])):
-        for k, v in items.items():
-            text = v if isinstance(v, str) and len(v) <= 100 else inline(v, 100)
-            print(f"{label:11} {k} = {text}")
+    for k, v in report["metadata"].items():
+        print(f"metadata:   {k} = {v if len(v) <= 100 else v[:97] + '...'}")
+    if report["info"]:
+        print(
+            "info:       "
+            + ", ".join(f"{k}={v if isinstance(v, str) else inline(v, 80)}" for k, v in report["info"].items())
+        )
     if report["weights_key"] is not None:
         print(f"weights:    under {report['weights_key']!r}; extract them with "
               f"`safeckpt convert {args.path} weights.safetensors --key {report['weights_key']}`")  # fmt: skip
