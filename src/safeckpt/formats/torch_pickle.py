@@ -135,6 +135,9 @@ def _tensor(
     return TensorSpec(storage, offset, size, stride, dtype, requires_grad, False, conj, neg)
 
 
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+
+
 def _check_grad(requires_grad: bool, dtype: torch.dtype) -> None:
     if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
         raise _bad(f"a {dtype} tensor cannot require gradients (only floating point and complex ones can)")
@@ -157,7 +160,7 @@ def _rebuild_v2(
 def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, metadata: Any = None
 ) -> TensorSpec:
-    if not isinstance(dtype, torch.dtype) or dtype.is_quantized:
+    if not isinstance(dtype, torch.dtype) or dtype in _QUANTIZED:
         # torch writes quantized tensors with _rebuild_qtensor (refused): a bare quantized dtype has no quantizer
         raise _bad(f"_rebuild_tensor_v3 needs a plain dtype, got {dtype!r}")
     return _tensor(storage, offset, size, stride, dtype, requires_grad, hooks, metadata)
