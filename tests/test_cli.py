@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import struct
 import subprocess
@@ -370,6 +371,34 @@ def test_verify_malicious_pickle(evil: tuple[Path, Path, dict[str, str]]) -> Non
         q = run(*verb, env=env)
         assert q.returncode == 2 and "posix.system" in error_line(q) and str(path) in error_line(q), verb
     assert not path.with_suffix(".safeckpt").exists()
+    assert not canary.exists()
+
+
+ATTACKS = Path(__file__).resolve().parent / "attacks"
+# a sample of the shared hostile corpus (the attack suites run all of it in-process and prove each
+# live payload does run under plain pickle): code execution by several routes, and index escapes
+ATTACK_SAMPLE = [
+    ("corpus/m01_posix_system.pkl", r"posix\.system"),
+    ("corpus/m02_system_in_zip.pt", r"posix\.system"),
+    ("corpus/m05_nested_load_from_bytes.pt", r"torch\.storage\._load_from_bytes"),
+    ("corpus/m15_pickle_zip_polyglot.pt", r"posix\.system|polyglot|pickle"),
+    ("corpus/m23_legacy_payload.pt", r"posix\.system"),
+    ("corpus/m44_subprocess_getoutput.pkl", r"subprocess\.getoutput"),
+    ("safetensors/i01_parent_path", r"'\.\./outside\.safetensors' is not a bare file name"),
+    ("safetensors/i19_bin_shard_pickle_payload", r"global 'posix\.system'"),
+]
+
+
+@pytest.mark.parametrize(("name", "cause"), ATTACK_SAMPLE, ids=[n.split("/")[-1] for n, _ in ATTACK_SAMPLE])
+def test_verify_hostile_corpus(name: str, cause: str, tmp_path: Path) -> None:
+    path = ATTACKS / name
+    if not path.exists():
+        pytest.skip(f"{name} is not in the attack corpus")
+    canary = tmp_path / "canary"
+    p = run("verify", path, "--json", env={**os.environ, "SAFECKPT_CANARY": str(canary)})
+    assert p.returncode == 1, p.stderr
+    report = json.loads(p.stdout)
+    assert report["ok"] is False and any(re.search(cause, x) and str(path) in x for x in report["problems"]), report
     assert not canary.exists()
 
 
