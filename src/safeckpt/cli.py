@@ -29,7 +29,7 @@ import safeckpt
 
 from . import _hub_cli, formats
 from ._units import format_size, parse_size
-from .compare import Change, compare, leaves
+from .compare import Change, compare, leaves, match
 from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
 from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
 
@@ -587,7 +587,7 @@ def _run_diff(args: argparse.Namespace) -> int:
         ta, tb = _prune(ta, keep), _prune(tb, keep)
         ta, tb = ({} if ta is _DROP else ta), ({} if tb is _DROP else tb)
     la, lb = leaves(ta), leaves(tb)
-    total = sum(x.nbytes for k, x in la.items() if isinstance(x, TensorRef) and isinstance(lb.get(k), TensorRef))
+    total = sum(la[n].nbytes for n, m in match(la, lb) if isinstance(la[n], TensorRef) and isinstance(lb[m], TensorRef))
     with _progress(args, total, "comparing") as bar:
         d = compare(ta, tb, atol=args.atol, rtol=args.rtol, progress=bar)
     if args.json:
@@ -604,6 +604,7 @@ def _run_diff(args: argparse.Namespace) -> int:
                 "changed": [
                     {
                         "path": c.name,
+                        **({"path_b": c.b_name} if c.b_name else {}),
                         "kind": c.kind,
                         "a": _leaf_json(c.a),
                         "b": _leaf_json(c.b),
@@ -737,7 +738,8 @@ examples:
 
 exit codes: 0 equal; 1 different; 2 an input cannot be read.
 --json prints {a, b, equal, atol, rtol, same, only_a: [...], only_b: [...],
-changed: [{path, kind: tensor|value|type, a, b, max_abs_diff}]}; leaves as in inspect --json.""",
+changed: [{path, path_b (when b names it differently, e.g. model.w for model/w), kind: tensor|value|type,
+a, b, max_abs_diff}]}; leaves as in inspect --json.""",
         add_arguments=_diff_args,
         run=_run_diff,
     ),
@@ -760,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="no progress bar and no output but errors; the exit code tells",
+        help="no progress bar and no report (--json still prints); errors still go to stderr; the exit code tells",
     )
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
@@ -849,8 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        label = "" if isinstance(e, Found) else "error: "
-        print(f"safeckpt {args.verb}: {label}{_fix(e)}", file=sys.stderr)
+        print(f"safeckpt {args.verb}: error: {_fix(e)}", file=sys.stderr)
         return EXIT_FOUND if isinstance(e, Found) else EXIT_USAGE
 
 

@@ -1,8 +1,9 @@
 """Compare two checkpoints, across formats: tensors by bytes (or within a tolerance), values by type
 and value.
 
-Leaves are matched by path name (``model/l1.weight``), so a nested native checkpoint and a flat
-safetensors file holding the same tensors under the same names compare equal. Tensors are read one
+Leaves are matched by path name (``model/l1.weight``), or by the same name with its keys joined by
+``.`` (``model.l1.weight``), which is how a flat safetensors file names nested state: a nested
+native checkpoint and the safetensors file written from it compare equal. Tensors are read one
 pair at a time (memory-mapped where the format allows) and compared in chunks, so memory stays
 bounded by one tensor.
 
@@ -24,7 +25,7 @@ import torch
 
 from .tree import Checkpoint, TensorRef, _is_container, path_name
 
-__all__ = ["Change", "Diff", "compare", "leaves"]
+__all__ = ["Change", "Diff", "compare", "leaves", "match"]
 
 _CHUNK = 1 << 22  # elements per comparison step: bounds the float64 temporaries to 32 MB
 
@@ -38,12 +39,14 @@ class Change:
         a, b: the two leaves (`TensorRef`, tensor, or plain value).
         max_abs: for two tensors of the same shape, the largest ``|a - b|`` (``nan`` where one side
             has a nan the other lacks; ``None`` when the dtypes cannot be subtracted).
+        b_name: the leaf's name in ``b`` where it differs (``model.l1.weight`` for ``model/l1.weight``).
     """
 
     name: str
     a: Any
     b: Any
     max_abs: float | None = None
+    b_name: str | None = None
 
     @property
     def kind(self) -> str:
@@ -97,12 +100,38 @@ def leaves(tree: Any) -> dict[str, Any]:
             items = node.items() if isinstance(node, dict) else enumerate(node)
             stack.extend(((*path, k), v) for k, v in reversed(list(items)))
         elif path or not _is_container(node):  # an empty root has no leaves
-            out.setdefault(path_name(path), node)
+            name, i = path_name(path), 1
+            while name in out:  # keys 0 and "0" share a path name: keep both, so neither hides
+                name, i = f"{path_name(path)}~{i}", i + 1
+            out[name] = node
     return out
 
 
 def _scalars(seq: list[Any] | tuple[Any, ...]) -> bool:
     return all(not _is_container(v) and not _is_tensor(v) for v in seq)
+
+
+def match(la: dict[str, Any], lb: dict[str, Any]) -> list[tuple[str, str]]:
+    """Pairs of leaf names (one from each side, in ``la``'s order): equal path names first, then,
+    among the rest, names equal once keys are joined by ``.``, which is how flat safetensors files
+    name nested state (``model/l1.weight`` in a ``.safeckpt`` is ``model.l1.weight`` there).
+
+    Example:
+        >>> match({"model/w": 1, "step": 2}, {"model.w": 1, "step": 2})
+        [('model/w', 'model.w'), ('step', 'step')]
+    """
+    pairs = {n: n for n in la if n in lb}
+    rest_a = _dotted([n for n in la if n not in lb])
+    rest_b = _dotted([n for n in lb if n not in la])
+    pairs.update({name: rest_b[d] for d, name in rest_a.items() if d in rest_b})
+    return [(n, pairs[n]) for n in la if n in pairs]
+
+
+def _dotted(names: list[str]) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
+    for n in names:
+        found.setdefault(n.replace("/", "."), []).append(n)
+    return {d: ns[0] for d, ns in found.items() if len(ns) == 1}  # an ambiguous form matches nothing
 
 
 def compare(
@@ -113,7 +142,7 @@ def compare(
     rtol: float = 0.0,
     progress: Callable[[int], None] | None = None,
 ) -> Diff:
-    """Compare two checkpoints (or trees) leaf by leaf, matched by path name.
+    """Compare two checkpoints (or trees) leaf by leaf, matched by path name (see `match`).
 
     Two tensors are equal when dtype and shape match and their bytes are identical, or, with
     ``atol``/``rtol`` set, when every element is within ``atol + rtol * |b|`` (nan equal to nan).
@@ -128,11 +157,11 @@ def compare(
     """
     la = leaves(a.tree if isinstance(a, Checkpoint) else a)
     lb = leaves(b.tree if isinstance(b, Checkpoint) else b)
-    out = Diff(only_a=[k for k in la if k not in lb], only_b=[k for k in lb if k not in la])
-    for name, x in la.items():
-        if name not in lb:
-            continue
-        y = lb[name]
+    pairs = match(la, lb)
+    paired_a, paired_b = {n for n, _ in pairs}, {n for _, n in pairs}
+    out = Diff(only_a=[k for k in la if k not in paired_a], only_b=[k for k in lb if k not in paired_b])
+    for name, other in pairs:
+        x, y = la[name], lb[other]
         if _is_tensor(x) and _is_tensor(y):
             same, max_abs = _tensors_equal(x, y, atol, rtol)
             if progress is not None:
@@ -142,7 +171,7 @@ def compare(
         if same:
             out.same += 1
         else:
-            out.changed.append(Change(name, x, y, max_abs))
+            out.changed.append(Change(name, x, y, max_abs, other if other != name else None))
     return out
 
 
