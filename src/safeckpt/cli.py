@@ -423,7 +423,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         tree = tree[key]
     keep = _selector(args)
     if keep is not None:
-        tree = _prune(tree, lambda name: keep(name))
+        tree = _prune(tree, keep)
         tree = {} if tree is _DROP else tree
     total = sum(r.nbytes for r in _unique(tree).values()) * (1 if args.no_verify else 2)
     tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
