@@ -275,6 +275,12 @@ def test_convert_include_exclude_and_bad_key(files: dict[str, Path]) -> None:
     names = set(safeckpt.open(out).tensors())
     assert names == {"model/emb.weight", "model/l1.weight", "model/l1.bias", "model/head.weight"}
     assert safeckpt.load(out)["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)  # non-tensor values kept
+    none = run("convert", files["run"], files["dir"] / "none.safeckpt", "--include", "model/nothing*")
+    assert (
+        none.returncode == 2
+        and "no tensor matches" in error_line(none)
+        and not (files["dir"] / "none.safeckpt").exists()
+    )
     bad = run("convert", files["run"], files["dir"] / "x.safeckpt", "--key", "weights")
     line = error_line(bad)
     assert (

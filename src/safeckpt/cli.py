@@ -423,8 +423,12 @@ def _run_convert(args: argparse.Namespace) -> int:
         tree = tree[key]
     keep = _selector(args)
     if keep is not None:
-        tree = _prune(tree, keep)
-        tree = {} if tree is _DROP else tree
+        pruned = _prune(tree, keep)
+        if not _unique({} if pruned is _DROP else pruned) and _unique(tree):
+            raise Usage(
+                f"{args.src}: no tensor matches --include {args.include} --exclude {args.exclude}; see the paths with `safeckpt inspect {args.src}`"
+            )
+        tree = {} if pruned is _DROP else pruned
     total = sum(r.nbytes for r in _unique(tree).values()) * (1 if args.no_verify else 2)
     tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
     with _progress(args, total, "converting") as bar:
