@@ -759,7 +759,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb in `VERBS`."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     # SUPPRESS: a flag given before the verb is not reset by the verb's own default
     common.add_argument(
         "-q",
