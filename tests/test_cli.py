@@ -618,3 +618,20 @@ def test_every_verb_on_fixture(kind: str, tmp_path: Path) -> None:
             assert_bits_equal(stock[ref.name], ref.load().detach(), name)
     same = run("diff", path, out)
     assert same.returncode == 0 and "identical" in same.stdout, same.stdout + same.stderr
+
+
+def test_error_lines_for_every_exception_kind() -> None:
+    """The mapping from exceptions to one-line messages, in-process (the subprocess tests above
+    cover the kinds a real run can be made to raise: missing, directory, unknown, unsafe, corrupt)."""
+    from safeckpt.cli import _fix
+
+    missing_hub = ImportError("No module named 'huggingface_hub'", name="huggingface_hub")
+    assert _fix(missing_hub) == "No module named 'huggingface_hub'; install it: pip install 'safeckpt[hub]'"
+    denied = PermissionError(13, "Permission denied", "/data/run.pt")
+    assert _fix(denied) == "/data/run.pt: permission denied; check its permissions, or choose another path"
+    assert _fix(KeyError("run.pt has no top-level key 'x'")) == "run.pt has no top-level key 'x'"
+    assert _fix(TypeError("a\nb")) == "a b"  # one line, always
+    located = ValueError("bad value")
+    located.safeckpt_path = "m.pt"  # type: ignore[attr-defined]
+    assert _fix(located) == "m.pt: bad value"
+    assert _fix(ZeroDivisionError("x")).startswith("unexpected ZeroDivisionError: x; re-run with --debug")
