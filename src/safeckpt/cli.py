@@ -429,7 +429,9 @@ def _run_convert(args: argparse.Namespace) -> int:
                 f"{args.src}: no tensor matches --include {args.include} --exclude {args.exclude}; see the paths with `safeckpt inspect {args.src}`"
             )
         tree = {} if pruned is _DROP else pruned
-    total = sum(r.nbytes for r in _unique(tree).values()) * (1 if args.no_verify else 2)
+    # the writer reads each distinct tensor once; verification compares every name (tied ones too)
+    total = sum(r.nbytes for r in _unique(tree).values())
+    total += 0 if args.no_verify else sum(x.nbytes for _, x in iter_leaves(tree) if isinstance(x, TensorRef))
     tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
     with _progress(args, total, "converting") as bar:
         try:
