@@ -533,8 +533,9 @@ def test_output_pipes_cleanly_into_head(tmp_path: Path) -> None:
 
 def _fixture_kinds() -> dict[str, Path]:
     """One fixture per kind found under fixtures/ (format + extension, or for a directory format
-    the extensions of its data files), the one with the most leaves of each kind; a directory the
-    registry reads counts as one checkpoint (its shards are not visited)."""
+    the extensions of its data files, + the container a reader reports), the one with the most
+    leaves of each kind; a directory the registry reads counts as one checkpoint (its shards are
+    not visited)."""
     found: dict[str, list[Path]] = {}
 
     def visit(p: Path) -> None:
@@ -545,7 +546,11 @@ def _fixture_kinds() -> dict[str, Path]:
         if fmt is not None:
             suffixes = {f.suffix for f in p.rglob("*") if f.is_file()} - {"", ".json", ".md", ".txt"}
             inner = sorted(suffixes) if p.is_dir() else [p.suffix]
-            found.setdefault(f"{fmt}[{','.join(inner)}]", []).append(p)
+            try:  # a torch file's container (zip, legacy) is a kind of its own
+                container = safeckpt.open(p).info.get("container")
+            except CheckpointError:
+                container = "refused"  # the library will not read it: the CLI must refuse it the same way
+            found.setdefault(f"{fmt}[{','.join(inner)}]" + (f"/{container}" if container else ""), []).append(p)
         elif p.is_dir():
             for child in sorted(p.iterdir()):
                 visit(child)
