@@ -57,7 +57,9 @@ def assert_bits_equal(a: Any, b: Any, where: str = "root") -> None:
     """Equal by type, keys and bits (tensors compared as raw bytes, so nan and -0.0 count)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{where}: {type(b)} is not a tensor"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
+        )
         assert _raw(a) == _raw(b), f"{where}: tensor bytes differ"
         return
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
@@ -67,7 +69,7 @@ def assert_bits_equal(a: Any, b: Any, where: str = "root") -> None:
             assert_bits_equal(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_bits_equal(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and a != a:
         assert b != b, f"{where}: nan became {b}"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import Net, assert_bits_equal
 
 import safeckpt
+from conformance import Net, assert_bits_equal
 from safeckpt import AttributeDict
 
 
@@ -164,8 +164,12 @@ def test_filters(tmp_path: Path) -> None:
     path = safeckpt.save(
         tmp_path / "c",
         state,
-        filter={"model": lambda k, v: "weight" in k, "optimizer": lambda k, v: "param_groups" in k,
-                "anything": lambda k, v: isinstance(v, int), "foo": lambda k, v: False},
+        filter={
+            "model": lambda k, v: "weight" in k,
+            "optimizer": lambda k, v: "param_groups" in k,
+            "anything": lambda k, v: isinstance(v, int),
+            "foo": lambda k, v: False,
+        },
     )
     full = safeckpt.load(path)
     assert list(full["model"]) == [k for k in model.state_dict() if "weight" in k]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conformance import assert_bits_equal
 
 import safeckpt
+from conformance import assert_bits_equal
 from safeckpt import AttributeDict, codec
 from safeckpt.errors import CorruptCheckpointError
 
@@ -31,7 +31,7 @@ VALUES = {
     "set": {1, "a", (2, 3)},
     "frozenset": frozenset({1.5}),
     "int_keys": {0: "a", 1: "b", -5: "c"},
-    "mixed_keys": {1: 1, "1": 2, (1, 2): 3, None: 4, 2.5: 5, True: 6},
+    "mixed_keys": {1: 1, "1": 2, (1, 2): 3, None: 4, 2.5: 5, False: 6},
     "ordered": OrderedDict([("b", 1), ("a", 2)]),
     "attr": AttributeDict(lr=0.1, nested=AttributeDict(x=1)),
     "namespace": argparse.Namespace(lr=0.1, name="x"),
@@ -56,7 +56,7 @@ def equal(a: object, b: object) -> bool:
     if type(a) is float:
         return type(b) is float and a == b and math.copysign(1, a) == math.copysign(1, b)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return type(a) is type(b) and list(a) == list(b) and all(equal(a[k], b[k]) for k in a)
     if isinstance(a, argparse.Namespace):

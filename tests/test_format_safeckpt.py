@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict
 from safetensors import safe_open
 
 import safeckpt
+from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
 from safeckpt.formats import safeckpt as native
@@ -42,7 +42,9 @@ def test_stock_safetensors_reads_every_tensor(tmp_path: Path) -> None:
 
 
 def test_data_is_aligned_and_header_padded(tmp_path: Path) -> None:
-    path = safeckpt.save(tmp_path / "a.safeckpt", {"a": torch.ones(3, dtype=torch.int8), "b": torch.ones(5, dtype=torch.float64)})
+    path = safeckpt.save(
+        tmp_path / "a.safeckpt", {"a": torch.ones(3, dtype=torch.int8), "b": torch.ones(5, dtype=torch.float64)}
+    )
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
     assert (8 + n) % 64 == 0
     header = st.read_header(path)
@@ -72,7 +74,9 @@ def test_skeleton_references_missing_tensor(tmp_path: Path) -> None:
 
     from safeckpt import codec
 
-    meta["safeckpt.skeleton"] = base64.b64encode(codec.encode({"w": torch.ones(2), "v": torch.zeros(1)}, lambda p, t: [p[-1], 0])).decode()
+    meta["safeckpt.skeleton"] = base64.b64encode(
+        codec.encode({"w": torch.ones(2), "v": torch.zeros(1)}, lambda p, t: [p[-1], 0])
+    ).decode()
     st.write(tmp_path / "b.safeckpt", [st.Item("w", torch.float32, (2,), lambda: torch.ones(2))], meta)
     with pytest.raises(CorruptCheckpointError, match="'v'"):
         safeckpt.open(tmp_path / "b.safeckpt")
@@ -122,4 +126,4 @@ def test_load_into_a_module_copies_from_the_map_without_a_second_copy(tmp_path: 
     safeckpt.load(path, {"model": target})
     grown = _rss_anon() - before
     assert grown < size // 10, f"anonymous memory grew by {grown >> 20} MiB loading a {size >> 20} MiB model"
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters(), strict=True))

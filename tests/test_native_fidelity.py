@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import Net, assert_bits_equal
 from safetensors import safe_open
 
 import safeckpt
+from conformance import Net, assert_bits_equal
 from safeckpt.formats import _safetensors as st
 
 DTYPES = [
@@ -114,7 +114,11 @@ def test_overlapping_views_are_written_as_values(tmp_path: Path) -> None:
 
 
 def test_parameters_keep_their_type_and_requires_grad(tmp_path: Path) -> None:
-    state = {"p": torch.nn.Parameter(torch.ones(2)), "q": torch.nn.Parameter(torch.ones(2), requires_grad=False), "g": torch.ones(1, requires_grad=True)}
+    state = {
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "q": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "g": torch.ones(1, requires_grad=True),
+    }
     back = safeckpt.load(safeckpt.save(tmp_path / "p", state))
     assert type(back["p"]) is torch.nn.Parameter and back["p"].requires_grad
     assert type(back["q"]) is torch.nn.Parameter and not back["q"].requires_grad

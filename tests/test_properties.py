@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as s
-from test_native_fidelity import DTYPES, random_bits
 
 import safeckpt
 from safeckpt import AttributeDict
+from test_native_fidelity import DTYPES, random_bits
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -63,7 +63,9 @@ def trees(leaves: s.SearchStrategy[Any]) -> s.SearchStrategy[Any]:
             s.dictionaries(hashables, children, max_size=4),
             s.dictionaries(s.text(max_size=5), children, max_size=3).map(OrderedDict),
             s.dictionaries(s.text(min_size=1, max_size=5), children, max_size=3).map(AttributeDict),
-            s.dictionaries(s.text("abc", min_size=1, max_size=3), scalars, max_size=3).map(lambda d: argparse.Namespace(**d)),
+            s.dictionaries(s.text("abc", min_size=1, max_size=3), scalars, max_size=3).map(
+                lambda d: argparse.Namespace(**d)
+            ),
             s.sets(hashables, max_size=3),
         )
 
@@ -84,7 +86,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float):
         return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
     if isinstance(a, argparse.Namespace):

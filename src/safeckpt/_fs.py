@@ -94,7 +94,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 # Placeholders for files whose bytes are fetched on first read (the shards of a Hub checkpoint,
@@ -132,9 +132,7 @@ class MappedFile:
                 st = os.fstat(f.fileno())
                 # a fetched placeholder is another file: only its size must match
                 if (st.st_size, self._stamp[1] if self._fetch else st.st_mtime_ns) != self._stamp:
-                    raise CorruptCheckpointError(
-                        f"{self.path}: the file changed after it was opened; open it again"
-                    )
+                    raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if st.st_size else None
         assert self._map is not None
         return self._map
@@ -144,7 +142,9 @@ class MappedFile:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if offset < 0 or offset + nbytes > self._stamp[0]:
-            raise CorruptCheckpointError(f"{self.path}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file")
+            raise CorruptCheckpointError(
+                f"{self.path}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
+            )
         raw = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
         if offset % dtype.itemsize:
             raw = raw.clone()  # unaligned data from another writer: copy rather than hand out a misaligned view

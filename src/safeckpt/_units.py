@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -21,7 +32,9 @@ def parse_size(size: int | str) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
         unit = m.group(2).upper() if m else None
         if m is None or unit not in _UNITS:
-            raise ValueError(f"cannot read {size!r} as a size; write it like '5GB', '500MB', '2GiB' or a number of bytes")
+            raise ValueError(
+                f"cannot read {size!r} as a size; write it like '5GB', '500MB', '2GiB' or a number of bytes"
+            )
         value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"a size must be positive, got {size!r}")

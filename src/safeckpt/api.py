@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats, state as st
+from . import formats
+from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
 PathLike = str | os.PathLike[str]
@@ -35,7 +36,7 @@ def _local(path: PathLike) -> Path:
     return Path(text)
 
 
-def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:  # noqa: A001 - mirrors the builtin on purpose
+def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open any checkpoint the registry reads, reading headers only.
 
     Args:
@@ -118,7 +119,9 @@ def _writer(path: Path, format: str | None, max_shard_size: int | str | None, tr
         format = "safetensors" if path.suffix.lower() == ".safetensors" and _only_tensors(tree) else "safeckpt"
     fmt = formats.get(format)
     if not hasattr(fmt, "write"):
-        raise ValueError(f"format {format!r} can be read but not written; writable formats: {', '.join(formats.writable())}")
+        raise ValueError(
+            f"format {format!r} can be read but not written; writable formats: {', '.join(formats.writable())}"
+        )
     return fmt, opts
 
 
@@ -215,7 +218,7 @@ def load_raw(
     if _across_ranks(obj):
         from . import distributed
 
-        return distributed.load_raw(path, obj, strict=strict)
+        return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
     ckpt = open(_local(path), allow=allow)
     tree = ckpt.tree
@@ -256,8 +259,10 @@ def load_raw(
 
 
 def _is_trainer_checkpoint(tree: Any) -> bool:
-    return isinstance(tree, Mapping) and isinstance(tree.get("state_dict"), Mapping) and (
-        "pytorch-lightning_version" in tree or ("global_step" in tree and "epoch" in tree)
+    return (
+        isinstance(tree, Mapping)
+        and isinstance(tree.get("state_dict"), Mapping)
+        and ("pytorch-lightning_version" in tree or ("global_step" in tree and "epoch" in tree))
     )
 
 
@@ -313,10 +318,10 @@ def convert(
         from .compare import compare
         from .errors import CorruptCheckpointError
 
-        found = compare(out, open(written), progress=progress)
-        if not found.equal:
+        diff = compare(out, open(written), progress=progress)
+        if not diff.equal:
             raise CorruptCheckpointError(
-                f"{written}: the written checkpoint does not match {src}: {found.summary()}; do not use it, and "
+                f"{written}: the written checkpoint does not match {src}: {diff.summary()}; do not use it, and "
                 "report this with both files"
             )
     return written
@@ -339,7 +344,9 @@ def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:
             wrapped[id(x)] = dataclasses.replace(x, loader=load)
         return wrapped[id(x)]
 
-    return Checkpoint(map_leaves(ckpt.tree, wrap), format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata, info=ckpt.info)
+    return Checkpoint(
+        map_leaves(ckpt.tree, wrap), format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata, info=ckpt.info
+    )
 
 
 def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:

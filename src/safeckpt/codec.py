@@ -112,7 +112,9 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         return _ext(Ext.TUPLE, [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)])
     if isinstance(obj, torch.Tensor) or _is_tensor_ref(obj):
         if tensor_name is None:
-            raise TypeError(f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict")
+            raise TypeError(
+                f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict"
+            )
         return _ext(Ext.TENSOR, tensor_name(path, obj))
     if cls is OrderedDict:
         meta = getattr(obj, "_metadata", None)

@@ -104,9 +104,9 @@ def strip_wrapper_prefix(sd: Mapping[str, Any], expected: set[str]) -> Mapping[s
     expect (a state dict saved from a DDP-wrapped or compiled model)."""
     keys = [k for k in sd if isinstance(k, str)]
     for prefix in _WRAPPER_PREFIXES:
-        if keys and len(keys) == len(sd) and all(k.startswith(prefix) for k in keys):
-            if not any(k.startswith(prefix) for k in expected):
-                return {k[len(prefix) :]: v for k, v in sd.items()}
+        mine = bool(keys) and len(keys) == len(sd) and all(k.startswith(prefix) for k in keys)
+        if mine and not any(k.startswith(prefix) for k in expected):
+            return {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -117,7 +117,9 @@ def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
     """
     name = type(module).__name__
     if not isinstance(sd, Mapping):
-        raise RuntimeError(f"Error(s) in loading state_dict for {name} from {where}: expected a dict of tensors, found a {type(sd).__name__}")
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {name} from {where}: expected a dict of tensors, found a {type(sd).__name__}"
+        )
     own = module.state_dict(keep_vars=True)
     errors = []
     if strict:
@@ -137,7 +139,11 @@ def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
                 f"the shape in current model is {torch.Size(mine)}."
             )
     if errors:
-        hint = "\nTo load only the keys that match, pass strict=False." if strict and not any("size mismatch" in e for e in errors) else ""
+        hint = (
+            "\nTo load only the keys that match, pass strict=False."
+            if strict and not any("size mismatch" in e for e in errors)
+            else ""
+        )
         raise RuntimeError(f"Error(s) in loading state_dict for {name} from {where}:\n\t" + "\n\t".join(errors) + hint)
 
 
@@ -149,9 +155,11 @@ def check_optimizer(optimizer: torch.optim.Optimizer, sd: Any, where: str) -> No
     groups, saved = optimizer.param_groups, sd["param_groups"]
     if not isinstance(saved, (list, tuple)) or len(groups) != len(saved):
         raise ValueError(f"loaded state dict has a different number of parameter groups ({where})")
-    for g, s in zip(groups, saved):
+    for g, s in zip(groups, saved, strict=True):
         if not isinstance(s, Mapping) or len(g["params"]) != len(s.get("params", ())):
-            raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of optimizer's group ({where})")
+            raise ValueError(
+                f"loaded state dict contains a parameter group that doesn't match the size of optimizer's group ({where})"
+            )
 
 
 def check(obj: Any, sd: Any, strict: bool, where: str) -> None:

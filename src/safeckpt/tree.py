@@ -15,7 +15,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttributeDict", "Checkpoint", "TensorRef", "alias_key", "describe", "inline", "iter_leaves", "map_leaves", "path_name"]
+__all__ = [
+    "AttributeDict",
+    "Checkpoint",
+    "TensorRef",
+    "alias_key",
+    "describe",
+    "inline",
+    "iter_leaves",
+    "map_leaves",
+    "path_name",
+]
 
 
 class AttributeDict(dict):  # type: ignore[type-arg]

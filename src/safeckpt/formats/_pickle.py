@@ -407,7 +407,7 @@ def _array(shape: Any, dtype: np.dtype, fortran: Any, raw: Any) -> np.ndarray:
             f"numpy array of shape {shape} and dtype {dtype} needs {math.prod(shape) * dtype.itemsize} bytes, has {len(raw)}"
         )
     order = "F" if fortran else "C"
-    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order=order).copy(order=order)
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order=order).copy(order=order)  # type: ignore[call-overload]
 
 
 def _np_reconstruct_build(obj: _NumpyArray, state: Any) -> np.ndarray:
@@ -944,7 +944,7 @@ def _utf8(b: bytes) -> str:
 
 
 # the opcodes `_VM.run` does not inline
-_OPS: dict[int, Callable[[_VM], None]] = {
+_OPS: dict[int, Callable[[_VM], object]] = {
     0x80: _proto,
     0x95: _frame,
     0x30: lambda vm: vm.pop() and None,

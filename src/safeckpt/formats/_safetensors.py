@@ -112,7 +112,9 @@ def read_header(path: Path) -> Header:
         if n > MAX_HEADER:
             raise CorruptCheckpointError(f"{path}: declared header of {n} bytes exceeds the 100 MB limit")
         if 8 + n > size:
-            raise CorruptCheckpointError(f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?")
+            raise CorruptCheckpointError(
+                f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?"
+            )
         raw = f.read(n)
     return parse_header(path, raw, size)
 
@@ -121,7 +123,9 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     """Validate header bytes ``raw`` of a file of ``size`` bytes (see `read_header`)."""
 
     def bad(msg: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: invalid safetensors header: {msg if len(msg) <= 500 else msg[:500] + '...'}")
+        return CorruptCheckpointError(
+            f"{path}: invalid safetensors header: {msg if len(msg) <= 500 else msg[:500] + '...'}"
+        )
 
     try:
         text = raw.decode("utf-8")
@@ -142,16 +146,20 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
         raise bad("__metadata__ must map strings to strings")
     for s in (*obj, *meta, *meta.values()):
         if not _is_unicode(s):
-            raise bad(f"string {s.encode('utf-8', 'backslashreplace')[:80]!r} holds an unpaired surrogate escape, which is not Unicode")
+            raise bad(
+                f"string {s.encode('utf-8', 'backslashreplace')[:80]!r} holds an unpaired surrogate escape, which is not Unicode"
+            )
     data_start = 8 + len(raw)
     entries: dict[str, Entry] = {}
     for name, info in obj.items():
         entries[name] = _entry(name, info, data_start, bad)
     pos = data_start
-    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
-        if e.begin != pos:
-            raise bad(f"tensor {e.name!r} starts at data offset {e.begin - data_start}, expected {pos - data_start} (hole or overlap)")
-        pos = e.end
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != pos:
+            raise bad(
+                f"tensor {entry.name!r} starts at data offset {entry.begin - data_start}, expected {pos - data_start} (hole or overlap)"
+            )
+        pos = entry.end
     if pos != size:
         raise bad(f"tensor data ends at byte {pos} but the file has {size} bytes (truncated or trailing data)")
     return Header(path, size, data_start, entries, meta)
@@ -184,7 +192,9 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
     bits = numel * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         need = f"{bits // 8}" if numel <= 1 << 64 else "more than 2**64"
-        raise bad(f"tensor {name!r}: shape {_short(shape)} of {code} needs {need} bytes, data_offsets give {offsets[1] - offsets[0]}")
+        raise bad(
+            f"tensor {name!r}: shape {_short(shape)} of {code} needs {need} bytes, data_offsets give {offsets[1] - offsets[0]}"
+        )
     return Entry(name, code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
@@ -217,7 +227,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def entry_tensor(mapped: MappedFile, e: Entry) -> torch.Tensor:
     """The tensor an entry describes, backed by the file's map."""
     if e.code not in DTYPES:
-        raise CorruptCheckpointError(f"{mapped.path}: tensor {e.name!r} has dtype {e.code}, which torch cannot represent")
+        raise CorruptCheckpointError(
+            f"{mapped.path}: tensor {e.name!r} has dtype {e.code}, which torch cannot represent"
+        )
     return mapped.tensor(e.begin, e.end - e.begin, e.dtype, e.torch_shape)
 
 
@@ -276,7 +288,9 @@ def write(
         meta[checksum_key] = "0" * 8 * len(items)
     blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":"), ensure_ascii=False).encode()
     if len(blob) > MAX_HEADER:
-        raise ValueError(f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors")
+        raise ValueError(
+            f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors"
+        )
     blob += b" " * (-(8 + len(blob)) % align)
     crcs: list[int] = []
     with atomic_write(path) as f:
@@ -314,7 +328,9 @@ def checksums(header: Header, key: str) -> dict[str, int] | None:
         return None
     order = sorted(header.entries.values(), key=lambda e: (e.begin, e.end))
     if len(text) != 8 * len(order):
-        raise CorruptCheckpointError(f"{header.path}: metadata {key!r} lists {len(text) // 8} checksums for {len(order)} tensors")
+        raise CorruptCheckpointError(
+            f"{header.path}: metadata {key!r} lists {len(text) // 8} checksums for {len(order)} tensors"
+        )
     try:
         return {e.name: int(text[8 * i : 8 * i + 8], 16) for i, e in enumerate(order)}
     except ValueError:
@@ -337,5 +353,7 @@ def checksum_problems(header: Header, key: str) -> list[str] | None:
             crc = zlib.crc32(data[i : i + CHUNK], crc)
         data.release()
         if crc != recorded[name]:
-            problems.append(f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})")
+            problems.append(
+                f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})"
+            )
     return problems

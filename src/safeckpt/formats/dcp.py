@@ -209,7 +209,7 @@ def _tensor_item(state: Any) -> TensorItem:
         raise CorruptCheckpointError("TensorStorageMetadata.properties is not a TensorProperties")
     if None in chunks:
         raise CorruptCheckpointError("TensorStorageMetadata.chunks is not a list of ChunkStorageMetadata")
-    return TensorItem(props.dtype, _ints(f["size"], "tensor size"), tuple(chunks))
+    return TensorItem(props.dtype, _ints(f["size"], "tensor size"), tuple(c for c in chunks if c is not None))
 
 
 def _index(state: Any) -> Index:

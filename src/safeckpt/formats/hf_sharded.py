@@ -105,8 +105,13 @@ def read(path: Path, *, allow: tuple[str, ...] = (), **_: Any) -> Checkpoint:
         raise UnknownFormatError(layout)
     if layout.single is not None:
         one = stf.read(_checked_file(layout.directory, layout.single.name, f"{layout.directory}: {layout.single.name}"))
-        info = {**one.info, "shards": [layout.single.name]}
-        return Checkpoint(one.tree, format=NAME, path=layout.directory, metadata=one.metadata, info=info)
+        return Checkpoint(
+            one.tree,
+            format=NAME,
+            path=layout.directory,
+            metadata=one.metadata,
+            info={**one.info, "shards": [layout.single.name]},
+        )
     assert layout.index is not None
     if path.is_dir():
         _checked_file(layout.directory, layout.index.name, f"{layout.index}")

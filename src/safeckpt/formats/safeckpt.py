@@ -47,7 +47,9 @@ def read(path: Path, **_: Any) -> Checkpoint:
     meta = header.metadata
     version = meta.get(KEY_VERSION)
     if version is None or KEY_SKELETON not in meta:
-        raise CorruptCheckpointError(f"{path}: a safetensors file without a safeckpt skeleton; open it as format 'safetensors'")
+        raise CorruptCheckpointError(
+            f"{path}: a safetensors file without a safeckpt skeleton; open it as format 'safetensors'"
+        )
     if version != VERSION:
         raise CorruptCheckpointError(
             f"{path}: written with safeckpt format version {version}, this safeckpt reads version {VERSION}; upgrade safeckpt"
@@ -60,14 +62,21 @@ def read(path: Path, **_: Any) -> Checkpoint:
     refs: dict[str, TensorRef] = {}
 
     def tensor(payload: Any) -> TensorRef:
-        if not (isinstance(payload, list) and 2 <= len(payload) <= 3 and isinstance(payload[0], str) and type(payload[1]) is int):
+        if not (
+            isinstance(payload, list)
+            and 2 <= len(payload) <= 3
+            and isinstance(payload[0], str)
+            and type(payload[1]) is int
+        ):
             raise CorruptCheckpointError(f"{path}: malformed tensor reference {payload!r} in the skeleton")
         name, flags = payload[0], payload[1]
         if name in refs:
             return refs[name]
         entry = header.entries.get(name)
         if entry is None:
-            raise CorruptCheckpointError(f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold")
+            raise CorruptCheckpointError(
+                f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold"
+            )
         refs[name] = _ref(path, mapped, entry, flags, payload[2] if len(payload) == 3 else None)
         return refs[name]
 
@@ -174,4 +183,3 @@ def verify(path: Path) -> list[str]:
         if crc != recorded[name]:
             problems.append(f"{path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})")
     return problems
-

@@ -159,7 +159,7 @@ def plan(ckpt: Checkpoint, path: Path) -> Plan:
         kept = min(n for n, _ in members)
         leaf = next(x for n, x in members if n == kept)
         out.items.append(
-            st.Item(kept, leaf.dtype, tuple(leaf.shape), leaf.load if isinstance(leaf, TensorRef) else lambda x=leaf: x)
+            st.Item(kept, leaf.dtype, tuple(leaf.shape), leaf.load if isinstance(leaf, TensorRef) else lambda x=leaf: x)  # type: ignore[misc]
         )
         out.aliases.update({n: kept for n, _ in members if n != kept})
     return out

@@ -221,7 +221,7 @@ _REBUILDERS = {
 
 
 def _torch_table() -> dict[str, Handler]:
-    table = {name: Handler(call=fn) for name, fn in _REBUILDERS.items()}
+    table = {name: Handler(call=fn) for name, fn in _REBUILDERS.items()}  # type: ignore[arg-type]
     table["torch._utils._rebuild_parameter"] = Handler(call=_rebuild_parameter)
     table["torch._utils._rebuild_parameter_with_state"] = Handler(call=_rebuild_parameter)
     table["torch._tensor._rebuild_from_type_v2"] = Handler(call=_rebuild_from_type_v2)
@@ -626,7 +626,7 @@ class _Tree:
             if cls in (set, frozenset):
                 return cls(self._convert(v, (*path, "<item>"), False) for v in obj)
             if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
-                out = cls()
+                out: Any = cls()
                 for k, v in obj.items():
                     out[self._convert(k, (*path, "<key>"), False)] = self._convert(v, (*path, k), tensors)
                 meta = getattr(obj, "_metadata", None)
@@ -719,10 +719,14 @@ def globals_report(path: Path, *, allow: Iterable[str] = (), _reader: _Reader | 
         >>> globals_report(Path("evil.pt"))
         [('collections.OrderedDict', True), ('posix.system', False)]
     """
-    if _reader is not None:
-        table, admitted = allowed_globals(), _pickle._allowed_by(allow)
-        names = list(dict.fromkeys(_reader.globals))
-        return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
+    names: dict[str, None] = dict.fromkeys(_reader.globals) if _reader is not None else _scan_globals(Path(path))
+    table = allowed_globals()
+    admitted = _pickle._allowed_by(allow)
+    return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
+
+
+def _scan_globals(path: Path) -> dict[str, None]:
+    """Every global the pickle(s) in ``path`` name, in order, found without running them."""
     reader = _Reader(Path(path))
     data = memoryview(reader.data)
     head = bytes(data[:4096])
@@ -744,9 +748,7 @@ def globals_report(path: Path, *, allow: Iterable[str] = (), _reader: _Reader | 
             names.update(dict.fromkeys(found))
             if pos >= len(data):
                 break
-    table = allowed_globals()
-    admitted = _pickle._allowed_by(allow)
-    return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
+    return names
 
 
 def verify(path: Path) -> list[str]:
