@@ -317,13 +317,13 @@ TARGETS = [
             lambda res, e=ext: res.times(f"safeckpt.open+1 tensor [{e}]"),
             0.05,
             unit="s",
-            note=BIG,
+            big=True,
         )
         for ext in (".pt", ".safeckpt", ".safetensors")
     ),
     *(
         Target(
-            f"open [{ext}] under 100 ms", lambda res, e=ext: res.times(f"safeckpt.open [{e}]"), 0.1, unit="s", note=BIG
+            f"open [{ext}] under 100 ms", lambda res, e=ext: res.times(f"safeckpt.open [{e}]"), 0.1, unit="s", big=True
         )
         for ext in (".pt", ".safeckpt", ".safetensors")
     ),
@@ -472,14 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--write-results", action="store_true", help="also write the table to benchmarks/RESULTS.md")
     p.add_argument("--results-dir", type=Path, default=HERE / "results", help="where the JSON lines go")
-    p.add_argument("--report", type=Path, help="print the table of an earlier run's JSON lines and exit")
+    p.add_argument("--report", type=Path, nargs="+", help="print the tables of earlier runs' JSON lines and exit")
     args = p.parse_args(argv)
     if args.only and set(args.only) - set(GROUPS):
         p.error(f"unknown group(s) {sorted(set(args.only) - set(GROUPS))}; groups: {', '.join(GROUPS)}")
     if args.report:
-        records = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
-        meta = next(r for r in records if r.get("type") == "meta")
-        text = table(Results(meta, records))
+        texts = []
+        for path in args.report:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            meta = next(r for r in records if r.get("type") == "meta")
+            texts.append(table(Results(meta, records)))
+        text = "\n".join(texts)
     else:
         meta, rows = run(args)
         args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import state as S
 
-STATE_VERSION = 2  # bump when the synthetic state changes, so cached files are rebuilt
+STATE_VERSION = 3  # bump when the synthetic state changes, so cached files are rebuilt
 
 
 @dataclass
@@ -537,6 +537,9 @@ def prepare(env: Env, fresh_native: bool = True) -> dict[str, Any]:
     env.dir.mkdir(parents=True, exist_ok=True)
     state = S.build_state(env.shape)
     tree = S.plain(state)
+    # the native file must hold the same state as the cached peer files
+    fresh = S.fingerprint(state["model"], state["optimizer"])
+    reuse = reuse and all(close(a, b) for a, b in zip(old.get("fingerprint", []), fresh, strict=True))
     if not reuse:
         for n in ("full.pt", "full.safetensors", "model.safetensors"):
             env.file(n).unlink(missing_ok=True)

@@ -126,13 +126,21 @@ def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_state(shape: Shape, seed: int = 0) -> dict[str, Any]:
-    """The full training state: model, fused Adam after one real step, and plain values."""
+    """The full training state: model, fused Adam after one real step, and plain values.
+
+    The step runs on one thread: Adam's first update is about ``lr * sign(grad)``, so the summation
+    order of another thread count would flip near-zero gradients and give other weights."""
     model = build_model(shape, seed)
     opt = build_optimizer(model)
     tokens = torch.randint(0, shape.vocab, (2, 16), generator=torch.Generator().manual_seed(seed + 1))
-    loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
-    loss.backward()
-    opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        opt.step()
+    finally:
+        torch.set_num_threads(threads)
     opt.zero_grad(set_to_none=True)
     return {
         "model": model,
