@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,9 +16,14 @@ import torch
 
 from .errors import CorruptCheckpointError
 
-# Writes go out in pieces of this size so a crc can run on one piece while the next is written,
-# and so no single write() exceeds what Linux accepts in one call (2 GiB - 4 KiB).
-CHUNK = 64 << 20
+try:  # ISA-L computes zlib's CRC-32 about 4x faster; optional (pip install 'safeckpt[fast]')
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    from zlib import crc32
+
+# Writes go out in 1 MiB pieces: measured faster than larger writes into the page cache here
+# (benchmarks/), and far below the 2 GiB - 4 KiB Linux accepts in one write() call.
+CHUNK = 1 << 20
 
 
 def target_file(path: str | os.PathLike[str]) -> Path:
@@ -69,6 +76,15 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def checksum(data: memoryview | bytes) -> int:
+    """The CRC-32 (zlib's) of ``data``, in pieces that release the GIL."""
+    view = memoryview(data).cast("B")
+    crc = 0
+    for i in range(0, len(view), 64 << 20):
+        crc = crc32(view[i : i + (64 << 20)], crc)
+    return crc
 
 
 def write_all(f: BinaryIO, data: memoryview | bytes) -> None:
@@ -128,14 +144,21 @@ class MappedFile:
     @property
     def map(self) -> mmap.mmap:
         if self._map is None:
-            with open(self._fetch() if self._fetch else self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                # a fetched placeholder is another file: only its size must match
-                if (st.st_size, self._stamp[1] if self._fetch else st.st_mtime_ns) != self._stamp:
-                    raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if st.st_size else None
+            with self.open() as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self._stamp[0] else None
         assert self._map is not None
         return self._map
+
+    def open(self) -> BinaryIO:
+        """The file, opened for reading, checked to be the one that was opened (a Hub placeholder
+        is fetched first)."""
+        f = open(self._fetch() if self._fetch else self.path, "rb")  # noqa: SIM115 - the caller closes it
+        st = os.fstat(f.fileno())
+        # a fetched placeholder is another file: only its size must match
+        if (st.st_size, self._stamp[1] if self._fetch else st.st_mtime_ns) != self._stamp:
+            f.close()
+            raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
+        return f
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor stored at ``offset`` (``nbytes`` long) as ``dtype`` and ``shape``, backed by the map."""
@@ -149,3 +172,36 @@ class MappedFile:
         if offset % dtype.itemsize:
             raw = raw.clone()  # unaligned data from another writer: copy rather than hand out a misaligned view
         return raw.view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a tensor's exact bytes (C order, little-endian) lie in a file, so a writer can copy
+    them file to file without reading them into the process; ``crc32`` if the source recorded it."""
+
+    file: MappedFile
+    offset: int
+    crc32: int | None = None
+
+
+def copy_span(out: BinaryIO, span: Span, nbytes: int) -> bool:
+    """Append ``nbytes`` at ``span`` to ``out`` with ``copy_file_range`` (no pass through user
+    space). False, with nothing written, where the kernel cannot do it (the caller writes instead)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    start = os.lseek(out.fileno(), 0, os.SEEK_CUR)
+    with span.file.open() as src:
+        pos, left = span.offset, nbytes
+        try:
+            while left:
+                n = os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30), pos)
+                if n == 0:
+                    raise CorruptCheckpointError(f"{span.file.path}: ends before byte {pos + left}")
+                pos, left = pos + n, left - n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                raise
+            os.lseek(out.fileno(), start, os.SEEK_SET)
+            os.ftruncate(out.fileno(), start)
+            return False
+    return True

@@ -6,10 +6,12 @@ and ``objects -> state.to_saveable -> Checkpoint -> format.write -> path``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,19 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
     """
     local = _local(path)
     fmt = formats.detect(local)
-    return fmt.read(local, allow=tuple(allow))
+    with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
+        return fmt.read(local, allow=tuple(allow))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def save(
@@ -341,7 +355,7 @@ def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:
                 progress(ref.nbytes)
                 return t
 
-            wrapped[id(x)] = dataclasses.replace(x, loader=load)
+            wrapped[id(x)] = dataclasses.replace(x, loader=load, span=None)  # counted: read, not copied
         return wrapped[id(x)]
 
     return Checkpoint(

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ._fs import Span
+
 __all__ = [
     "AttributeDict",
     "Checkpoint",
@@ -76,6 +78,8 @@ class TensorRef:
             are the same tensor (tied weights); equal ``storage`` alone means shared memory.
         view: where in ``storage`` this tensor sits (format-specific, hashable).
         requires_grad / parameter: what the producer recorded about the tensor.
+        span: where its exact bytes lie in ``source``, when they do (C order, little-endian), so
+            a conversion can copy them file to file.
 
     Example:
         >>> ref = safeckpt.open("ckpt.safeckpt").tensors()["model/l1.weight"]
@@ -93,6 +97,7 @@ class TensorRef:
     view: Hashable | None = None
     requires_grad: bool = False
     parameter: bool = False
+    span: Span | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:

@@ -26,14 +26,15 @@ __all__ = ["HEAD_BYTES", "detect", "get", "names", "writable"]
 
 HEAD_BYTES = 4096
 
-# name -> module, in sniff order (more specific formats first)
-_FORMATS: dict[str, str] = {
-    "safeckpt": "safeckpt.formats.safeckpt",
-    "safeckpt-sharded": "safeckpt.formats.safeckpt_sharded",
-    "safetensors": "safeckpt.formats.safetensors_file",
-    "hf-sharded": "safeckpt.formats.hf_sharded",
-    "dcp": "safeckpt.formats.dcp",
-    "torch": "safeckpt.formats.torch_pickle",
+# name -> (module, what it can be: a "file", a "dir" or "any"), in sniff order: more specific first.
+# The kind spares detection importing and asking modules that cannot apply.
+_FORMATS: dict[str, tuple[str, str]] = {
+    "safeckpt": ("safeckpt.formats.safeckpt", "file"),
+    "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any"),
+    "safetensors": ("safeckpt.formats.safetensors_file", "file"),
+    "hf-sharded": ("safeckpt.formats.hf_sharded", "any"),
+    "dcp": ("safeckpt.formats.dcp", "dir"),
+    "torch": ("safeckpt.formats.torch_pickle", "file"),
 }
 
 
@@ -50,7 +51,7 @@ def get(name: str) -> ModuleType:
         ('.safeckpt',)
     """
     try:
-        return importlib.import_module(_FORMATS[name])
+        return importlib.import_module(_FORMATS[name][0])
     except KeyError:
         raise ValueError(f"unknown format {name!r}; known formats: {', '.join(_FORMATS)}") from None
 
@@ -77,12 +78,20 @@ def detect(path: str | os.PathLike[str]) -> ModuleType:
     if p.is_file():
         with open(p, "rb") as f:
             head = f.read(HEAD_BYTES)
-    hits = [m for m in map(get, _FORMATS) if m.sniff(head, p)]
+    suffix, kind = p.suffix.lower(), "file" if p.is_file() else "dir"
+    hits = []
+    for name, (_, can_be) in _FORMATS.items():
+        if can_be not in (kind, "any"):
+            continue
+        module = get(name)
+        if module.sniff(head, p):
+            if suffix in module.EXTENSIONS:
+                return module  # the first hit the extension agrees with: later ones cannot win the tie
+            hits.append(module)
     if not hits:
         what = "directory" if p.is_dir() else f"file ({p.stat().st_size} bytes)"
         raise UnknownFormatError(
             f"{path}: not a checkpoint safeckpt can read; this {what} matched none of the formats tried: "
-            f"{', '.join(_FORMATS)}"
+            f"{', '.join(n for n, (_, k) in _FORMATS.items() if k in (kind, 'any'))}"
         )
-    suffix = p.suffix.lower()
-    return next((m for m in hits if suffix in m.EXTENSIONS), hits[0])
+    return hits[0]

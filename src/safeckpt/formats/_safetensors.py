@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._fs import CHUNK, MappedFile, atomic_write, tensor_bytes, write_all
+from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_bytes, write_all
 from ..errors import CorruptCheckpointError
 
 MAX_HEADER = 100_000_000
@@ -244,6 +244,7 @@ class Item:
     dtype: torch.dtype
     shape: tuple[int, ...]
     get: Callable[[], torch.Tensor]
+    span: Span | None = None  # bytes to copy file to file instead of calling `get`
 
 
 def stored_as(dtype: torch.dtype, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
@@ -293,19 +294,23 @@ def write(
         )
     blob += b" " * (-(8 + len(blob)) % align)
     crcs: list[int] = []
-    with atomic_write(path) as f:
+    with atomic_write(path) as f, ThreadPoolExecutor(1) as pool:
         write_all(f, struct.pack("<Q", len(blob)) + blob)
         for it in items:
+            nbytes = _nbytes(it.dtype, it.shape)
+            span = it.span
+            if span is not None and (span.crc32 is not None or not checksum_key) and copy_span(f, span, nbytes):
+                crcs.append(span.crc32 or 0)
+                continue
             t = it.get()
             if t.dtype != it.dtype or tuple(t.shape) != tuple(it.shape):
                 raise ValueError(f"{path}: tensor {it.name!r} changed while saving (was {it.dtype} {list(it.shape)})")
             data = tensor_bytes(t)
-            crc = 0
-            for i in range(0, len(data), CHUNK):
-                write_all(f, data[i : i + CHUNK])
-                if checksum_key:
-                    crc = zlib.crc32(data[i : i + CHUNK], crc)
-            crcs.append(crc)
+            # the CRC of a large tensor runs on the other core while its bytes are written
+            crc = pool.submit(checksum, data) if checksum_key and nbytes >= 1 << 20 else None
+            small = checksum(data) if checksum_key and crc is None else 0
+            write_all(f, data)
+            crcs.append(crc.result() if crc is not None else small)
             del t, data  # let go before the next tensor is fetched: at most one is held at a time
         if checksum_key:
             marker = f'"{checksum_key}":"'.encode()
@@ -345,13 +350,7 @@ def checksum_problems(header: Header, key: str) -> list[str] | None:
     mapped = MappedFile(header.path, header.size)
     problems = []
     for name, entry in header.entries.items():
-        if entry.end == entry.begin:
-            continue
-        data = memoryview(mapped.map)[entry.begin : entry.end]
-        crc = 0
-        for i in range(0, len(data), CHUNK):
-            crc = zlib.crc32(data[i : i + CHUNK], crc)
-        data.release()
+        crc = checksum(memoryview(mapped.map)[entry.begin : entry.end]) if entry.end > entry.begin else 0
         if crc != recorded[name]:
             problems.append(
                 f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})"

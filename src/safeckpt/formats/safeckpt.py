@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import zlib
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import codec
-from .._fs import CHUNK, MappedFile
+from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, path_name
 from . import _safetensors as st
@@ -59,6 +58,7 @@ def read(path: Path, **_: Any) -> Checkpoint:
     except (binascii.Error, ValueError):
         raise CorruptCheckpointError(f"{path}: the skeleton in the header is not valid base64") from None
     mapped = MappedFile(path, header.size)
+    crcs = st.checksums(header, KEY_CRC) or {}
     refs: dict[str, TensorRef] = {}
 
     def tensor(payload: Any) -> TensorRef:
@@ -77,7 +77,7 @@ def read(path: Path, **_: Any) -> Checkpoint:
             raise CorruptCheckpointError(
                 f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold"
             )
-        refs[name] = _ref(path, mapped, entry, flags, payload[2] if len(payload) == 3 else None)
+        refs[name] = _ref(path, mapped, entry, flags, payload[2] if len(payload) == 3 else None, crcs.get(name))
         return refs[name]
 
     tree = codec.decode(skeleton, tensor, source=str(path))
@@ -88,7 +88,7 @@ def read(path: Path, **_: Any) -> Checkpoint:
     return Checkpoint(tree, format=NAME, path=path, metadata=plain, info={"format_version": version})
 
 
-def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any) -> TensorRef:
+def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any, crc: int | None) -> TensorRef:
     dtype, shape = entry.dtype, entry.torch_shape
     loader = lambda: st.entry_tensor(mapped, entry)  # noqa: E731
     if real_of is not None:
@@ -107,6 +107,7 @@ def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: A
         view=entry.name,
         requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
         parameter=bool(flags & FLAG_PARAMETER),
+        span=Span(mapped, entry.begin, crc),
     )
 
 
@@ -129,7 +130,8 @@ def write(ckpt: Checkpoint, path: Path, **_: Any) -> Path:
                 raise TypeError(f"{codec.where(p)} is a {x.layout} tensor; save x.to_dense() or its components instead")
             st.stored_as(x.dtype, tuple(x.shape), codec.where(p))  # refuse unsupported dtypes now, not mid-write
             names[key] = _unique(path_name(p) or "tensor", used)
-            items.append(st.Item(names[key], x.dtype, tuple(x.shape), _getter(x)))
+            span = x.span if isinstance(x, TensorRef) else None
+            items.append(st.Item(names[key], x.dtype, tuple(x.shape), _getter(x), span))
         flags = _flags(x)
         payload: list[Any] = [names[key], flags]
         if x.dtype in st.AS_REAL:
@@ -166,20 +168,5 @@ def verify(path: Path) -> list[str]:
         >>> verify(Path("run.safeckpt"))
         []
     """
-    header = st.read_header(path)
-    recorded = st.checksums(header, KEY_CRC)
-    if recorded is None:
-        return [f"{path}: no checksums recorded"]
-    mapped = MappedFile(path, header.size)
-    problems = []
-    for name, entry in header.entries.items():
-        if entry.end == entry.begin:
-            continue
-        data = memoryview(mapped.map)[entry.begin : entry.end]
-        crc = 0
-        for i in range(0, len(data), CHUNK):
-            crc = zlib.crc32(data[i : i + CHUNK], crc)
-        del data
-        if crc != recorded[name]:
-            problems.append(f"{path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})")
-    return problems
+    problems = st.checksum_problems(st.read_header(path), KEY_CRC)
+    return [f"{path}: no checksums recorded"] if problems is None else problems

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._fs import MappedFile, atomic_write
+from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
 from . import _pickle, _zip
@@ -64,6 +64,7 @@ class Storage:
     numel: int
     location: str
     offset: int = -1
+    crc32: int | None = None  # the zip record's, when torch computed one
 
     @property
     def nbytes(self) -> int:
@@ -358,7 +359,7 @@ class _Reader:
             record = records.get(f"data/{key}")
             if record is None:
                 raise _bad(f"storage {key} has no record data/{key} in the archive")
-            storage = Storage(key, dtype, numel, location, record.offset)
+            storage = Storage(key, dtype, numel, location, record.offset, record.crc32 or None)
             if storage.nbytes != record.size:
                 raise _bad(
                     f"storage {key}: declared {storage.nbytes} bytes ({numel} x {dtype}), the record has {record.size}"
@@ -654,7 +655,23 @@ class _Tree:
             view=view,
             requires_grad=obj.requires_grad,
             parameter=obj.parameter,
+            span=self._span(obj),
         )
+
+    def _span(self, spec: TensorSpec) -> Span | None:
+        """Where the tensor's bytes lie as they are, if they do (contiguous, little-endian, no
+        lazy conjugation); the record's CRC when the tensor is its whole storage."""
+        s, item = spec.storage, spec.dtype.itemsize
+        if self.reader.byteorder != "little" or spec.conj or spec.neg or s.offset < 0:
+            return None
+        expect, n = [], 1
+        for d in reversed(spec.size):
+            expect.append(n)
+            n *= d
+        if n > 1 and any(d > 1 and st != e for d, st, e in zip(spec.size, spec.stride, reversed(expect), strict=True)):
+            return None
+        whole = spec.offset == 0 and n * item == s.nbytes
+        return Span(self.reader.mapped, s.offset + spec.offset * item, s.crc32 if whole else None)
 
 
 def _open(path: Path, allow: Iterable[str]) -> tuple[_Reader, Any, int]:
