@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import assert_bits_equal
 
 import safeckpt
+from conformance import assert_bits_equal
 from safeckpt.formats import safeckpt as native
 
 
