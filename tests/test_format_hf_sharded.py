@@ -175,16 +175,17 @@ def test_huggingface_cache_snapshot_symlinks_are_followed(tmp_path: Path) -> Non
 
 @pytest.fixture
 def mapped(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Records every file whose data gets memory-mapped (MappedFile maps once, on first use)."""
+    """Records every file whose tensor data gets read: mapped (once, on first use) or opened to
+    read a tensor straight into its destination (both go through ``MappedFile.open``)."""
     seen: list[Path] = []
-    original = _fs.MappedFile.map
+    original = _fs.MappedFile.open
 
     def spy(self: _fs.MappedFile) -> Any:
-        if self._map is None:
+        if Path(self.path).resolve() not in seen:
             seen.append(Path(self.path).resolve())
-        return original.fget(self)  # type: ignore[attr-defined]
+        return original(self)
 
-    monkeypatch.setattr(_fs.MappedFile, "map", property(spy))
+    monkeypatch.setattr(_fs.MappedFile, "open", spy)
     return seen
 
 

@@ -127,3 +127,27 @@ def test_load_into_a_module_copies_from_the_map_without_a_second_copy(tmp_path: 
     grown = _rss_anon() - before
     assert grown < size // 10, f"anonymous memory grew by {grown >> 20} MiB loading a {size >> 20} MiB model"
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), target.parameters(), strict=True))
+
+
+def test_module_loads_read_straight_into_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeckpt import state
+
+    model = Net()
+    path = safeckpt.save(tmp_path / "w.safetensors", model.state_dict())
+    reads: list[str] = []
+    real = state.read_into
+    monkeypatch.setattr(state, "read_into", lambda ref, t: reads.append(ref.name) or real(ref, t))
+    target = Net()
+    safeckpt.load_raw(path, target)
+    assert sorted(reads) == sorted(model.state_dict())
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True)
+    )
+
+    seen: list[str] = []
+    hooked = Net()
+    hooked.l1._register_load_state_dict_pre_hook(lambda sd, prefix, *a: seen.append(prefix))
+    reads.clear()
+    safeckpt.load_raw(path, hooked)  # a hook may look at or change the incoming tensors: they go through it
+    assert reads == [] and seen == ["l1."]
+    assert torch.equal(hooked.l1.weight, model.l1.weight)

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -192,25 +191,23 @@ def load(
                     "To disable strict loading, set `strict=False`."
                 )
     targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+    entries = {}
     for key, obj in targets.items():
         sd = tree[key]
-        if isinstance(obj, nn.Module):
-            sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True))) if isinstance(sd, Mapping) else sd
+        if isinstance(obj, nn.Module) and isinstance(sd, Mapping):
+            sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True)))
         st.check(obj, sd, strict, f"{path} (key {key!r})")
-    if os.fspath(path).startswith("hf://"):
-        # the remainder's tensors stay lazy, so a partial load downloads only the shards it needs
-        full = {**ckpt.to_python({k: tree[k] for k in targets}), **{k: v for k, v in tree.items() if k not in targets}}
-    else:
-        full = ckpt.to_python()
+        entries[key] = sd
     for key, obj in targets.items():
-        value = full.pop(key)
         if isinstance(obj, nn.Module):
-            st.apply(obj, st.strip_wrapper_prefix(value, set(obj.state_dict(keep_vars=True))), strict)
+            st.load_module(obj, entries[key], strict)
         elif st.is_stateful(obj):
-            st.apply(obj, value, strict)
+            st.apply(obj, ckpt.to_python(entries[key]), strict)
         else:
-            state[key] = value  # type: ignore[index]
-    return full
+            state[key] = ckpt.to_python(entries[key])  # type: ignore[index]
+    rest = {k: v for k, v in tree.items() if k not in targets}
+    # from the Hub the remainder's tensors stay lazy, so a partial load downloads only the shards it needs
+    return rest if os.fspath(path).startswith("hf://") else ckpt.to_python(rest)
 
 
 def load_raw(
@@ -250,12 +247,7 @@ def load_raw(
                     f"with `safeckpt convert {path} weights.safetensors --key model`."
                 )
         st.check_module(target, sd, strict, str(path))
-        if not strict and isinstance(sd, Mapping) and set(sd) - own:  # what the module ignores stays unread (unmapped)
-            meta = getattr(sd, "_metadata", None)
-            sd = OrderedDict((k, v) for k, v in sd.items() if k in own)
-            if meta is not None:
-                sd._metadata = meta  # type: ignore[attr-defined]
-        st.apply(target, ckpt.to_python(sd), strict)
+        st.load_module(target, sd, strict)
     elif isinstance(target, torch.optim.Optimizer):
         if isinstance(tree, Mapping) and "param_groups" not in tree and _is_wrapped(tree):
             keys = ", ".join(repr(k) for k in list(tree)[:10])

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._fs import MappedFile
+from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
 from . import _safetensors as st
@@ -54,7 +54,8 @@ def read(path: Path, **_: Any) -> Checkpoint:
     """
     header = st.read_header(path)
     mapped = MappedFile(path, header.size)
-    refs = {name: tensor_ref(path, mapped, e) for name, e in header.entries.items()}
+    crcs = st.checksums(header, KEY_CRC) or {}
+    refs = {name: tensor_ref(path, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
     aliases = tied_aliases(header.metadata, refs)
     tree = {name: refs[aliases.get(name, name)] for name in sorted([*refs, *aliases])}
     info: dict[str, Any] = {"aliases": aliases} if aliases else {}
@@ -65,8 +66,9 @@ def read(path: Path, **_: Any) -> Checkpoint:
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
-def tensor_ref(path: Path, mapped: MappedFile, e: st.Entry) -> TensorRef:
-    """The lazy reference to one header entry (F6 tensors, which torch lacks, as raw ``uint8`` bytes)."""
+def tensor_ref(path: Path, mapped: MappedFile, e: st.Entry, crc: int | None = None) -> TensorRef:
+    """The lazy reference to one header entry (F6 tensors, which torch lacks, as raw ``uint8`` bytes);
+    ``crc``: its CRC-32 if the file records it."""
     if e.code not in st.DTYPES:
         n = e.end - e.begin
         return TensorRef(
@@ -77,9 +79,17 @@ def tensor_ref(path: Path, mapped: MappedFile, e: st.Entry) -> TensorRef:
             lambda: mapped.tensor(e.begin, n, torch.uint8, (n,)),
             storage=str(path),
             view=e.name,
+            span=Span(mapped, e.begin, crc),
         )
     return TensorRef(
-        e.name, e.dtype, e.torch_shape, str(path), lambda: st.entry_tensor(mapped, e), storage=str(path), view=e.name
+        e.name,
+        e.dtype,
+        e.torch_shape,
+        str(path),
+        lambda: st.entry_tensor(mapped, e),
+        storage=str(path),
+        view=e.name,
+        span=Span(mapped, e.begin, crc),
     )
 
 
