@@ -181,16 +181,7 @@ def load(
     if not state:
         return ckpt.to_python()
     tree = ckpt.tree
-    if not isinstance(tree, dict):
-        raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
-    if strict:
-        for key in state:
-            if key not in tree:
-                raise KeyError(
-                    f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
-                    "To disable strict loading, set `strict=False`."
-                )
-    targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+    targets = st.select(tree, state, strict, path)
     entries = {}
     for key, obj in targets.items():
         sd = tree[key]

@@ -49,7 +49,7 @@ from . import state as st
 from ._units import parse_size
 from .errors import CorruptCheckpointError
 from .formats import safeckpt_sharded as fmt
-from .tree import Checkpoint, TensorRef, iter_leaves, path_name
+from .tree import Checkpoint, TensorRef, iter_leaves, path_name, unique_name
 
 __all__ = ["holds_dtensors", "load", "load_raw", "save"]
 
@@ -136,7 +136,7 @@ def save(
 
     def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
         fmt.check_storable(x, p)
-        name = fmt.unique(path_name(p) or "tensor", used)
+        name = unique_name(path_name(p) or "tensor", used)
         flat[name] = x.load() if isinstance(x, TensorRef) else x.detach()
         declared[name] = (x.dtype, tuple(x.shape))
         return [name, fmt.tensor_flags(x)]
@@ -426,16 +426,7 @@ def load(
         if verify:
             api._verify(ckpt)
         tree = ckpt.tree
-        if not isinstance(tree, dict):
-            raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
-        if strict:
-            for key in state:
-                if key not in tree:
-                    raise KeyError(
-                        f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint "
-                        f"{path}. To disable strict loading, set `strict=False`."
-                    )
-        targets = {k: st.unwrap(v) for k, v in state.items() if k in tree}
+        targets = st.select(tree, state, strict, path)
         modules = [m for m in targets.values() if isinstance(m, nn.Module)]
         for key, obj in sorted(targets.items(), key=lambda kv: not isinstance(kv[1], nn.Module)):
             where = f"{path} (key {key!r})"

@@ -113,6 +113,22 @@ def strip_wrapper_prefix(sd: Mapping[str, Any], expected: set[str]) -> Mapping[s
     return sd
 
 
+def select(tree: Any, state: Mapping[str, Any], strict: bool, path: object) -> dict[str, Any]:
+    """The load targets: ``state``'s entries the checkpoint holds, unwrapped; with ``strict``, every
+    requested key must be there (Fabric's ``KeyError``, naming the first one missing).
+    """
+    if not isinstance(tree, dict):
+        raise TypeError(f"{path} holds a {type(tree).__name__}, not a dict of entries; load it without a state")
+    if strict:
+        for key in state:
+            if key not in tree:
+                raise KeyError(
+                    f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
+                    "To disable strict loading, set `strict=False`."
+                )
+    return {k: unwrap(v) for k, v in state.items() if k in tree}
+
+
 def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
     """Raise what ``module.load_state_dict(sd, strict)`` would, before anything is copied.
 

@@ -190,6 +190,21 @@ def path_name(path: tuple[Any, ...]) -> str:
     return "/".join(str(k) for k in path)
 
 
+def unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name~1``, ``name~2``... if already in ``used`` (the result is added to it);
+    never ``__metadata__``, which safetensors reserves.
+
+    Example:
+        >>> used = {"w"}; unique_name("w", used), unique_name("w", used)
+        ('w~1', 'w~2')
+    """
+    candidate, i = name, 1
+    while candidate in used or candidate == "__metadata__":
+        candidate, i = f"{name}~{i}", i + 1
+    used.add(candidate)
+    return candidate
+
+
 class Checkpoint:
     """A checkpoint as a lazy tree: dicts, lists and tuples whose leaves are plain values or
     `TensorRef`s. What `safeckpt.open` returns and what every format reads into and writes from.

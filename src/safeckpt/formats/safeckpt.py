@@ -19,7 +19,7 @@ import torch
 from .. import codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, path_name
+from ..tree import Checkpoint, TensorRef, alias_key, path_name, unique_name
 from . import _safetensors as st
 
 NAME = "safeckpt"
@@ -124,16 +124,11 @@ def write(ckpt: Checkpoint, path: Path, **_: Any) -> Path:
     def tensor_payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
         key = alias_key(x)
         if key not in names:
-            if isinstance(x, torch.Tensor) and x.device.type == "meta":
-                raise TypeError(f"{codec.where(p)} is a meta tensor: it has no data to save")
-            if isinstance(x, torch.Tensor) and (x.is_sparse or x.layout != torch.strided):
-                raise TypeError(f"{codec.where(p)} is a {x.layout} tensor; save x.to_dense() or its components instead")
-            st.stored_as(x.dtype, tuple(x.shape), codec.where(p))  # refuse unsupported dtypes now, not mid-write
-            names[key] = _unique(path_name(p) or "tensor", used)
+            check_storable(x, p)
+            names[key] = unique_name(path_name(p) or "tensor", used)
             span = x.span if isinstance(x, TensorRef) else None
             items.append(st.Item(names[key], x.dtype, tuple(x.shape), _getter(x), span))
-        flags = _flags(x)
-        payload: list[Any] = [names[key], flags]
+        payload: list[Any] = [names[key], tensor_flags(x)]
         if x.dtype in st.AS_REAL:
             payload.append(str(x.dtype).removeprefix("torch."))
         return payload
@@ -148,17 +143,20 @@ def _getter(x: torch.Tensor | TensorRef) -> Any:
     return x.load if isinstance(x, TensorRef) else (lambda: x)
 
 
-def _flags(x: torch.Tensor | TensorRef) -> int:
+def tensor_flags(x: torch.Tensor | TensorRef) -> int:
+    """The flags the skeleton records with a tensor reference."""
     parameter = x.parameter if isinstance(x, TensorRef) else isinstance(x, torch.nn.Parameter)
     return (FLAG_PARAMETER if parameter else 0) | (FLAG_REQUIRES_GRAD if x.requires_grad else 0)
 
 
-def _unique(name: str, used: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in used or candidate == "__metadata__":
-        candidate, i = f"{name}~{i}", i + 1
-    used.add(candidate)
-    return candidate
+def check_storable(x: torch.Tensor | TensorRef, path: tuple[Any, ...]) -> None:
+    """Refuse, before anything is written, a tensor this format cannot hold (meta, sparse, a dtype
+    with no lossless encoding)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise TypeError(f"{codec.where(path)} is a meta tensor: it has no data to save")
+    if isinstance(x, torch.Tensor) and (x.is_sparse or x.layout != torch.strided):
+        raise TypeError(f"{codec.where(path)} is a {x.layout} tensor; save x.to_dense() or its components instead")
+    st.stored_as(x.dtype, tuple(x.shape), codec.where(path))
 
 
 def verify(path: Path) -> list[str]:

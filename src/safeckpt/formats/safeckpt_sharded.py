@@ -29,15 +29,15 @@ from .. import codec
 from .._fs import MappedFile, atomic_write, fsync_dir, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, path_name
+from ..tree import Checkpoint, TensorRef, alias_key, path_name, unique_name
 from . import _safetensors as st
+from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
 
 NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
 VERSION = 1
 INDEX = "safeckpt-index.msgpack"
 KEY_GENERATION, KEY_CRC = "safeckpt.generation", "safeckpt.crc32"
-FLAG_PARAMETER, FLAG_REQUIRES_GRAD = 1, 2
 # Files a save may leave behind: shards (and their temporaries) of any generation, index temporaries.
 _OURS = re.compile(
     r"^\.?shard-(?P<gen>[0-9a-f]{8,64})-\d{5}-\d{5}\.safetensors(\.[0-9a-f]+\.tmp)?$|^\."
@@ -397,7 +397,7 @@ def write_shards(
     for part, group in enumerate(groups):
         name = shard_name(generation, rank, part)
         used: set[str] = set()
-        keys = [unique(chunk_key(p.name, p.offsets, p.sizes, p.shape), used) for p in group]
+        keys = [unique_name(chunk_key(p.name, p.offsets, p.sizes, p.shape), used) for p in group]
         items = [st.Item(k, p.dtype, p.sizes, p.get) for k, p in zip(keys, group, strict=True)]
         st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=KEY_CRC)
         header = st.read_header(root / name)
@@ -409,15 +409,6 @@ def write_shards(
                 record,
                 {"file": name, "key": k, "offsets": list(p.offsets), "sizes": list(p.sizes), "bytes": [e.begin, e.end]},
             )
-
-
-def unique(name: str, used: set[str]) -> str:
-    """``name``, or ``name~1``, ``name~2``... if already in ``used`` (then recorded there)."""
-    candidate, i = name, 1
-    while candidate in used or candidate == "__metadata__":
-        candidate, i = f"{name}~{i}", i + 1
-    used.add(candidate)
-    return candidate
 
 
 def commit(
@@ -483,21 +474,6 @@ def collect_garbage(root: Path, keep: str) -> list[Path]:
     return removed
 
 
-def tensor_flags(x: torch.Tensor | TensorRef) -> int:
-    """The flags the skeleton records with a tensor reference."""
-    parameter = x.parameter if isinstance(x, TensorRef) else isinstance(x, torch.nn.Parameter)
-    return (FLAG_PARAMETER if parameter else 0) | (FLAG_REQUIRES_GRAD if x.requires_grad else 0)
-
-
-def check_storable(x: torch.Tensor | TensorRef, path: tuple[Any, ...]) -> None:
-    """Refuse, before anything is written, a tensor this format cannot hold."""
-    if isinstance(x, torch.Tensor) and x.device.type == "meta":
-        raise TypeError(f"{codec.where(path)} is a meta tensor: it has no data to save")
-    if isinstance(x, torch.Tensor) and (x.is_sparse or x.layout != torch.strided):
-        raise TypeError(f"{codec.where(path)} is a {x.layout} tensor; save x.to_dense() or its components instead")
-    st.stored_as(x.dtype, tuple(x.shape), codec.where(path))
-
-
 def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = None, **_: Any) -> Path:
     """Write ``ckpt`` as a sharded directory in this process, shards of at most ``max_shard_size``
     bytes of tensor data. A tensor larger than that is split by rows across files (a single row
@@ -517,7 +493,7 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
         key = alias_key(x)
         if key not in names:
             check_storable(x, p)
-            name = names[key] = unique(path_name(p) or "tensor", used)
+            name = names[key] = unique_name(path_name(p) or "tensor", used)
             declared[name] = (x.dtype, tuple(x.shape))
             pieces.extend(_split(name, x, limit))
         return [names[key], tensor_flags(x)]
