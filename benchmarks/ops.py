@@ -201,6 +201,28 @@ def dd_sync(env: Env) -> Prepared:
     return Prepared(lambda: command(cmd, peak), peak=peak, cleanup=remover(out))
 
 
+def write_state(env: Env) -> Prepared:
+    """The floor for writing *this memory*: every tensor's bytes, in 1 MiB os.write calls, then
+    fsync, from a freshly built state like the savers'. dd reads /dev/zero and starts with an empty
+    process, so it shows the disk, not what copying a just-built multi-GB state costs here."""
+    state = S.build_state(env.shape)
+    out = fresh_output(env, "raw.bin")
+    tensors = list(S.flatten(S.plain(state))[0].values())
+
+    def run() -> None:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for t in tensors:
+                view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                for i in range(0, len(view), 1 << 20):
+                    os.write(fd, view[i : i + (1 << 20)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return Prepared(run, cleanup=remover(out))
+
+
 def save_safeckpt(env: Env) -> Prepared:
     import safeckpt
 
@@ -441,6 +463,7 @@ OPS: dict[str, Op] = {
     op.name: op
     for op in [
         Op("dd conv=fdatasync", "save", "limit", dd_sync, nbytes="dd_bytes"),
+        Op("write+fsync of the state's bytes", "save", "limit", write_state),
         Op("safeckpt.save", "save", "safeckpt", save_safeckpt),
         Op("torch.save+fsync", "save", "torch", save_torch),
         Op("st.save_file+fsync", "save", "safetensors", save_safetensors, requires=ST),
