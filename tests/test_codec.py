@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ VALUES = {
     "int_keys": {0: "a", 1: "b", -5: "c"},
     "mixed_keys": {1: 1, "1": 2, (1, 2): 3, None: 4, 2.5: 5, False: 6},
     "ordered": OrderedDict([("b", 1), ("a", 2)]),
+    "counter": Counter({30: 1, 80: 2, "x": -1}),  # MultiStepLR milestones
     "attr": AttributeDict(lr=0.1, nested=AttributeDict(x=1)),
     "namespace": argparse.Namespace(lr=0.1, name="x"),
     "size": torch.Size([2, 3]),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +51,7 @@ class Ext:
     PATH = 14  # [class name, str]
     COMPLEX = 15  # [real, imag]
     BYTEARRAY = 16  # bytes
+    COUNTER = 17  # map (collections.Counter: MultiStepLR's milestones)
 
 
 _PATH_TYPES: dict[str, type] = {
@@ -120,6 +121,8 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         meta = getattr(obj, "_metadata", None)
         meta_enc = _prepare(meta, path + ("_metadata",), None, depth + 1) if meta is not None else None
         return _ext(Ext.ORDERED_DICT, [_prepare_map(obj, path, tensor_name, depth), meta_enc])
+    if cls is Counter:
+        return _ext(Ext.COUNTER, _prepare_map(obj, path, tensor_name, depth))
     if _is_attribute_dict(obj):
         return _ext(Ext.ATTRIBUTE_DICT, _prepare_map(obj, path, tensor_name, depth))
     if cls is argparse.Namespace:
@@ -259,4 +262,5 @@ _BUILD: dict[int, Callable[[Any], Any]] = {
     Ext.PATH: _path,
     Ext.COMPLEX: lambda v: complex(*v),
     Ext.BYTEARRAY: bytearray,
+    Ext.COUNTER: Counter,
 }

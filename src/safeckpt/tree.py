@@ -7,7 +7,7 @@ only when `TensorRef.load()` is called.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +166,7 @@ def map_leaves(tree: Any, fn: Callable[[tuple[Any, ...], Any], Any], prefix: tup
         {'a': (10, 20)}
     """
     if isinstance(tree, dict):
-        out = type(tree)() if type(tree) in (dict, OrderedDict, AttributeDict) else {}
+        out = type(tree)() if type(tree) in (dict, OrderedDict, AttributeDict, Counter) else {}
         for k, v in tree.items():
             out[k] = map_leaves(v, fn, prefix + (k,))
         meta = getattr(tree, "_metadata", None)
