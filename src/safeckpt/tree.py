@@ -101,6 +101,12 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
+        """Number of elements (``1`` for a 0-dim tensor).
+
+        Example:
+            >>> ref.shape, ref.numel
+            ((16, 8), 128)
+        """
         n = 1
         for s in self.shape:
             n *= s
@@ -108,17 +114,33 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data.
+
+        Example:
+            >>> ref.dtype, ref.nbytes
+            (torch.float32, 512)
+        """
         return self.numel * self.dtype.itemsize
 
     @property
     def alias_key(self) -> Hashable:
-        """Equal for two references to the same tensor (tied weights); unique otherwise."""
+        """Equal for two references to the same tensor (tied weights); unique otherwise.
+
+        Example:
+            >>> refs = safeckpt.open("tied.pt").tensors()
+            >>> refs["emb.weight"].alias_key == refs["head.weight"].alias_key
+            True
+        """
         if self.storage is None:
             return id(self)
         return (self.storage, self.view, self.dtype, self.shape)
 
     def load(self) -> torch.Tensor:
-        """Read the tensor (memory-mapped where the source allows) and check it is what was declared."""
+        """Read the tensor (memory-mapped where the source allows) and check it is what was declared.
+
+        Example:
+            >>> w = safeckpt.open("friend.pt").tensors()["l1.weight"].load()   # only this tensor is read
+        """
         t = self.loader()
         if t.dtype != self.dtype or tuple(t.shape) != self.shape:
             from .errors import CorruptCheckpointError
@@ -219,7 +241,7 @@ class Checkpoint:
     Example:
         >>> ckpt = safeckpt.open("friend.pt")   # reads headers only
         >>> ckpt.format, len(ckpt.tensors()), ckpt.nbytes
-        ('torch', 4, 1296)
+        ('torch', 4, 848)
         >>> weights = ckpt.to_python()          # plain dict of tensors
     """
 
@@ -252,22 +274,42 @@ class Checkpoint:
         return len(self.tree) if isinstance(self.tree, dict) else 0
 
     def keys(self) -> list[Any]:
-        """The root's keys (``[]`` if the root is not a dict)."""
+        """The root's keys (``[]`` if the root is not a dict).
+
+        Example:
+            >>> safeckpt.open("fabric.ckpt").keys()
+            ['model', 'optimizer', 'hparams', 'args', 'data_dir', 'step']
+        """
         return list(self.tree) if isinstance(self.tree, dict) else []
 
     # -- tensors ------------------------------------------------------------------------
     def tensors(self) -> dict[str, TensorRef]:
-        """Every tensor leaf by its path name (``model/l1.weight``), in tree order."""
+        """Every tensor leaf by its path name (``model/l1.weight``), in tree order.
+
+        Example:
+            >>> list(safeckpt.open("fabric.ckpt").tensors())[:2]
+            ['model/0.weight', 'model/0.bias']
+        """
         return {path_name(p): leaf for p, leaf in iter_leaves(self.tree) if isinstance(leaf, TensorRef)}
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data, each tied tensor counted once."""
+        """Bytes of tensor data, each tied tensor counted once.
+
+        Example:
+            >>> safeckpt.open("friend.pt").nbytes
+            848
+        """
         return sum(r.nbytes for r in self._unique())
 
     @property
     def numel(self) -> int:
-        """Number of tensor elements, each tied tensor counted once."""
+        """Number of tensor elements, each tied tensor counted once.
+
+        Example:
+            >>> safeckpt.open("friend.pt").numel
+            212
+        """
         return sum(r.numel for r in self._unique())
 
     def _unique(self) -> list[TensorRef]:
@@ -278,7 +320,12 @@ class Checkpoint:
         return list(seen.values())
 
     def tied(self) -> list[list[str]]:
-        """Groups of tensor names that are the same tensor (tied weights), written once on save."""
+        """Groups of tensor names that are the same tensor (tied weights), written once on save.
+
+        Example:
+            >>> safeckpt.open("tied.safeckpt").tied()
+            [['model/emb.weight', 'model/head.weight']]
+        """
         groups: dict[Hashable, list[str]] = {}
         for name, ref in self.tensors().items():
             groups.setdefault(ref.alias_key, []).append(name)
@@ -288,6 +335,10 @@ class Checkpoint:
         """Materialize the tree (or ``subtree``, a part of it) as plain Python with CPU tensors.
 
         Tied tensors come back as one tensor object, as ``torch.load`` gives them.
+
+        Example:
+            >>> ckpt = safeckpt.open("fabric.ckpt")
+            >>> weights = ckpt.to_python(ckpt["model"])   # just the model's entry
         """
         cache: dict[Hashable, torch.Tensor] = {}
 
@@ -390,7 +441,13 @@ def describe(tree: Any, *, title: str = "", depth: int | None = None, width: int
 
 
 def alias_key(x: torch.Tensor | TensorRef) -> Hashable:
-    """Equal for two tensor leaves that are the same tensor (tied weights), live or lazy."""
+    """Equal for two tensor leaves that are the same tensor (tied weights), live or lazy.
+
+    Example:
+        >>> w = torch.ones(2)
+        >>> alias_key(w) == alias_key(w.detach()), alias_key(w) == alias_key(w.clone())
+        (True, False)
+    """
     if isinstance(x, TensorRef):
         return x.alias_key
     if x.layout != torch.strided or x.device.type == "meta" or x.numel() == 0:
