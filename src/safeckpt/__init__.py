@@ -20,6 +20,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .hub import pull_from_hub, push_to_hub  # huggingface_hub itself is imported on first use
+from .manager import CheckpointManager
 from .tree import AttributeDict, Checkpoint, TensorRef
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "AttributeDict",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointManager",
     "CorruptCheckpointError",
     "HubAuthError",
     "HubError",
