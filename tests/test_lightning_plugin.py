@@ -246,6 +246,20 @@ def test_the_shipped_trainer_fixture_loads_as_torch_load_gives_it() -> None:
     equal_values(ours, torch.load(TRAINER_FIXTURE, weights_only=False))  # our own trusted fixture
 
 
+def test_a_module_rebuilds_from_a_native_checkpoint_and_validate_reads_it(runs: dict[str, Any], tmp_path: Path) -> None:
+    path = runs["safe_root"] / "ckpts" / "epoch=3-step=16.ckpt"
+    model = Net(**safeckpt.load(path)["hyper_parameters"])  # what the README offers for load_from_checkpoint
+    safeckpt.load_raw(path, model)
+    equal_values(model.state_dict(), runs["safe"]["model"])
+    assert model.hparams.args == argparse.Namespace(layers=2, name="tiny")
+
+    def validate(plugin: Any, path: Path) -> list[dict[str, float]]:
+        return trainer(tmp_path, plugin).validate(Net(), datamodule=Data(), ckpt_path=path, weights_only=False)
+
+    reference = validate(TorchCheckpointIO(), runs["torch_root"] / "ckpts" / path.name)
+    assert validate(SafeCheckpointIO(), path) == reference and reference[0]["val_loss"] > 0
+
+
 @pytest.mark.parametrize("max_shard_size", [None, 300], ids=["file", "sharded"])
 def test_model_checkpoint_top_k_deletes_through_remove_checkpoint(max_shard_size: int | None, tmp_path: Path) -> None:
     saved: list[Path] = []
