@@ -3,7 +3,8 @@
 Example:
     >>> manager = safeckpt.CheckpointManager("run", keep_last=3, keep_every=10_000)
     >>> state = {"model": model, "optimizer": opt, "step": 0}
-    >>> manager.restore(state) if manager.latest() else None      # resume, if there is anything
+    >>> if manager.latest():                       # resume, if there is anything to resume from
+    ...     remainder = manager.restore(state)
     >>> for step in range(state["step"] + 1, 100_001):
     ...     train_step(model, opt)
     ...     if step % 1000 == 0:
@@ -98,7 +99,8 @@ class CheckpointManager:
     the policy, so training can go on changing the model. `wait` blocks until the write is done
     and raises its error, if any; the next `save` and `restore` wait first, and a failed write
     is raised there instead of starting a new one. The copy is freed when its write finishes. A
-    program exiting normally waits for the write. Not for DTensor state: its save is a
+    program exiting normally waits for the write, but only `wait` tells whether it succeeded: call
+    it after the last save. Not for DTensor state: its save is a
     collective that must not run beside training's own.
 
     Args:
