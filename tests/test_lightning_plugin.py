@@ -565,7 +565,14 @@ def test_the_standalone_pytorch_lightning_trainer_accepts_the_plugin(tmp_path: P
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     plugin = SafeCheckpointIO()
-    t = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, plugins=[plugin])
+    t = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        plugins=[plugin],
+    )
     assert t.strategy.checkpoint_io is plugin
     t.fit(Tiny(), DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4))
     t.save_checkpoint(tmp_path / "pl.ckpt")
