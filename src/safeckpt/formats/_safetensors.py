@@ -23,6 +23,10 @@ from ..errors import CorruptCheckpointError
 
 MAX_HEADER = 100_000_000
 MAGIC_MIN = 8 + 2  # length prefix + "{}"
+# CRC-32 of the length prefix and the whole header (padding included) with this field's own 8 hex
+# digits read as "00000000": covers every name, dtype, shape, offset, metadata value and the other
+# checksums, which the per-tensor CRCs cannot (formats/safeckpt.md §2)
+KEY_HEADER_CRC = "safeckpt.header_crc32"
 
 # safetensors dtype code -> torch dtype (F4 counts 4-bit elements: torch's last dim is halved)
 DTYPES: dict[str, torch.dtype] = {
@@ -103,6 +107,12 @@ def read_header(path: Path) -> Header:
     a tensor named ``__metadata__``, non-string metadata, unknown dtypes, negative dims, sizes that
     disagree with shape and dtype, holes, overlaps or trailing bytes.
     """
+    raw, size = read_raw_header(path)
+    return parse_header(path, raw[8:], size)
+
+
+def read_raw_header(path: Path) -> tuple[bytes, int]:
+    """The length prefix and header bytes of the file at ``path`` (bounds checked, not parsed), and the file's size."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -116,7 +126,7 @@ def read_header(path: Path) -> Header:
                 f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?"
             )
         raw = f.read(n)
-    return parse_header(path, raw, size)
+    return prefix + raw, size
 
 
 def parse_header(path: Path, raw: bytes, size: int) -> Header:
@@ -287,6 +297,7 @@ def write(
     meta = dict(metadata)
     if checksum_key:
         meta[checksum_key] = "0" * 8 * len(items)
+        meta[KEY_HEADER_CRC] = "0" * 8
     blob = json.dumps({"__metadata__": meta, **header}, separators=(",", ":"), ensure_ascii=False).encode()
     if len(blob) > MAX_HEADER:
         raise ValueError(
@@ -313,10 +324,18 @@ def write(
             crcs.append(crc.result() if crc is not None else small)
             del t, data  # let go before the next tensor is fetched: at most one is held at a time
         if checksum_key:
-            marker = f'"{checksum_key}":"'.encode()
-            at = 8 + blob.index(marker) + len(marker)
-            os.pwrite(f.fileno(), "".join(f"{c:08x}" for c in crcs).encode(), at)
+            head = bytearray(struct.pack("<Q", len(blob)) + blob)
+            _patch(head, checksum_key, "".join(f"{c:08x}" for c in crcs))
+            _patch(head, KEY_HEADER_CRC, f"{checksum(head):08x}")  # last: it covers the tensor CRCs
+            os.pwrite(f.fileno(), head, 0)  # same length: the data does not move
     return Path(path)
+
+
+def _patch(head: bytearray, key: str, value: str) -> None:
+    """Overwrite the reserved (zeroed, same-width) value of metadata ``key`` in ``head``."""
+    marker = f'"{key}":"'.encode()
+    at = head.index(marker) + len(marker)
+    head[at : at + len(value)] = value.encode()
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -342,8 +361,13 @@ def checksums(header: Header, key: str) -> dict[str, int] | None:
         raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is not hexadecimal") from None
 
 
-def checksum_problems(header: Header, key: str) -> list[str] | None:
-    """Recompute every tensor's CRC-32 and compare with metadata ``key``; None if nothing is recorded."""
+def _its_data(name: str) -> str:
+    return "its data"
+
+
+def checksum_problems(header: Header, key: str, describe: Callable[[str], str] = _its_data) -> list[str] | None:
+    """Recompute every tensor's CRC-32 and compare with metadata ``key``; None if nothing is recorded.
+    ``describe(name)`` says what is damaged in the messages (a format names where the tensor lives)."""
     recorded = checksums(header, key)
     if recorded is None:
         return None
@@ -353,6 +377,63 @@ def checksum_problems(header: Header, key: str) -> list[str] | None:
         crc = checksum(memoryview(mapped.map)[entry.begin : entry.end]) if entry.end > entry.begin else 0
         if crc != recorded[name]:
             problems.append(
-                f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read {crc:08x})"
+                f"{header.path}: tensor {name!r} fails its checksum (stored {recorded[name]:08x}, read "
+                f"{crc:08x}): {describe(name)} is damaged; restore the file from a copy or re-save it"
             )
     return problems
+
+
+def header_problems(path: Path, raw: bytes | None = None) -> list[str] | None:
+    """Check the CRC-32 of the length prefix and header (`KEY_HEADER_CRC`) on the raw bytes, so a
+    damaged header is reported as such even when it no longer parses; None if the file records none.
+
+    Example:
+        >>> header_problems(Path("run.safeckpt"))
+        []
+    """
+    if raw is None:
+        raw, _ = read_raw_header(path)
+    marker = f'"{KEY_HEADER_CRC}":"'.encode()
+    at = raw.find(marker)
+    if at < 0:
+        return None
+    at += len(marker)
+    stored = raw[at : at + 8]
+    if raw.find(marker, at) >= 0 or raw[at + 8 : at + 9] != b'"' or not all(c in b"0123456789abcdef" for c in stored):
+        return [f"{path}: the header's checksum field {KEY_HEADER_CRC!r} is malformed: the header is damaged"]
+    crc = checksum(raw[:at] + b"00000000" + raw[at + 8 :])
+    if crc != int(stored, 16):
+        return [
+            f"{path}: the header fails its checksum (stored {stored.decode()}, read {crc:08x}): a tensor's name, "
+            "dtype, shape or offsets, the metadata or the skeleton is damaged; restore the file from a copy or re-save it"
+        ]
+    return []
+
+
+def verify_file(path: Path, key: str, *, required: bool, describe: Callable[[str], str] = _its_data) -> list[str]:
+    """Every integrity problem of a safetensors file safeckpt wrote: its header checksum first (so
+    a damaged header is named as such), its structure, then every tensor's CRC-32 (metadata ``key``).
+
+    Files from other writers record neither checksum: with ``required=False`` that is no problem,
+    but one checksum without the other is (a damaged key name). Never raises `CorruptCheckpointError`.
+
+    Example:
+        >>> verify_file(Path("run.safeckpt"), "safeckpt.crc32", required=True)
+        []
+    """
+    try:
+        raw, size = read_raw_header(path)
+        head = header_problems(path, raw)
+        if head:
+            return head  # the header's parse, names and offsets cannot be trusted; tensors are not read
+        header = parse_header(path, raw[8:], size)
+        tensors = checksum_problems(header, key, describe)
+    except CorruptCheckpointError as e:
+        return [str(e)]
+    if (head is None or tensors is None) and (required or head is not None or tensors is not None):
+        missing = " and ".join(repr(k) for k, v in ((KEY_HEADER_CRC, head), (key, tensors)) if v is None)
+        return [
+            f"{path}: no checksum recorded ({missing} missing from the header's metadata): the header is damaged, "
+            "or the file was not written by this safeckpt"
+        ]
+    return [*(head or []), *(tensors or [])]

@@ -19,7 +19,7 @@ import torch
 from .. import codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, path_name, unique_name
+from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import _safetensors as st
 
 NAME = "safeckpt"
@@ -160,11 +160,24 @@ def check_storable(x: torch.Tensor | TensorRef, path: tuple[Any, ...]) -> None:
 
 
 def verify(path: Path) -> list[str]:
-    """Recompute every tensor's CRC-32 and compare with the header; return the problems found.
+    """Check the header's CRC-32 (which covers the skeleton), the structure and every tensor's
+    CRC-32; return the problems found, a damaged tensor named with every path it has in the tree.
 
     Example:
         >>> verify(Path("run.safeckpt"))
         []
     """
-    problems = st.checksum_problems(st.read_header(path), KEY_CRC)
-    return [f"{path}: no checksums recorded"] if problems is None else problems
+    paths: dict[str, list[str]] = {}
+    try:
+        for p, x in iter_leaves(read(path).tree):
+            if isinstance(x, TensorRef):
+                paths.setdefault(x.name, []).append(codec.where(p))
+        unread = None
+    except CorruptCheckpointError as e:
+        unread = str(e)
+
+    def describe(name: str) -> str:
+        return f"the data of {', '.join(paths[name])}" if name in paths else "its data"
+
+    problems = st.verify_file(path, KEY_CRC, required=True, describe=describe)
+    return problems or ([unread] if unread else [])

@@ -26,10 +26,10 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, fsync_dir, write_all
+from .._fs import MappedFile, atomic_write, checksum, fsync_dir, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, path_name, unique_name
+from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import _safetensors as st
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
 
@@ -38,6 +38,9 @@ EXTENSIONS: tuple[str, ...] = ()
 VERSION = 1
 INDEX = "safeckpt-index.msgpack"
 KEY_GENERATION, KEY_CRC = "safeckpt.generation", "safeckpt.crc32"
+# the index's last key: the CRC-32 of the whole index file with this value read as "00000000"
+KEY_INDEX_CRC = "crc32"
+_CRC_TAIL = b"\xa5crc32\xa8"  # msgpack fixstr "crc32", then the fixstr header of 8 hex digits
 # Files a save may leave behind: shards (and their temporaries) of any generation, index temporaries.
 _OURS = re.compile(
     r"^\.?shard-(?P<gen>[0-9a-f]{8,64})-\d{5}-\d{5}\.safetensors(\.[0-9a-f]+\.tmp)?$|^\."
@@ -446,9 +449,12 @@ def commit(
         "files": file_records,
         "tensors": tensors,
         "skeleton": skeleton,
+        KEY_INDEX_CRC: "00000000",  # last: the file's last 8 bytes, filled in below (§3)
     }
+    packed = msgpack.packb(index, use_bin_type=True)
+    packed = packed[:-8] + f"{checksum(packed):08x}".encode()
     with atomic_write(root / INDEX) as f:
-        write_all(f, msgpack.packb(index, use_bin_type=True))
+        write_all(f, packed)
     collect_garbage(root, keep=generation)
     return root
 
@@ -541,10 +547,25 @@ def verify(path: Path) -> list[str]:
         []
     """
     root = path if path.is_dir() else path.parent
-    ckpt = read(root)
-    problems: list[str] = []
+    problems = index_problems(root)
+    if problems:
+        return problems  # nothing the index says can be trusted
+    try:
+        ckpt = read(root)
+    except CorruptCheckpointError as e:
+        return [str(e)]
+    paths: dict[str, list[str]] = {}
+    for p, x in iter_leaves(ckpt.tree):
+        if isinstance(x, TensorRef):
+            paths.setdefault(x.name, []).append(codec.where(p))
+    chunks: dict[tuple[str, str], str] = {}  # (shard name, entry key) -> how to name it in a message
     for ref in {r.name: r for r in ckpt.tensors().values()}.values():
         for c in getattr(ref, "chunks", ()):
+            where = ", ".join(paths.get(ref.name, [repr(ref.name)]))
+            box = ",".join(f"{o}:{o + n}" for o, n in zip(c.offsets, c.sizes, strict=True))
+            chunks[(c.shard.path.name, c.key)] = (
+                f"the data of {where}" if c.key == ref.name else f"box [{box}] of {where} (tensor {ref.name!r})"
+            )
             try:
                 c.tensor()
             except CorruptCheckpointError as e:
@@ -552,8 +573,36 @@ def verify(path: Path) -> list[str]:
     for f in read_index(root)["files"]:
         shard = _Shard(root, f["name"], f["size"])
         try:
-            found = st.checksum_problems(shard.header, KEY_CRC)
+            shard.header  # noqa: B018 - present, of the size the index records
         except CorruptCheckpointError as e:
-            found = [str(e)]
-        problems.extend([f"{shard.path}: no checksums recorded"] if found is None else found)
+            problems.append(str(e))
+            continue
+        describe = functools.partial(lambda name, key: chunks.get((name, key), "its data"), f["name"])
+        problems.extend(st.verify_file(shard.path, KEY_CRC, required=True, describe=describe))
     return problems
+
+
+def index_problems(root: Path) -> list[str]:
+    """Check the index's own CRC-32 (its last 8 bytes, §3); return the problems found.
+
+    Example:
+        >>> index_problems(Path("run/step-100"))
+        []
+    """
+    path = root / INDEX
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return [f"{path}: cannot read the index ({e.strerror}); the directory holds no committed checkpoint"]
+    stored = raw[-8:]
+    if raw[-len(_CRC_TAIL) - 8 : -8] != _CRC_TAIL or not all(c in b"0123456789abcdef" for c in stored):
+        return [
+            f"{path}: the index does not end with its checksum: it is damaged or truncated (restore it, or re-save)"
+        ]
+    crc = checksum(raw[:-8] + b"00000000")
+    if crc != int(stored, 16):
+        return [
+            f"{path}: the index fails its checksum (stored {stored.decode()}, read {crc:08x}): it is damaged "
+            "(restore it, or re-save)"
+        ]
+    return []

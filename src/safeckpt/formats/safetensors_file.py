@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from .._fs import MappedFile, Span
-from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
 from . import _safetensors as st
 
@@ -62,7 +61,7 @@ def read(path: Path, **_: Any) -> Checkpoint:
     raw = undecodable(header)
     if raw:
         info["raw_bytes"] = raw
-    meta = {k: v for k, v in header.metadata.items() if k != KEY_CRC and k not in aliases}
+    meta = {k: v for k, v in header.metadata.items() if k not in (KEY_CRC, st.KEY_HEADER_CRC) and k not in aliases}
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
@@ -233,7 +232,8 @@ def write(ckpt: Checkpoint, path: Path, **_: Any) -> Path:
 
 
 def verify(path: Path) -> list[str]:
-    """Validate the file and, where safeckpt recorded them, every tensor's CRC-32; return the problems.
+    """Validate the file and, where safeckpt recorded them, its header's and every tensor's CRC-32;
+    return the problems.
 
     Files from other writers carry no checksums: for them only the structure is checked.
 
@@ -241,8 +241,4 @@ def verify(path: Path) -> list[str]:
         >>> verify(Path("model.safetensors"))
         []
     """
-    try:
-        header = st.read_header(path)
-        return st.checksum_problems(header, KEY_CRC) or []
-    except CorruptCheckpointError as e:
-        return [str(e)]
+    return st.verify_file(path, KEY_CRC, required=False)
