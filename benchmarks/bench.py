@@ -313,6 +313,21 @@ TARGETS = [
         1.0,
     ),
     Target("convert .pt -> native at most 1.5x cp + fsync", _ratio("safeckpt.convert", "cp+fsync"), 1.5),
+    *(
+        Target(
+            f"checksums cost at most 10% of save time (CRC-32, {impl})",
+            _ratio(f"safeckpt.save [CRC {impl}]", "safeckpt.save [no CRC]"),
+            1.1,
+            note="issue 8; same save with every CRC taken as 0, interleaved in the same run",
+        )
+        for impl in ("zlib", "isal")
+    ),
+    Target(
+        "load verify=True / load (not an issue target)",
+        _ratio("safeckpt.load verify=True", "safeckpt.load [integrity]"),
+        2.0,
+        note="verify reads every tensor once more to recompute its CRC-32 before anything is loaded",
+    ),
     Target(
         "convert peak anonymous RSS under 0.2x the file",
         _anon_over("safeckpt.convert", "pt_bytes"),

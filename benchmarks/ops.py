@@ -272,6 +272,45 @@ def save_fabric(env: Env) -> Prepared:
     return Prepared(run, cleanup=remover(out))
 
 
+# -- integrity: what the CRC-32s cost ------------------------------------------------------------
+
+
+def save_crc(impl: str) -> Callable[[Env], Prepared]:
+    """`safeckpt.save` with its CRC-32s computed by ``impl``: ``"isal"`` (the default when
+    installed), ``"zlib"`` (the standard library's), or ``"none"`` (every CRC taken as 0: what
+    saving would cost without checksums; the file then fails verify, so it is only timed)."""
+
+    def setup(env: Env) -> Prepared:
+        import zlib
+
+        import safeckpt
+        import safeckpt._fs
+        import safeckpt.formats._safetensors as st
+
+        if impl == "zlib":
+            safeckpt._fs.crc32 = zlib.crc32  # type: ignore[attr-defined]
+        elif impl == "none":
+            st.checksum = lambda data: 0  # type: ignore[assignment]
+        state = S.build_state(env.shape)
+        out = fresh_output(env, f"save-crc-{impl}.safeckpt")
+        return Prepared(
+            lambda: safeckpt.save(out, state),
+            check=written_check(out, env.manifest["state_bytes"]),
+            cleanup=remover(out),
+        )
+
+    return setup
+
+
+def load_verify_safeckpt(env: Env) -> Prepared:
+    import safeckpt
+
+    state = load_target(env)
+    return Prepared(
+        lambda: safeckpt.load(env.file("full.safeckpt"), state, verify=True), check=loaded_check(env, state)
+    )
+
+
 # -- load into an existing model + optimizer ---------------------------------------------------
 
 
@@ -526,9 +565,14 @@ OPS: dict[str, Op] = {
         Op("safeckpt inspect CLI [.safeckpt]", "open", "safeckpt", inspect_cli("full.safeckpt"), nbytes=""),
         Op("safeckpt inspect CLI [.safetensors]", "open", "safeckpt", inspect_cli("full.safetensors"), nbytes=""),
         Op("python -c 'import safeckpt.cli'", "open", "limit", cli_startup, nbytes=""),
+        Op("safeckpt.save [no CRC]", "integrity", "limit", save_crc("none")),
+        Op("safeckpt.save [CRC zlib]", "integrity", "safeckpt", save_crc("zlib")),
+        Op("safeckpt.save [CRC isal]", "integrity", "safeckpt", save_crc("isal"), requires=("isal",)),
+        Op("safeckpt.load [integrity]", "integrity", "safeckpt", load_safeckpt),
+        Op("safeckpt.load verify=True", "integrity", "safeckpt", load_verify_safeckpt),
     ]
 }
-GROUPS = ("save", "load", "load_raw", "convert", "one_tensor", "open")
+GROUPS = ("save", "load", "load_raw", "convert", "one_tensor", "open", "integrity")
 
 
 # -- preparing the files every load reads --------------------------------------------------------

@@ -22,6 +22,7 @@ from .errors import (
 from .hub import pull_from_hub, push_to_hub  # huggingface_hub itself is imported on first use
 from .manager import CheckpointManager
 from .tree import AttributeDict, Checkpoint, TensorRef
+from .user_types import register_type
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,6 @@ __all__ = [
     "open",
     "pull_from_hub",
     "push_to_hub",
+    "register_type",
     "save",
 ]

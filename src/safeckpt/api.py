@@ -158,7 +158,9 @@ def load(
     ``load_state_dict(sd)``, and plain values are replaced in ``state``. Everything is checked
     first (every requested key present unless ``strict=False``; every module's keys and shapes),
     so a failed load leaves every object untouched. ``allow`` admits extra pickle globals as
-    inert data when reading a pickle-based file (see `open`).
+    inert data when reading a pickle-based file (see `open`). ``verify=True`` first runs the
+    format's own checks (for safeckpt's formats, the header's and every tensor's CRC-32) and raises
+    `CorruptCheckpointError` naming each damaged tensor and its place in the tree, before any object changes.
 
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
@@ -175,9 +177,9 @@ def load(
 
         return distributed.load(path, state, strict=strict, verify=verify)
     local = _local(path)
+    if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
+        _verify(local)
     ckpt = open(local, allow=allow)
-    if verify:
-        _verify(ckpt)
     if not state:
         return ckpt.to_python()
     tree = ckpt.tree
@@ -364,9 +366,11 @@ def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:
     return prune(filtered)
 
 
-def _verify(ckpt: Checkpoint) -> None:
-    fmt = formats.get(ckpt.format)
-    problems = fmt.verify(ckpt.path) if hasattr(fmt, "verify") else []
+def _verify(ckpt: Checkpoint | Path) -> None:
+    """Raise `CorruptCheckpointError` listing every problem the format's own checks find (checksums)."""
+    fmt = formats.get(ckpt.format) if isinstance(ckpt, Checkpoint) else formats.detect(ckpt)
+    path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
+    problems = fmt.verify(path) if hasattr(fmt, "verify") else []
     if problems:
         from .errors import CorruptCheckpointError
 

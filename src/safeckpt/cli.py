@@ -27,7 +27,7 @@ from typing import Any
 
 import safeckpt
 
-from . import _hub_cli, formats
+from . import _hub_cli, codec, formats
 from ._units import format_size, parse_size
 from .compare import Change, compare, leaves, match
 from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
@@ -845,7 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        code = VERBS[args.verb].run(args)
+        with codec.keep_unregistered():  # the command imports no user code: registered types stay data
+            code = VERBS[args.verb].run(args)
         sys.stdout.flush()
         return code
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ Plain msgpack carries ``None``, ``bool``, 64-bit ints, ``float`` (``nan``/``inf`
 is a msgpack *ext* type whose payload is itself msgpack (codes below; ``formats/safeckpt.md`` is
 the specification). Tensors never go through here: the tree holds a `TENSOR` ext naming the
 tensor stored beside it. Nothing is ever imported or called on decode: each code maps to one
-constructor from a fixed table.
+constructor from a fixed table, and a registered user type (`USER`, see `user_types`) is rebuilt
+only by the converters the *loading* process registered under the name the file records.
 
 Example:
     >>> data = encode({"step": 3, "betas": (0.9, 0.999), 0: {1, 2}}, tensor_name=None)
@@ -16,20 +17,24 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import pathlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import msgpack
 import numpy as np
 import torch
 
-from .errors import CorruptCheckpointError
-from .tree import AttributeDict
+from . import user_types
+from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from .tree import AttributeDict, TensorRef, map_leaves
+from .user_types import Unregistered
 
-__all__ = ["Ext", "decode", "encode", "where"]
+__all__ = ["Ext", "decode", "encode", "keep_unregistered", "where"]
 
 
 class Ext:
@@ -52,6 +57,7 @@ class Ext:
     COMPLEX = 15  # [real, imag]
     BYTEARRAY = 16  # bytes
     COUNTER = 17  # map (collections.Counter: MultiStepLR's milestones)
+    USER = 18  # [registered name, data]: a type taught with safeckpt.register_type
 
 
 _PATH_TYPES: dict[str, type] = {
@@ -67,6 +73,23 @@ _LIGHTNING_ATTRIBUTE_DICTS = {
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 MAX_DEPTH = 512
+_KEEP_UNREGISTERED: ContextVar[bool] = ContextVar("safeckpt_keep_unregistered", default=False)
+
+
+@contextlib.contextmanager
+def keep_unregistered() -> Iterator[None]:
+    """Decode a registered type this process has not registered (or cannot rebuild) as an
+    `Unregistered` value instead of raising: for tools that read any file and import no user code.
+
+    Example:
+        >>> with keep_unregistered():
+        ...     ckpt = safeckpt.open("run.safeckpt")   # ckpt["cfg"] is Unregistered('myproj.Config', {...})
+    """
+    token = _KEEP_UNREGISTERED.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_UNREGISTERED.reset(token)
 
 
 def where(path: tuple[Any, ...], root: str = "state") -> str:
@@ -147,9 +170,38 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
     if cls is np.ndarray:
         dt = _np_dtype_str(obj.dtype, path)
         return _ext(Ext.NP_ARRAY, [dt, list(obj.shape), np.ascontiguousarray(obj).tobytes()])
-    raise TypeError(
-        f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, which safeckpt cannot store without pickle. "
-        "Store its state instead (a dict of plain values and tensors), or leave it out of the checkpoint"
+    if cls is Unregistered:
+        return _ext(Ext.USER, [obj.name, _prepare(obj.data, path, tensor_name, depth + 1)])
+    entry = user_types.entry_for_class(cls)
+    if entry is not None:
+        try:
+            data = entry.to_data(obj)
+        except Exception as e:
+            raise TypeError(f"{where(path)}: to_data of registered type {entry.name!r} failed: {e}") from e
+        return _ext(Ext.USER, [entry.name, _prepare(data, path, tensor_name, depth + 1)])
+    raise Unstorable(f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
+
+
+class Unstorable(TypeError):
+    """The refusal of a value whose type the codec does not store; ``cls`` is that type."""
+
+    def __init__(self, message: str, cls: type) -> None:
+        super().__init__(message)
+        self.cls = cls
+
+
+def unstorable_fix(cls: type) -> str:
+    """The end of the message refusing a value of ``cls``: why, and how to store it."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if user_types.registrable(cls):
+        return (
+            f"which safeckpt stores only once its type is registered: call `safeckpt.register_type({name})` "
+            "(or decorate the class with `@safeckpt.register_type`) in code that runs before both saving and loading"
+        )
+    return (
+        "which safeckpt cannot store without pickle. Store its state instead (a dict of plain values and tensors), "
+        f"leave it out of the checkpoint, or teach safeckpt the type: "
+        f"`safeckpt.register_type({name}, to_data=..., from_data=...)`"
     )
 
 
@@ -183,13 +235,41 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
     naming ``source``.
     """
 
+    pending: list[Unregistered] = []  # user values not rebuilt, in the order they were met
+    loaded: dict[int, Any] = {}
+
     def hook(code: int, payload: bytes) -> Any:
+        before = len(pending)
         value = _unpack(payload)
         if code == Ext.TENSOR:
             return _tensor(value)
+        if code == Ext.USER:
+            return _user(value, inner_pending=len(pending) > before)
         if code not in _BUILD:
             raise CorruptCheckpointError(f"{source}: unknown msgpack ext type {code} in the skeleton")
         return _BUILD[code](value)
+
+    def _user(value: Any, inner_pending: bool) -> Any:
+        if not (type(value) is list and len(value) == 2 and type(value[0]) is str):
+            raise CorruptCheckpointError(f"{source}: malformed registered-type value {value!r:.80} in the skeleton")
+        name, data = value
+        entry = user_types.entry_for_name(name)
+        if entry is None or inner_pending:  # a value holding one we cannot build stays data too
+            pending.append(Unregistered(name, data))
+            return pending[-1]
+        try:
+            # a registered object gets real tensors: tree walkers (which load TensorRefs) never look inside it
+            return entry.from_data(map_leaves(data, _load))
+        except Exception as e:
+            pending.append(Unregistered(name, data, e))
+            return pending[-1]
+
+    def _load(_: tuple[Any, ...], x: Any) -> Any:
+        if isinstance(x, TensorRef):
+            if id(x) not in loaded:
+                loaded[id(x)] = x.load()
+            return loaded[id(x)]
+        return x
 
     def _tensor(value: Any) -> Any:
         if tensor is None:
@@ -200,13 +280,67 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
         return msgpack.unpackb(payload, ext_hook=hook, raw=False, strict_map_key=False, use_list=True)
 
     try:
-        return _unpack(data)
+        tree = _unpack(data)
     except CorruptCheckpointError:
         raise
     except RecursionError:
         raise CorruptCheckpointError(f"{source}: the skeleton is nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
         raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({e})") from None
+    if pending and not _KEEP_UNREGISTERED.get():
+        raise _unbuilt(tree, source)
+    return tree
+
+
+def _unbuilt(tree: Any, source: str) -> CheckpointError:
+    """The error for the first registered-type value that could not be rebuilt, at its path."""
+    path, value = _first_unbuilt(tree)
+    name, data = value.name, value.data
+    if value.error is None:
+        return UnsafeCheckpointError(
+            f"{source}: {where(path)} is a value of registered type {name!r}, which this process has not "
+            f"registered; nothing was imported or run. Call safeckpt.register_type({name}) before loading "
+            f"(import the module that registers it), or register the class that now holds this data with "
+            f"name={name!r}. `safeckpt inspect {source}` shows the stored data without it"
+        )
+    cls = user_types.entry_for_name(name)
+    label = f"{cls.cls.__module__}.{cls.cls.__qualname__}" if cls is not None else name
+    return CheckpointError(
+        f"{source}: {where(path)} is a stored {name!r} that the registered {label} could not rebuild "
+        f"({type(value.error).__name__}: {value.error}); if the class changed since the file was written, "
+        f"register it with a from_data that accepts the stored data: {data!r:.200}"
+    )
+
+
+def _first_unbuilt(tree: Any) -> tuple[tuple[Any, ...], Unregistered]:
+    """Path and value of the first `Unregistered` that is a cause, not merely holding one."""
+    found = _first_unregistered(tree, ())
+    assert found is not None
+    while found[1].error is None and user_types.entry_for_name(found[1].name) is not None:
+        inner = _first_unregistered(found[1].data, found[0])
+        if inner is None:
+            break
+        found = inner
+    return found
+
+
+def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, ...], Unregistered] | None:
+    stack: list[tuple[tuple[Any, ...], Any]] = [(prefix, tree)]
+    while stack:
+        path, node = stack.pop()
+        children: list[tuple[tuple[Any, ...], Any]] = []
+        if isinstance(node, Unregistered):
+            return path, node
+        if isinstance(node, dict):
+            children = [(path + ("<key>",), k) for k in node] + [(path + (k,), v) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            children = [(path + (i,), v) for i, v in enumerate(node)]
+        elif isinstance(node, (set, frozenset)):
+            children = [(path + ("<item>",), v) for v in node]
+        elif isinstance(node, argparse.Namespace):
+            children = [(path + (k,), v) for k, v in vars(node).items()]
+        stack.extend(reversed(children))
+    return None
 
 
 def _ordered(value: list[Any]) -> OrderedDict[Any, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, user_types
 from .api import load, save
 from .tree import map_leaves
 
@@ -166,9 +166,16 @@ def _unstorable(error: TypeError, checkpoint: dict[str, Any], path: object) -> T
     if top is None:
         return TypeError(f"{path}: {message}")
     hint, arg = _HINTS.get(top), _first_refused(checkpoint[top])
+    registrable = isinstance(error, codec.Unstorable) and user_types.registrable(error.cls)
     if hint in ("LightningModule", "LightningDataModule") and arg is not None:
+        register = (
+            "register its type as said (then `ckpt_path=` resumes and `load_from_checkpoint` rebuild it in any "
+            "process that registers it too), "
+            if registrable
+            else ""
+        )
         hint = (
-            f"`{arg}` is an argument of your {hint}'s __init__ recorded by `self.save_hyperparameters()`: "
+            f"`{arg}` is an argument of your {hint}'s __init__ recorded by `self.save_hyperparameters()`: {register}"
             f"leave it out with `self.save_hyperparameters(ignore=[{arg!r}])` (and pass it again when loading), "
             "or pass plain values (numbers, strings, lists, dicts, Namespace) instead of the object"
         )

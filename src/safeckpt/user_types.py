@@ -1,0 +1,305 @@
+"""Registered types: teaching the codec a user class *as data*, so it round-trips by type without pickle.
+
+A registered class is stored as its name and a plain value (``to_data(obj)``: anything the codec
+stores, tensors included) and rebuilt on load with ``from_data(value)`` — only when the *loading*
+process registered the same name. The file names a type; it never says how to build one, and
+nothing it names is imported. Dataclasses, ``enum.Enum`` subclasses (``Flag`` included) and
+``NamedTuple`` classes get converters for free; any other class brings its own.
+
+Example:
+    >>> @register_type
+    ... @dataclasses.dataclass
+    ... class Config:
+    ...     lr: float = 0.1
+    >>> safeckpt.save("run.safeckpt", {"cfg": Config(0.3)})
+    >>> safeckpt.load("run.safeckpt")["cfg"]
+    Config(lr=0.3)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import functools
+import inspect
+import operator
+import pathlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import numpy as np
+import torch
+
+from .tree import TensorRef
+
+__all__ = ["Unregistered", "register_type"]
+
+T = TypeVar("T", bound=type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registration: the class, the name files record, and its two converters."""
+
+    cls: type
+    name: str
+    to_data: Callable[[Any], Any]
+    from_data: Callable[[Any], Any]
+
+
+_BY_CLASS: dict[type, Entry] = {}
+_BY_NAME: dict[str, Entry] = {}
+
+# The codec stores these itself (and checks them before the registry): registering one would be dead code.
+_NATIVE = (
+    type(None), bool, int, float, complex, str, bytes, bytearray, list, dict, tuple, set, frozenset,
+    OrderedDict, Counter, argparse.Namespace, torch.Size, torch.dtype, torch.device, np.ndarray,
+    pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+)  # fmt: skip
+
+
+@overload
+def register_type(
+    cls: T,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> T: ...
+@overload
+def register_type(
+    cls: None = None,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> Callable[[T], T]: ...
+def register_type(
+    cls: T | None = None,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> T | Callable[[T], T]:
+    """Teach safeckpt to save and load ``cls`` as data; returns ``cls`` (so it works as a decorator).
+
+    Without converters, a dataclass is stored as a map of its fields and rebuilt with
+    ``cls(**init_fields)`` (then ``init=False`` fields are set); a ``NamedTuple`` as a map of its
+    fields; an ``Enum`` member by its *name* (a ``Flag`` as the list of its members' names), so a
+    renumbered enum still loads the member the code calls by that name. Any other class needs
+    ``to_data(obj) -> value`` and ``from_data(value) -> obj``, where ``value`` is anything safeckpt
+    stores (plain values, containers, tensors, other registered types). Field values must be
+    storable themselves: register nested classes too.
+
+    Register in code that runs before both saving and loading (e.g. next to the class). Files record
+    ``name`` (default ``"module.QualName"``): pass a fixed ``name`` to keep loading old files after the
+    class moves. Registering the same class again replaces its converters (a re-run notebook cell or
+    a reloaded module, which defines a new class of the same module and name, replaces the old one);
+    one name for two different classes, or two names for one class, is a ``ValueError``.
+
+    Example:
+        >>> @safeckpt.register_type
+        ... @dataclasses.dataclass(frozen=True)
+        ... class Optim:
+        ...     lr: float = 1e-3
+        ...     kind: str = "adamw"
+        >>> safeckpt.register_type(Color)   # an enum.Enum
+        >>> safeckpt.register_type(Interval, name="myproj.Interval", to_data=lambda i: [i.lo, i.hi],
+        ...                        from_data=lambda d: Interval(*d))
+    """
+    if cls is None:
+        return lambda c: register_type(c, name=name, to_data=to_data, from_data=from_data)
+    if not isinstance(cls, type):
+        raise TypeError(f"register_type takes a class, got {cls!r}")
+    label = f"{cls.__module__}.{cls.__qualname__}"
+    if cls in _NATIVE or issubclass(cls, (torch.Tensor, np.generic)):
+        raise TypeError(f"register_type({label}): safeckpt stores {cls.__qualname__} values itself")
+    if name is None:
+        name = label
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_type({label}): name must be a non-empty str, got {name!r}")
+    if (to_data is None) != (from_data is None):
+        raise TypeError(f"register_type({label}): give both to_data and from_data, or neither")
+    if to_data is None or from_data is None:
+        to_data, from_data = _converters(cls, label)
+    old = _BY_NAME.get(name)
+    if old is not None and old.cls is not cls and not _same_definition(old.cls, cls):
+        raise ValueError(
+            f"register_type({label}): the name {name!r} is already registered for "
+            f"{old.cls.__module__}.{old.cls.__qualname__}; give one of them another name= "
+            "(the name is what checkpoint files record)"
+        )
+    mine = _BY_CLASS.get(cls)
+    if mine is not None and mine.name != name:
+        raise ValueError(
+            f"register_type({label}): already registered as {mine.name!r}; a class is stored under one name "
+            f"(unregister it first to rename, and keep name={mine.name!r} to read files written with it)"
+        )
+    if old is not None:
+        _BY_CLASS.pop(old.cls, None)
+    _BY_NAME[name] = _BY_CLASS[cls] = Entry(cls, name, to_data, from_data)
+    return cls
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Two class objects of one definition: a module reloaded or a notebook cell run again."""
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def _unregister(cls_or_name: type | str) -> None:
+    """Forget a registration (for tests); unknown classes and names are ignored."""
+    entry = _BY_NAME.get(cls_or_name) if isinstance(cls_or_name, str) else _BY_CLASS.get(cls_or_name)
+    if entry is not None:
+        _BY_NAME.pop(entry.name, None)
+        _BY_CLASS.pop(entry.cls, None)
+
+
+def entry_for_class(cls: type) -> Entry | None:
+    """The registration the codec uses to store a value of exactly ``cls`` (subclasses register themselves)."""
+    return _BY_CLASS.get(cls)
+
+
+def entry_for_name(name: str) -> Entry | None:
+    """The registration that rebuilds values a file stored under ``name``, in this process."""
+    return _BY_NAME.get(name)
+
+
+def registrable(cls: type) -> bool:
+    """True for the classes `register_type` can store without converters."""
+    return isinstance(cls, enum.EnumMeta) or dataclasses.is_dataclass(cls) or _is_namedtuple(cls)
+
+
+def _is_namedtuple(cls: type) -> bool:
+    return issubclass(cls, tuple) and isinstance(getattr(cls, "_fields", None), tuple)
+
+
+def _converters(cls: type, label: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    if isinstance(cls, enum.EnumMeta):
+        return (_flag_converters if issubclass(cls, enum.Flag) else _enum_converters)(cls)
+    if dataclasses.is_dataclass(cls):
+        return _dataclass_converters(cls, label)
+    if _is_namedtuple(cls):
+        return (lambda obj: obj._asdict()), (lambda data: cls(**_map(data, cls)))
+    raise TypeError(
+        f"register_type({label}): not a dataclass, Enum or NamedTuple; pass to_data=(obj -> plain value) "
+        "and from_data=(value -> obj)"
+    )
+
+
+def _enum_converters(cls: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    def from_data(data: Any) -> Any:
+        if type(data) is not str or data not in cls.__members__:
+            raise ValueError(f"{data!r} is not a member name of {cls.__qualname__} ({', '.join(cls.__members__)})")
+        return cls[data]
+
+    return (lambda member: member.name), from_data
+
+
+def _flag_converters(cls: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    def to_data(value: Any) -> list[str]:
+        names = [m.name for m in value]  # the canonical members it combines ([] for no flags)
+        if _combine(cls, names) != value:
+            raise ValueError(
+                f"{value!r} has bits no member of {cls.__qualname__} names; register it with to_data/from_data"
+            )
+        return names
+
+    def from_data(data: Any) -> Any:
+        if type(data) is not list or any(type(n) is not str or n not in cls.__members__ for n in data):
+            raise ValueError(f"{data!r} is not a list of member names of {cls.__qualname__}")
+        return _combine(cls, data)
+
+    return to_data, from_data
+
+
+def _combine(cls: Any, names: list[str]) -> Any:
+    return functools.reduce(operator.or_, (cls[n] for n in names), cls(0))
+
+
+def _dataclass_converters(cls: Any, label: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    fields = dataclasses.fields(cls)
+    late = {f.name for f in fields if not f.init}
+    params = inspect.signature(cls).parameters.values()
+    needed = {p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = needed - {f.name for f in fields}
+    if unknown:  # an InitVar: not a field, so not stored, yet __init__ needs it
+        raise TypeError(
+            f"register_type({label}): __init__ needs {sorted(unknown)}, which are not fields; "
+            "pass to_data and from_data"
+        )
+
+    def from_data(data: Any) -> Any:
+        data = _map(data, cls)
+        # cls(...) runs the class's own __init__/__post_init__ checks; a field added since the file was
+        # written takes its default, one removed is an error (the data would be lost otherwise).
+        obj = cls(**{k: v for k, v in data.items() if k not in late})
+        for k in late & data.keys():
+            object.__setattr__(obj, k, data[k])  # frozen dataclasses too
+        return obj
+
+    return (lambda obj: {f.name: getattr(obj, f.name) for f in fields}), from_data
+
+
+def _map(data: Any, cls: type) -> dict[str, Any]:
+    if type(data) is not dict or not all(type(k) is str for k in data):
+        raise ValueError(f"{cls.__qualname__} is stored as a map of field names, got {type(data).__name__}")
+    return data
+
+
+class Unregistered:
+    """A stored value of a registered type that this process cannot rebuild, kept as the file has it.
+
+    Loading raises instead of returning one; tools that must read any file (the ``safeckpt``
+    command) see these. Saving one writes it back unchanged, so converting a file needs no class.
+
+    Example:
+        >>> with codec.keep_unregistered():
+        ...     safeckpt.open("run.safeckpt")["cfg"]
+        myproj.Config(lr=0.3, depth=4)
+    """
+
+    __slots__ = ("data", "error", "name")
+
+    def __init__(self, name: str, data: Any, error: BaseException | None = None) -> None:
+        self.name, self.data, self.error = name, data, error
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unregistered) and self.name == other.name and _same_data(self.data, other.data)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        data = self.data
+        if type(data) is dict and all(type(k) is str and k.isidentifier() for k in data):
+            return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in data.items())})"
+        return f"{self.name}({data!r})"
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    """Equal stored data, tensors (lazy or not) by dtype, shape and bytes: so ``safeckpt diff`` and
+    ``convert``'s check compare two files' values of a type neither process registered."""
+    a = a.load() if isinstance(a, TensorRef) else a
+    b = b.load() if isinstance(b, TensorRef) else b
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_data(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_data(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == does not give a bool
+        return repr(a) == repr(b)
