@@ -181,7 +181,7 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
     if not isinstance(info, dict):
         raise bad(f"entry {name!r} must be an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if code not in DTYPES and code not in BITS:
+    if not isinstance(code, str) or (code not in DTYPES and code not in BITS):
         raise bad(f"tensor {name!r} has unknown dtype {_short(code)}; known: {', '.join([*DTYPES, *BITS])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")

@@ -1,0 +1,23 @@
+"""Shared pytest hooks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fuzz harness's counts (tests/test_fuzz.py), so every run shows how many inputs ran."""
+    fuzzing = sys.modules.get("fuzzing")
+    stats = getattr(fuzzing, "STATS", None)
+    if not stats:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "fuzz inputs per reader")
+    tr.write_line(f"{'reader':<18}{'inputs':>8}{'value':>8}{'CheckpointError':>17}{'escape':>8}{'seconds':>9}")
+    for reader, s in stats.items():
+        tr.write_line(
+            f"{reader:<18}{s['inputs']:>8}{s['value']:>8}{s['error']:>17}{s['escape']:>8}{s['seconds']:>9.1f}"
+        )
+    total = sum(s["inputs"] for s in stats.values())
+    tr.write_line(f"{'total':<18}{total:>8}  (worker restarts: {max(s.get('restarts', 0) for s in stats.values())})")
