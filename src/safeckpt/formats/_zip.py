@@ -109,7 +109,6 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
     end = len(view) if length is None else start + length
     if start < 0 or end > len(view) or end - start < _EOCD_SIZE + _LOCAL_SIZE:
         raise CorruptCheckpointError(f"{source}: too short to be a zip archive ({max(0, end - start)} bytes)")
-    end - start
 
     def err(what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{source}: not a valid torch zip archive: {what}")
