@@ -6,7 +6,9 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,12 @@ from typing import BinaryIO
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
+
+try:  # advisory locks mark files a live writer is still writing (POSIX; absent on Windows)
+    import fcntl
+except ImportError:  # pragma: no cover - depends on the platform
+    fcntl = None  # type: ignore[assignment]
 
 try:  # ISA-L computes zlib's CRC-32 about 4x faster; optional (pip install 'safeckpt[fast]')
     from isal.isal_zlib import crc32
@@ -42,26 +49,128 @@ def target_file(path: str | os.PathLike[str]) -> Path:
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Write ``path`` all or nothing: a temporary sibling, fsync, then ``os.replace``.
 
-    On any exception the temporary file is removed and an existing file at ``path`` is untouched.
-    The new file's mode follows the umask, like any file the user creates.
+    On any exception the temporary file is removed and an existing file at ``path`` is untouched;
+    an ``OSError`` (a full disk, a file size limit, a read-only directory) is re-raised as the same
+    ``OSError`` subclass naming ``path``. The temporary file is locked (``flock``) while it is
+    written, so temporaries of killed saves, which nobody holds, are removed by the next save to
+    the same path and a concurrent writer's are left alone. The new file's mode follows the
+    umask, like any file the user creates.
 
     Example:
         >>> with atomic_write("out.bin") as f:
         ...     f.write(b"data")
     """
     target = target_file(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        tmp, fd = _locked_temp(target)
+    except OSError as e:
+        raise _naming(e, target) from e
+    remove_stale(target.parent, _temp_pattern(target.name), keep=tmp.name)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             yield f  # type: ignore[misc]
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
+            os.replace(tmp, target)  # while still locked: the temporary is never seen unlocked
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            raise _naming(e, target) from e
         raise
     fsync_dir(target.parent)
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]+\.tmp")
+
+
+def _locked_temp(target: Path) -> tuple[Path, int]:
+    """A new temporary file beside ``target``, created and locked. A cleaner that found it
+    unlocked in the instant between the two may have removed it: then take another one."""
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        if lock(fd, wait=True) and os.fstat(fd).st_nlink == 0:
+            os.close(fd)
+            continue
+        return tmp, fd
+
+
+def lock(fd: int, wait: bool = False) -> bool:
+    """Take an exclusive ``flock`` on ``fd``; False where the filesystem has no locks.
+    Without ``wait``, ``BlockingIOError`` if another open file holds the lock."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
+            raise
+        return False
+    return True
+
+
+def is_held(path: Path) -> bool | None:
+    """Whether some open file (of any process, this one included) holds a lock on ``path``:
+    True, False, or None where it cannot be told (no such file counts as False)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        return None if not lock(fd) else False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale(directory: Path, pattern: re.Pattern[str], keep: str = "") -> list[Path]:
+    """Remove the files in ``directory`` whose names match ``pattern`` and that no live writer
+    holds locked (what killed saves leave behind). Files whose lock state cannot be told are
+    left unless a day old. Never raises: cleaning up is a courtesy, not part of the save."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name == keep or not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            held = is_held(path)
+            if held is None:
+                with contextlib.suppress(OSError):
+                    held = time.time() - entry.stat(follow_symlinks=False).st_mtime < 86400
+            if held is False:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
+
+
+# what to do about each errno a save can meet, said once, after the path
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or save elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted: free space or save elsewhere",
+    errno.EFBIG: "the file would exceed the file size limit (ulimit -f) or the filesystem's largest file",
+    errno.EACCES: "no permission to write there: check the directory's permissions or save elsewhere",
+    errno.EPERM: "no permission to write there: check the directory's permissions or save elsewhere",
+    errno.EROFS: "the filesystem is read-only: save elsewhere",
+    errno.EIO: "the storage reported an I/O error: check the disk",
+}
+
+
+def _naming(e: OSError, target: Path) -> OSError:
+    """``e`` as the same kind of ``OSError`` whose message and ``filename`` name ``target``."""
+    hint = _HINTS.get(e.errno or 0, "")
+    err = OSError(
+        e.errno,
+        f"cannot save {target}: {e.strerror or e}; {hint + '; ' if hint else ''}the previous file there is untouched",
+    )
+    err.filename = str(target)
+    return err
 
 
 def fsync_dir(directory: Path) -> None:
@@ -132,14 +241,19 @@ class MappedFile:
     size and modification time), else `CorruptCheckpointError`.
     """
 
-    def __init__(self, path: Path, expect_size: int | None = None) -> None:
+    def __init__(self, path: Path, expect_size: int | None = None, f: BinaryIO | None = None) -> None:
         self.path = path
-        st = os.stat(path)
-        self._stamp = (st.st_size, st.st_mtime_ns)
+        st = os.fstat(f.fileno()) if f is not None else os.stat(path)
+        # the inode too: a file replaced by a rename within the mtime granularity has the same size and mtime
+        self._stamp = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
         self._fetch = remote(path)
         if expect_size is not None and st.st_size != expect_size:
             raise CorruptCheckpointError(f"{path}: expected {expect_size} bytes, the file has {st.st_size}")
         self._map: mmap.mmap | None = None
+        if f is not None and self._fetch is None and st.st_size:
+            # mapped from the file its header was read from: a save replacing the path meanwhile
+            # or later cannot mix another file's bytes into this one (the map keeps the old file)
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
     @property
     def map(self) -> mmap.mmap:
@@ -155,7 +269,9 @@ class MappedFile:
         f = open(self._fetch() if self._fetch else self.path, "rb")  # noqa: SIM115 - the caller closes it
         st = os.fstat(f.fileno())
         # a fetched placeholder is another file: only its size must match
-        if (st.st_size, self._stamp[1] if self._fetch else st.st_mtime_ns) != self._stamp:
+        if (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino) != self._stamp and (
+            not self._fetch or st.st_size != self._stamp[0]
+        ):
             f.close()
             raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
         return f

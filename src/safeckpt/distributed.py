@@ -188,8 +188,9 @@ class _Writer(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # The coordinator names this save; every rank learns the name with its plan.
-        self.generation = fmt.new_generation()
+        # The coordinator names this save, in progress until `finish`; every rank learns the name with its plan.
+        self.live = fmt.Live(self.root)
+        self.generation = self.live.generation
         return [dataclasses.replace(p, storage_data=(self.generation, rank)) for rank, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
@@ -220,7 +221,10 @@ class _Writer(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         written = [(r.index.fqn, *r.storage_data) for rank_results in results for r in rank_results]
-        fmt.commit(self.root, self.generation, written, self.declared, self.skeleton, {}, len(results))
+        try:
+            fmt.commit(self.root, self.generation, written, self.declared, self.skeleton, {}, len(results))
+        finally:
+            self.live.release()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -99,7 +99,7 @@ def looks_like(head: bytes) -> bool:
     return 2 <= n < 1 << 48 and head[8 : 8 + n].lstrip(b" \t\r\n")[:1] in (b"{", b"[")
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, f: BinaryIO | None = None) -> Header:
     """Parse and validate the header of the safetensors file at ``path``.
 
     Raises `CorruptCheckpointError` naming the file and the problem for anything the format
@@ -107,25 +107,29 @@ def read_header(path: Path) -> Header:
     a tensor named ``__metadata__``, non-string metadata, unknown dtypes, negative dims, sizes that
     disagree with shape and dtype, holes, overlaps or trailing bytes.
     """
-    raw, size = read_raw_header(path)
+    raw, size = read_raw_header(path, f)
     return parse_header(path, raw[8:], size)
 
 
-def read_raw_header(path: Path) -> tuple[bytes, int]:
-    """The length prefix and header bytes of the file at ``path`` (bounds checked, not parsed), and the file's size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CorruptCheckpointError(f"{path}: {size} bytes is too small for a safetensors file (truncated?)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER:
-            raise CorruptCheckpointError(f"{path}: declared header of {n} bytes exceeds the 100 MB limit")
-        if 8 + n > size:
-            raise CorruptCheckpointError(
-                f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?"
-            )
-        raw = f.read(n)
+def read_raw_header(path: Path, f: BinaryIO | None = None) -> tuple[bytes, int]:
+    """The length prefix and header bytes of the file at ``path`` (bounds checked, not parsed), and the file's size.
+    With ``f`` (``path`` opened), both come from that open file even if a save replaces ``path`` meanwhile."""
+    if f is None:
+        with open(path, "rb") as f:
+            return read_raw_header(path, f)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{path}: {size} bytes is too small for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER:
+        raise CorruptCheckpointError(f"{path}: declared header of {n} bytes exceeds the 100 MB limit")
+    if 8 + n > size:
+        raise CorruptCheckpointError(
+            f"{path}: declared header of {n} bytes runs past the end of the file ({size} bytes); truncated?"
+        )
+    raw = f.read(n)
     return prefix + raw, size
 
 

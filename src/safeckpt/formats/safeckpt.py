@@ -43,7 +43,9 @@ def read(path: Path, **_: Any) -> Checkpoint:
         >>> ckpt["step"], ckpt.tensors()["model/weight"].shape
         (7, (2, 2))
     """
-    header = st.read_header(path)
+    with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
+        header = st.read_header(path, f)
+        mapped = MappedFile(path, header.size, f)
     meta = header.metadata
     version = meta.get(KEY_VERSION)
     if version is None or KEY_SKELETON not in meta:
@@ -58,7 +60,6 @@ def read(path: Path, **_: Any) -> Checkpoint:
         skeleton = base64.b64decode(meta[KEY_SKELETON], validate=True)
     except (binascii.Error, ValueError):
         raise CorruptCheckpointError(f"{path}: the skeleton in the header is not valid base64") from None
-    mapped = MappedFile(path, header.size)
     crcs = st.checksums(header, KEY_CRC) or {}
     refs: dict[str, TensorRef] = {}
 

@@ -26,7 +26,7 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, write_all
+from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
@@ -47,19 +47,89 @@ _OURS = re.compile(
     + re.escape(INDEX)
     + r"\.[0-9a-f]+\.tmp$"
 )
+# A save in progress holds a lock on this file (removed when it ends); a killed save's is left unlocked.
+_LOCK = re.compile(r"^\.safeckpt-(?P<gen>[0-9a-f]{8,64})\.lock$")
 _DTYPES = {str(d).removeprefix("torch."): d for d in [*st.CODES, *st.AS_REAL]}
 
 
 def sniff(head: bytes, path: Path) -> bool:
-    """A directory holding our index, or the index file itself."""
+    """A directory holding our index, or the index file itself. A directory holding only the
+    shards of a save that never committed is ours too, so that it is refused as such (`read`)
+    rather than taken for a directory of plain safetensors files."""
     if path.is_dir():
-        return (path / INDEX).is_file()
+        if (path / INDEX).is_file():
+            return True
+        with contextlib.suppress(OSError):
+            return any(_OURS.match(e.name) and e.name[0] != "." for e in os.scandir(path))
+        return False
     return path.name == INDEX and NAME.encode() in head[:64]
 
 
 def new_generation() -> str:
     """A fresh generation id (48 random bits, hex) naming one save's shards."""
     return secrets.token_hex(6)
+
+
+class Live:
+    """A fresh generation for a save into ``root``, marked in progress until `release` (or the
+    process's death) by a lock held on ``.safeckpt-<generation>.lock``: another save's cleanup
+    never deletes the files of a generation still being written. What killed saves left (dead
+    generations other than the committed one) is removed first, so their space is free again.
+
+    Example:
+        >>> with Live(root) as generation:
+        ...     commit(root, generation, [...write_shards(root, generation, 0, pieces, None)], ...)
+    """
+
+    def __init__(self, root: Path) -> None:
+        sweep(root)
+        while True:
+            self.generation = new_generation()
+            self._path = root / f".safeckpt-{self.generation}.lock"
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self._file = os.fdopen(fd, "rb+", buffering=0)  # closed (so unlocked) when collected, at the latest
+            # a cleanup that found the file unlocked just before the lock was taken may have removed it
+            if not (lock(fd, wait=True) and os.fstat(fd).st_nlink == 0):
+                return
+            self._file.close()
+
+    def release(self) -> None:
+        """The save is over (committed or failed): its generation is an ordinary one from now on."""
+        if not self._file.closed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._file.close()
+
+    def __enter__(self) -> str:
+        return self.generation
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the files of dead generations other than the committed one (none if the index is
+    unreadable: a damaged checkpoint's shards are not ours to judge)."""
+    with _committing(root):
+        try:
+            keep = read_index(root)["generation"]
+        except CorruptCheckpointError:
+            if os.path.lexists(root / INDEX):
+                return []
+            keep = ""
+        return collect_garbage(root, keep)
+
+
+@contextlib.contextmanager
+def _committing(root: Path) -> Iterator[None]:
+    """Hold the directory's lock: one save at a time writes the index and collects garbage, so a
+    cleanup never deletes the generation another save has just committed."""
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        lock(fd, wait=True)  # where directories cannot be locked (some network filesystems): go on unlocked
+        yield
+    finally:
+        os.close(fd)
 
 
 def shard_name(generation: str, rank: int, part: int) -> str:
@@ -86,20 +156,37 @@ class _Shard:
 
     @functools.cached_property
     def header(self) -> st.Header:
-        if not self.path.is_file():
-            raise CorruptCheckpointError(
-                f"{self.path}: shard missing; the index names it, so the checkpoint is incomplete"
-            )
-        actual = self.path.stat().st_size
-        if actual != self.size:
-            raise CorruptCheckpointError(
-                f"{self.path}: the index records {self.size} bytes, the file has {actual} (truncated or replaced)"
-            )
-        return st.read_header(self.path)
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing() from None
+        with f:  # header and map from one open file
+            actual = os.fstat(f.fileno()).st_size
+            if actual != self.size:
+                raise CorruptCheckpointError(
+                    f"{self.path}: the index records {self.size} bytes, the file has {actual} (truncated or replaced)"
+                )
+            header = st.read_header(self.path, f)
+            self._mapped = MappedFile(self.path, header.size, f)
+        return header
 
     @functools.cached_property
     def mapped(self) -> MappedFile:
-        return MappedFile(self.path, self.header.size)
+        self.header  # noqa: B018 - maps the file
+        return self._mapped
+
+    def _missing(self) -> CorruptCheckpointError:
+        m, now = _OURS.match(self.path.name), None
+        with contextlib.suppress(CorruptCheckpointError, OSError):
+            now = read_index(self.path.parent)["generation"]
+        if m and now and now != m.group("gen"):
+            return CorruptCheckpointError(
+                f"{self.path}: shard gone: another save replaced this checkpoint (generation {m.group('gen')}, "
+                f"now {now}) after it was opened; open it again"
+            )
+        return CorruptCheckpointError(
+            f"{self.path}: shard missing; the index names it, so the checkpoint is incomplete"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,7 +280,8 @@ def read_index(root: Path) -> dict[str, Any]:
         index = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except FileNotFoundError:
         raise CorruptCheckpointError(
-            f"{root}: no {INDEX}; the directory holds no committed safeckpt-sharded checkpoint"
+            f"{root}: no {INDEX}; the directory holds no committed safeckpt-sharded checkpoint (shard files "
+            "without an index are what an interrupted save leaves: save again, or open another checkpoint)"
         ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the index is not valid msgpack ({e}); the file is damaged") from None
@@ -453,9 +541,17 @@ def commit(
     }
     packed = msgpack.packb(index, use_bin_type=True)
     packed = packed[:-8] + f"{checksum(packed):08x}".encode()
-    with atomic_write(root / INDEX) as f:
-        write_all(f, packed)
-    collect_garbage(root, keep=generation)
+    with _committing(root):
+        for rec in file_records:  # a concurrent save's cleanup must not have taken them (see `Live`)
+            size = os.stat(root / rec["name"]).st_size if (root / rec["name"]).is_file() else None
+            if size != rec["size"]:
+                raise CorruptCheckpointError(
+                    f"{root / rec['name']}: this save's shard is gone or changed before the commit (another "
+                    "process cleaning the directory?); nothing was committed, the previous checkpoint is untouched"
+                )
+        with atomic_write(root / INDEX) as f:
+            write_all(f, packed)
+        collect_garbage(root, keep=generation)
     return root
 
 
@@ -467,11 +563,18 @@ def _refuse(ok: bool, what: str) -> None:
 
 
 def collect_garbage(root: Path, keep: str) -> list[Path]:
-    """Delete shards (and leftover temporaries) of every generation but ``keep``; other files stay."""
+    """Delete shards (and leftover temporaries) of every generation but ``keep`` and those a save
+    in progress holds (`Live`); other files stay."""
     removed = []
+    live: dict[str, bool] = {}
     for entry in os.scandir(root):
-        m = _OURS.match(entry.name)
-        if m and m.group("gen") != keep and entry.is_file(follow_symlinks=False):
+        m = _OURS.match(entry.name) or _LOCK.match(entry.name)
+        gen = m.group("gen") if m else None
+        if m and gen is None and is_held(Path(entry.path)):
+            continue  # an index temporary a concurrent save is writing (only without directory locks)
+        if gen is not None and gen != keep and gen not in live:
+            live[gen] = is_held(root / f".safeckpt-{gen}.lock") is True
+        if m and gen != keep and not live.get(gen or "") and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
@@ -506,9 +609,9 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
 
     skeleton = codec.encode(ckpt.tree, payload)
     root = target_dir(path)
-    generation = new_generation()
-    written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
-    return commit(root, generation, written, declared, skeleton, ckpt.metadata)
+    with Live(root) as generation:
+        written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
+        return commit(root, generation, written, declared, skeleton, ckpt.metadata)
 
 
 def _split(name: str, x: torch.Tensor | TensorRef, limit: int | None) -> list[Piece]:

@@ -51,8 +51,9 @@ def read(path: Path, **_: Any) -> Checkpoint:
         >>> ckpt["head.weight"] is ckpt["emb.weight"]   # tied, restored from the metadata
         True
     """
-    header = st.read_header(path)
-    mapped = MappedFile(path, header.size)
+    with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
+        header = st.read_header(path, f)
+        mapped = MappedFile(path, header.size, f)
     crcs = st.checksums(header, KEY_CRC) or {}
     refs = {name: tensor_ref(path, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
     aliases = tied_aliases(header.metadata, refs)
