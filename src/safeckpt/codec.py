@@ -73,6 +73,9 @@ _LIGHTNING_ATTRIBUTE_DICTS = {
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 MAX_DEPTH = 512
+# ext values (tuples, sets, ...) nested in ext values: each level is one more msgpack.unpackb call on
+# the C stack (about 45 KB each: 200 levels overflow an 8 MB stack), so decoding refuses more
+MAX_EXT_DEPTH = 64
 _KEEP_UNREGISTERED: ContextVar[bool] = ContextVar("safeckpt_keep_unregistered", default=False)
 
 
@@ -237,10 +240,19 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
 
     pending: list[Unregistered] = []  # user values not rebuilt, in the order they were met
     loaded: dict[int, Any] = {}
+    ext_depth = [0]
 
     def hook(code: int, payload: bytes) -> Any:
         before = len(pending)
-        value = _unpack(payload)
+        ext_depth[0] += 1
+        if ext_depth[0] > MAX_EXT_DEPTH:
+            raise CorruptCheckpointError(
+                f"{source}: the skeleton nests ext values (tuples, sets, ...) more than {MAX_EXT_DEPTH} deep (limit)"
+            )
+        try:
+            value = _unpack(payload)
+        finally:
+            ext_depth[0] -= 1
         if code == Ext.TENSOR:
             return _tensor(value)
         if code == Ext.USER:

@@ -189,6 +189,11 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"tensor {name!r} has unknown dtype {_short(code)}; known: {', '.join([*DTYPES, *BITS])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")
+    span = 1  # even with no elements, torch must compute strides: the product of the other dims must fit an int64
+    for d in shape:
+        span *= d or 1
+        if span >= 1 << 63:
+            raise bad(f"tensor {name!r} has shape {_short(shape)}, which spans more than 2**63-1 elements (limit)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2

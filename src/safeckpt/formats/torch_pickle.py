@@ -106,7 +106,7 @@ def _tensor(
     size, stride = _dims(size, "size"), _dims(stride, "stride")
     if len(size) != len(stride):
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
-    if math.prod(size) > MAX_ELEMENTS or any(x > MAX_ELEMENTS for x in stride):
+    if math.prod(size) > MAX_ELEMENTS or any(x > MAX_ELEMENTS for x in (*size, *stride)):  # a 0 dim hides others
         raise _bad(f"tensor size {list(size)} / stride {list(stride)} beyond {MAX_ELEMENTS} elements")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
