@@ -5,6 +5,8 @@ ModelCheckpoint's top-k deletion, old pickle checkpoints, and refusals that reac
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import os
 import pathlib
 import subprocess
@@ -27,6 +29,7 @@ import safeckpt
 from safeckpt import formats
 from safeckpt.errors import UnsafeCheckpointError
 from safeckpt.lightning import SafeCheckpointIO
+from safeckpt.user_types import _unregister
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER_FIXTURE = ROOT / "fixtures" / "lightning" / "trainer.ckpt"
@@ -441,6 +444,61 @@ def test_fabric_save_of_an_object_names_it_before_writing(tmp_path: Path) -> Non
     with pytest.raises(TypeError, match=r"checkpoint\['loader'\] is a torch\.utils\.data.*fabric\.save"):
         fabric.save(tmp_path / "x.ckpt", {"model": nn.Linear(2, 2), "loader": DataLoader([1, 2])})
     assert list(tmp_path.iterdir()) == []
+
+
+class Decay(enum.Enum):
+    STEP = "step"
+    COSINE = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    milestones: tuple[int, ...] = (3, 6)
+    decay: Decay = Decay.STEP
+
+
+class Scheduled(Net):
+    def __init__(self, schedule: Schedule, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)
+        self.save_hyperparameters()  # records the dataclass: storable once its types are registered
+
+
+def test_a_dataclass_in_hyper_parameters_needs_register_type_then_saves_and_resumes(tmp_path: Path) -> None:
+    schedule = Schedule((2, 4), Decay.COSINE)
+    t = trainer(tmp_path / "a", SafeCheckpointIO(), ModelCheckpoint(dirpath=tmp_path / "a" / "ckpts"), max_steps=2)
+    with pytest.raises(TypeError) as info:
+        t.fit(Scheduled(schedule), datamodule=Data())
+    message = str(info.value)
+    assert f"checkpoint['hyper_parameters']['schedule'] is a {__name__}.Schedule" in message
+    assert f"`safeckpt.register_type({__name__}.Schedule)`" in message and "ignore=['schedule']" in message
+
+    def run(root: Path, epochs: int, ckpt_path: Path | None = None) -> tuple[Scheduled, Path]:
+        torch.manual_seed(0)
+        checkpoints = ModelCheckpoint(dirpath=root / "ckpts", monitor="val_loss", save_top_k=-1)
+        model = Scheduled(schedule)
+        trainer(root, SafeCheckpointIO(), checkpoints, max_epochs=epochs).fit(
+            model, datamodule=Data(), ckpt_path=ckpt_path
+        )
+        return model, root / "ckpts"
+
+    safeckpt.register_type(Schedule)
+    safeckpt.register_type(Decay)
+    try:
+        whole, ckpts = run(tmp_path / "b", 2)
+        first = ckpts / "epoch=0-step=4.ckpt"
+        assert_native_without_pickle(first)
+        hparams = SafeCheckpointIO().load_checkpoint(first)["hyper_parameters"]
+        assert type(hparams["schedule"]) is Schedule and hparams["schedule"] == schedule
+        assert hparams["schedule"].decay is Decay.COSINE
+        resumed, _ = run(tmp_path / "c", 2, first)
+        equal_values(resumed.state_dict(), whole.state_dict())
+        rebuilt = Scheduled(hparams["schedule"], hparams["lr"])  # what the README offers for load_from_checkpoint
+        assert rebuilt.hparams.schedule == schedule
+    finally:
+        _unregister(Schedule)
+        _unregister(Decay)
+    with pytest.raises(UnsafeCheckpointError, match=r"\['hyper_parameters'\]\['schedule'\] .*register_type"):
+        SafeCheckpointIO().load_checkpoint(first)
 
 
 def test_storage_options_is_refused_like_lightning_does(tmp_path: Path) -> None:

@@ -334,6 +334,18 @@ def test_an_unregistered_type_imports_and_runs_nothing(tmp_path: Path, monkeypat
     assert not canary.exists() and "evil_cfg" not in sys.modules
 
 
+def test_a_field_added_since_the_file_was_written_takes_its_default(tmp_path: Path) -> None:
+    path = safeckpt.save(tmp_path / "run.safeckpt", {"o": Optim(lr=0.5)})
+
+    @dataclasses.dataclass(frozen=True)
+    class Optim2(Optim):
+        weight_decay: float = 0.01
+
+    _unregister(Optim)
+    safeckpt.register_type(Optim2, name=f"{__name__}.Optim")
+    assert safeckpt.load(path)["o"] == Optim2(lr=0.5, weight_decay=0.01)
+
+
 def test_data_the_registered_class_no_longer_accepts_is_a_clear_error(tmp_path: Path) -> None:
     path = safeckpt.save(tmp_path / "run.safeckpt", {"o": [Optim(lr=0.5)], "k": Kind.STEP})
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import math
 import pathlib
 from collections import Counter, OrderedDict
@@ -112,7 +113,26 @@ def encode(obj: Any, tensor_name: Callable[[tuple[Any, ...], torch.Tensor | Any]
     (or for a `TensorRef`); with ``None``, tensors are refused. Any value outside the supported
     types raises ``TypeError`` naming its path, before anything is written.
     """
-    return msgpack.packb(_prepare(obj, (), tensor_name, 0), use_bin_type=True, strict_types=True)
+    data = msgpack.packb(_prepare(obj, (), tensor_name, 0), use_bin_type=True, strict_types=True)
+    try:
+        _check_ext_depth(data, 0)
+    except TypeError as e:
+        raise TypeError(str(e)) from None  # one line, not a traceback as deep as the nesting
+    return data
+
+
+def _check_ext_depth(data: bytes, depth: int) -> None:
+    """Refuse at save what `decode` refuses at load: ext values nested more than `MAX_EXT_DEPTH` deep."""
+
+    def hook(code: int, payload: bytes) -> None:
+        if depth >= MAX_EXT_DEPTH:
+            raise TypeError(
+                f"state nests tuples, sets or other non-list containers more than {MAX_EXT_DEPTH} deep inside "
+                "each other, which safeckpt cannot read back; flatten it (lists and dicts may nest deeper)"
+            )
+        _check_ext_depth(payload, depth + 1)
+
+    msgpack.unpackb(data, ext_hook=hook, raw=True, strict_map_key=False, use_list=False)
 
 
 def _pack(obj: Any) -> bytes:
@@ -197,9 +217,10 @@ def unstorable_fix(cls: type) -> str:
     """The end of the message refusing a value of ``cls``: why, and how to store it."""
     name = f"{cls.__module__}.{cls.__qualname__}"
     if user_types.registrable(cls):
+        fields = "" if issubclass(cls, enum.Enum) else " (and each dataclass or enum its fields hold)"
         return (
-            f"which safeckpt stores only once its type is registered: call `safeckpt.register_type({name})` "
-            "(or decorate the class with `@safeckpt.register_type`) in code that runs before both saving and loading"
+            f"which safeckpt stores only once its type is registered: call `safeckpt.register_type({name})`{fields} "
+            "or decorate the class with `@safeckpt.register_type`, in code that runs before both saving and loading"
         )
     return (
         "which safeckpt cannot store without pickle. Store its state instead (a dict of plain values and tensors), "

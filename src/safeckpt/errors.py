@@ -4,7 +4,8 @@
 CheckpointError(Exception)
 ├── UnknownFormatError(CheckpointError, ValueError)     no registered format recognises the file
 ├── CorruptCheckpointError(CheckpointError, ValueError)  truncated, bad header, bad offsets, bad sizes
-├── UnsafeCheckpointError(CheckpointError)              a pickle names a global that is not allowed
+├── UnsafeCheckpointError(CheckpointError)              a pickle names a global that is not allowed,
+│                                                       or a file a type this process has not registered
 └── HubError(CheckpointError)                           a Hugging Face Hub request failed
     ├── HubNotFoundError(HubError, FileNotFoundError)   no such repo, revision or file (or not cached offline)
     └── HubAuthError(HubError, PermissionError)         the token cannot read (or write) the repo
@@ -41,7 +42,8 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A pickle-based file refers to a global outside the allow-list; nothing was imported or run."""
+    """A pickle-based file refers to a global outside the allow-list, or a native file to a type this
+    process has not registered (`safeckpt.register_type`); nothing was imported or run."""
 
 
 class HubError(CheckpointError):

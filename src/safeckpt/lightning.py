@@ -169,8 +169,8 @@ def _unstorable(error: TypeError, checkpoint: dict[str, Any], path: object) -> T
     registrable = isinstance(error, codec.Unstorable) and user_types.registrable(error.cls)
     if hint in ("LightningModule", "LightningDataModule") and arg is not None:
         register = (
-            "register its type as said (then `ckpt_path=` resumes and `load_from_checkpoint` rebuild it in any "
-            "process that registers it too), "
+            "register its type as said (resuming with `ckpt_path=` or loading the checkpoint then rebuilds it, "
+            "in any process that registers it too), "
             if registrable
             else ""
         )
