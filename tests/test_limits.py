@@ -340,3 +340,17 @@ def test_dcp_chunk_overlap_checks(monkeypatch: pytest.MonkeyPatch) -> None:
         CorruptCheckpointError, match=r"ckpt/.metadata: tensor 'w' has too many interleaved chunks to check \(9\)"
     ):
         dcp._no_overlaps(where, "w", grid)
+
+
+def test_save_refuses_ext_nesting_reading_would_refuse(tmp_path: Path) -> None:
+    def nest(levels: int) -> tuple[Any, ...]:
+        x: tuple[Any, ...] = ()
+        for _ in range(levels - 1):
+            x = (x,)
+        return x
+
+    ok = safeckpt.save(tmp_path / "ok.safeckpt", {"k": nest(codec.MAX_EXT_DEPTH)})
+    assert safeckpt.load(ok)["k"] == nest(codec.MAX_EXT_DEPTH)
+    with pytest.raises(TypeError, match="more than 64 deep inside each other, which safeckpt cannot read back"):
+        safeckpt.save(tmp_path / "deep.safeckpt", {"k": nest(codec.MAX_EXT_DEPTH + 1)})
+    assert not (tmp_path / "deep.safeckpt").exists()
