@@ -142,7 +142,7 @@ def round_trip(tmp_path: Path, state: dict[str, Any], **kwargs: Any) -> dict[str
 
 
 def test_a_nested_dataclass_with_tensors_and_int_keys_round_trips(tmp_path: Path) -> None:
-    state = {"hparams": {"cfg": config()}, "model": {"w": torch.randn(3, 2)}}
+    state: dict[str, Any] = {"hparams": {"cfg": config()}, "model": {"w": torch.randn(3, 2)}}
     out = round_trip(tmp_path, state)
     same(out, state)
     assert out["hparams"]["cfg"].seen == 7 and list(out["hparams"]["cfg"].per_layer) == [0, 12]
@@ -286,7 +286,7 @@ def test_classes_that_cannot_be_registered_say_why() -> None:
         with pytest.raises(TypeError, match="safeckpt stores"):
             safeckpt.register_type(native, to_data=repr, from_data=eval)  # never called
     with pytest.raises(TypeError, match="takes a class"):
-        safeckpt.register_type(Optim(), to_data=repr, from_data=repr)  # type: ignore[type-var]
+        safeckpt.register_type(Optim(), to_data=repr, from_data=repr)  # type: ignore[call-overload]
 
     @dataclasses.dataclass
     class WithInitVar:
@@ -403,7 +403,10 @@ def test_malformed_registered_values_are_corrupt_not_crashes() -> None:
 
 def test_stock_safetensors_and_the_cli_read_the_file_without_the_class(tmp_path: Path) -> None:
     register_interval()
-    state = {"hparams": {"cfg": config(), "span": Span(3, 4), "iv": Interval(1.0, 2.5)}, "model": {"w": torch.ones(3)}}
+    state: dict[str, Any] = {
+        "hparams": {"cfg": config(), "span": Span(3, 4), "iv": Interval(1.0, 2.5)},
+        "model": {"w": torch.ones(3)},
+    }
     path = safeckpt.save(tmp_path / "run.safeckpt", state)
     with safetensors.safe_open(path, "pt") as f:
         assert torch.equal(f.get_tensor("hparams/cfg/class_weights"), state["hparams"]["cfg"].class_weights)

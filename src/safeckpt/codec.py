@@ -214,7 +214,12 @@ class Unstorable(TypeError):
 
 
 def unstorable_fix(cls: type) -> str:
-    """The end of the message refusing a value of ``cls``: why, and how to store it."""
+    """The end of the message refusing a value of ``cls``: why, and how to store it.
+
+    Example:
+        >>> unstorable_fix(Config)
+        'which safeckpt stores only once its type is registered: call `safeckpt.register_type(myproj.Config)` ...'
+    """
     name = f"{cls.__module__}.{cls.__qualname__}"
     if user_types.registrable(cls):
         fields = "" if issubclass(cls, enum.Enum) else " (and each dataclass or enum its fields hold)"

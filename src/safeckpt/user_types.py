@@ -32,7 +32,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 import torch
 
-from .tree import TensorRef
+from .tree import AttributeDict, TensorRef
 
 __all__ = ["Unregistered", "register_type"]
 
@@ -57,7 +57,7 @@ _NATIVE = (
     type(None), bool, int, float, complex, str, bytes, bytearray, list, dict, tuple, set, frozenset,
     OrderedDict, Counter, argparse.Namespace, torch.Size, torch.dtype, torch.device, np.ndarray,
     pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-    pathlib.PureWindowsPath,
+    pathlib.PureWindowsPath, AttributeDict,
 )  # fmt: skip
 
 
@@ -161,17 +161,32 @@ def _unregister(cls_or_name: type | str) -> None:
 
 
 def entry_for_class(cls: type) -> Entry | None:
-    """The registration the codec uses to store a value of exactly ``cls`` (subclasses register themselves)."""
+    """The registration the codec uses to store a value of exactly ``cls`` (subclasses register themselves).
+
+    Example:
+        >>> entry_for_class(Config).name
+        'myproj.Config'
+    """
     return _BY_CLASS.get(cls)
 
 
 def entry_for_name(name: str) -> Entry | None:
-    """The registration that rebuilds values a file stored under ``name``, in this process."""
+    """The registration that rebuilds values a file stored under ``name``, in this process.
+
+    Example:
+        >>> entry_for_name("myproj.Config").cls
+        <class 'myproj.Config'>
+    """
     return _BY_NAME.get(name)
 
 
 def registrable(cls: type) -> bool:
-    """True for the classes `register_type` can store without converters."""
+    """True for the classes `register_type` can store without converters.
+
+    Example:
+        >>> registrable(Config), registrable(torch.nn.Linear)
+        (True, False)
+    """
     return isinstance(cls, enum.EnumMeta) or dataclasses.is_dataclass(cls) or _is_namedtuple(cls)
 
 
