@@ -130,6 +130,11 @@ def _open(path: str, args: argparse.Namespace) -> Checkpoint:
         raise
 
 
+def _shown(given: str, local: Path | str) -> str:
+    """How a report names a checkpoint: the hf:// URI as typed, not its local view in the Hub cache."""
+    return given if given.startswith("hf://") else str(local)
+
+
 def _unique(tree: Any) -> dict[Hashable, TensorRef]:
     out: dict[Hashable, TensorRef] = {}
     for _, leaf in iter_leaves(tree):
@@ -330,6 +335,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             f"{args.path}: no leaf matches --include {args.include} --exclude {args.exclude}; run without them to see every path"
         )
     report = _inspect_report(ckpt, tree, args.depth)
+    report["path"] = _shown(args.path, ckpt.path)
     if args.json:
         _print_json(report)
         return EXIT_OK
@@ -338,7 +344,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     t = report["totals"]
     print(
         describe(
-            tree, title=f"{ckpt.path}  ({ckpt.format}, {format_size(report['file_bytes'])} on disk)", depth=args.depth
+            tree,
+            title=f"{report['path']}  ({ckpt.format}, {format_size(report['file_bytes'])} on disk)",
+            depth=args.depth,
         )
     )
     print()
@@ -483,7 +491,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         e.safeckpt_path = args.path  # type: ignore[attr-defined]
         raise
     problems: list[str] = []
-    report: dict[str, Any] = {"path": str(local), "format": fmt.NAME, "tensors": 0, "nbytes": 0}
+    report: dict[str, Any] = {"path": _shown(args.path, local), "format": fmt.NAME, "tensors": 0, "nbytes": 0}
     globals_report = getattr(fmt, "globals_report", None)
     ckpt = None
     try:
@@ -536,7 +544,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     elif not args.quiet:
-        print(f"{local}  ({fmt.NAME}, {report['tensors']} tensors, {format_size(report['nbytes'])})")
+        print(f"{report['path']}  ({fmt.NAME}, {report['tensors']} tensors, {format_size(report['nbytes'])})")
         print(f"  structure  {report['structure']}")
         if "tensors_read" in report:
             print(f"  tensors    {report['tensors_read']} of {report['tensors']} read")
@@ -599,8 +607,8 @@ def _run_diff(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             {
-                "a": {"path": str(ca.path), "format": ca.format},
-                "b": {"path": str(cb.path), "format": cb.format},
+                "a": {"path": _shown(args.a, ca.path), "format": ca.format},
+                "b": {"path": _shown(args.b, cb.path), "format": cb.format},
                 "equal": d.equal,
                 "atol": args.atol,
                 "rtol": args.rtol,
@@ -621,8 +629,8 @@ def _run_diff(args: argparse.Namespace) -> int:
             }
         )
     elif not args.quiet:
-        print(f"--- {ca.path}  ({ca.format})")
-        print(f"+++ {cb.path}  ({cb.format})")
+        print(f"--- {_shown(args.a, ca.path)}  ({ca.format})")
+        print(f"+++ {_shown(args.b, cb.path)}  ({cb.format})")
         width = min(max((len(n) for n in [*d.only_a, *d.only_b, *(c.name for c in d.changed)]), default=0), 50)
         for k in d.only_a:
             print(f"- {k:{width}}  {_short(la[k])}")
