@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import traceback
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ SKIP = {
     "python -m pytest": "the whole suite, which includes this test: CI (.ci/run) runs it",
 }
 MARKER = re.compile(r"^<!--\s*test:(.*)-->\s*$")
-FENCE = re.compile(r"^```(\w*)\s*$")
+FENCE = re.compile(r"^(\s*)```(\w*)\s*$")  # indented fences (in a list item) count too
+SHELLS = ("console", "bash", "sh", "shell")
 SETUPS = ("hub",)
 
 
@@ -94,13 +96,13 @@ def parse(text: str) -> list[Story]:
             continue
         start, body = i + 1, []
         i += 1
-        while i < len(lines) and lines[i].rstrip() != "```":
+        while i < len(lines) and lines[i].strip() != "```":
             body.append(lines[i])
             i += 1
         if i == len(lines):
             raise ValueError(f"README.md:{start}: a ``` fence that is never closed")
         i += 1
-        lang, code = m.group(1), "\n".join(body) + "\n"
+        lang, code = m.group(2), textwrap.dedent("\n".join(body) + "\n")
         marker = _marker(lines, start - 1)
         if lang == "text":
             if previous is None or previous.lang != "python" or previous.expected is not None:
@@ -109,7 +111,7 @@ def parse(text: str) -> list[Story]:
                 )
             previous.expected, previous = code, None
             continue
-        if lang not in ("python", "console", "bash"):
+        if lang != "python" and lang not in SHELLS:
             raise ValueError(
                 f"README.md:{start}: a ```{lang or '(no language)'} block: the docs test runs only python and console/bash"
             )
@@ -191,7 +193,9 @@ def test_every_block_is_accounted_for() -> None:
     shell = [c for s in STORIES for b in s.blocks if b.lang != "python" for c in commands(b)]
     assert len(python) >= 10 and len(shell) >= 6, (len(python), len(shell))
     assert sum(1 for b in python if b.expected is not None) >= 5
-    assert len(re.findall(r"^```(?:python|console|bash)\s*$", text, re.M)) == sum(len(s.blocks) for s in STORIES)
+    blocks = [b for s in STORIES for b in s.blocks]
+    outputs = sum(1 for b in blocks if b.expected is not None)
+    assert len(re.findall(r"^\s*```", text, re.M)) == 2 * (len(blocks) + outputs), "a fence the parser did not take"
     for skipped in SKIP:
         assert re.search(rf"(^| && ){re.escape(skipped)}( && |$)", text, re.M), f"SKIP entry matches nothing: {skipped}"
 
@@ -270,3 +274,30 @@ def test_story(story: Story, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, re
         else:
             for command in commands(block):
                 run_command(command, tmp_path)
+
+
+def test_the_runner_has_teeth() -> None:
+    """What would make a README change fail: wrong output, an unshown exception, a block nothing runs."""
+    (story,) = parse("## s\n\n```python\nprint(1 + 1)\n```\n\n```text\n3\n```\n\n```python\n1 / 0\n```\n")
+    namespace: dict[str, Any] = {}
+    with pytest.raises(AssertionError, match="expected line not found.*'3'"):
+        run_python(story.blocks[0], namespace)
+    with pytest.raises(AssertionError, match="the block raised"):
+        run_python(story.blocks[1], namespace)
+    shown = parse(
+        "## s\n```python\n1 / 0\n```\n```text\nTraceback (most recent call last):\nZeroDivisionError: ...\n```\n"
+    )
+    run_python(shown[0].blocks[0], namespace)
+    for bad in (
+        "## s\n\nprose\n\n```text\n3\n```\n",
+        "## s\n```json\n{}\n```\n",
+        "## s\n<!-- test: setup=gpu -->\n```python\n```\n",
+    ):
+        with pytest.raises(ValueError, match=r"README\.md:\d+"):
+            parse(bad)
+    (cli,) = parse("## s\n```console\n$ safeckpt verify x.pt   # exits 1: unsafe\nx.pt  (torch, ...)\n$ ls\n```\n")
+    assert [(c.text.split()[0], c.expected, c.exit) for c in commands(cli.blocks[0])] == [
+        ("safeckpt", "x.pt  (torch, ...)\n", 1),
+        ("ls", "", 0),
+    ]
+    assert mismatch("a ... c\n...\nz\n", "a b c\nq\nz\n") is None and mismatch("z\na\n", "a\nz\n") is not None
