@@ -41,6 +41,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -709,17 +710,18 @@ class Worker:
         line = self.proc.stdout.readline()
         return json.loads(line) if line else {"dead": True}
 
-    def run(self, path: Path, reader: str) -> Result:
+    def run(self, path: Path, reader: str, *, timeout: float = TIMEOUT, selftest: str = "") -> Result:
+        """Run one input; ``selftest`` makes the worker misbehave on purpose instead (see `SELFTESTS`)."""
         if self.proc is None:
             self.start()
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"path": str(path), "reader": reader}).encode() + b"\n")
+        self.proc.stdin.write(json.dumps({"path": str(path), "reader": reader, "selftest": selftest}).encode() + b"\n")
         self.proc.stdin.flush()
-        answer = self._answer(TIMEOUT)
+        answer = self._answer(timeout)
         if answer is None:
             self.stop()
             self.restarts += 1
-            return Result("escape", f"hang: no answer within {TIMEOUT:.0f} s")
+            return Result("escape", f"hang: no answer within {timeout:.0f} s")
         if answer.get("dead"):
             assert self.proc is not None
             code = self.proc.wait()
@@ -790,6 +792,35 @@ def exercise(path: Path, reader: str) -> tuple[list[str], bool]:
     return escapes, opened
 
 
+def _selftest(what: str, path: Path) -> tuple[list[str], bool]:
+    """Misbehave the way a buggy reader could, so tests can prove each oracle catches it."""
+    import signal as sig
+
+    import torch
+
+    def misbehave() -> None:
+        if what == "raise":
+            raise KeyError("a reader bug")
+        if what == "touch":  # 512 MiB of pages really touched
+            bytearray(512 << 20)
+        elif what == "lazy":  # 1 TiB reserved, never touched: only the address-space limit sees it
+            torch.empty(1 << 40, dtype=torch.uint8)
+        elif what == "hang":
+            time.sleep(3600)
+        elif what == "crash":
+            os.kill(os.getpid(), sig.SIGSEGV)
+
+    escapes: list[str] = []
+    try:
+        misbehave()
+    except BaseException as e:
+        escapes.append(f"{type(e).__name__}: {e}"[:300])
+    return escapes, not escapes
+
+
+SELFTESTS = ("raise", "touch", "lazy", "hang", "crash")
+
+
 def worker() -> None:
     import resource
     import warnings
@@ -817,7 +848,10 @@ def worker() -> None:
         path = Path(req["path"])
         Path("/proc/self/clear_refs").write_text("5")
         before = _status()["VmRSS"]
-        escapes, opened = exercise(path, req["reader"])
+        if req.get("selftest"):
+            escapes, opened = _selftest(req["selftest"], path)
+        else:
+            escapes, opened = exercise(path, req["reader"])
         peak = _status()["VmHWM"] - before
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         if not escapes and peak > size + SLACK:

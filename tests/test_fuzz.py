@@ -7,7 +7,7 @@ runs in a worker subprocess with a per-input timeout, so an escape is any other 
 crash (signal), a hang, or peak memory growth beyond the input's size plus 64 MiB (the worker also
 runs under an address-space limit so a huge lazy allocation fails loudly).
 
-Time: ``SAFECKPT_FUZZ_SECONDS`` (default 72) is split evenly between the six readers; the count of
+Time: ``SAFECKPT_FUZZ_SECONDS`` (default 60) is split evenly between the six readers; the count of
 inputs each reader ran is printed in the terminal summary ("fuzz inputs per reader"). For a long
 local run: ``SAFECKPT_FUZZ_SECONDS=900 pytest tests/test_fuzz.py``. ``SAFECKPT_FUZZ_FAILURES=dir``
 keeps every escaping input there.
@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 import fuzzing
 
 READERS = ["safeckpt", "safeckpt-sharded", "safetensors", "hf-sharded", "dcp", "torch"]
-TOTAL = float(os.environ.get("SAFECKPT_FUZZ_SECONDS", "72"))
+TOTAL = float(os.environ.get("SAFECKPT_FUZZ_SECONDS", "60"))
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 
 
@@ -112,3 +112,23 @@ def test_corpus_replays_without_escape(case: Path, worker: fuzzing.Worker) -> No
     """Every input that once escaped now gives a value or a CheckpointError."""
     result = worker.run(case, case.parent.name)
     assert result.status != "escape", result.detail
+
+
+@pytest.mark.parametrize(
+    ("misbehaviour", "caught_as"),
+    [
+        ("raise", "KeyError: 'a reader bug'"),
+        ("touch", "peak memory grew by"),
+        ("lazy", "RuntimeError"),  # torch's allocator fails under RLIMIT_AS
+        ("hang", "hang: no answer within 3 s"),
+        ("crash", "crash: the worker died (SIGSEGV)"),
+    ],
+)
+def test_oracle_catches(misbehaviour: str, caught_as: str, worker: fuzzing.Worker) -> None:
+    """The harness's own check: each kind of escape a reader could have is reported as one, and
+    the worker comes back for the next input."""
+    small = Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "empty.safetensors"
+    result = worker.run(small, "safetensors", timeout=3.0, selftest=misbehaviour)
+    assert result.status == "escape"
+    assert caught_as in result.detail
+    assert worker.run(small, "safetensors").status == "value"
