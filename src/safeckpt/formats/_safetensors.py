@@ -8,6 +8,7 @@ Reading validates more than the safetensors library does (duplicate keys, a tens
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -380,11 +381,18 @@ def checksum_problems(header: Header, key: str, describe: Callable[[str], str] =
     recorded = checksums(header, key)
     if recorded is None:
         return None
-    view = memoryview(MappedFile(header.path, header.size).map)
+    mapped = MappedFile(header.path, header.size).map
+    view, page = memoryview(mapped), mmap.PAGESIZE
     entries = list(header.entries.values())
 
     def crc_of(e: Entry) -> int:
-        return checksum(view[e.begin : e.end]) if e.end > e.begin else 0
+        if e.end == e.begin:
+            return 0
+        crc = checksum(view[e.begin : e.end])
+        lo, hi = -(-e.begin // page) * page, e.end // page * page
+        if hi > lo:  # pages read: hand them back, so checking a file does not grow RSS by its size
+            mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return crc
 
     problems = []
     # CRC-32 releases the GIL: a large file is checked on every core (up to 4)
