@@ -367,6 +367,25 @@ MSGPACK_BOMBS = [
 ]
 
 
+def _nested_exts(levels: int) -> bytes:
+    """TUPLE exts nested ``levels`` deep: each level a nested C-level unpack (this crashed once)."""
+    payload = b"\x90"
+    for _ in range(levels):
+        n = len(payload) + 1
+        head = (
+            b"\xc7" + bytes([n])
+            if n < 256
+            else b"\xc8" + struct.pack(">H", n)
+            if n < 65536
+            else b"\xc9" + struct.pack(">I", n)
+        )
+        payload = head + b"\x02\x91" + payload
+    return payload
+
+
+MSGPACK_BOMBS += [_nested_exts(65), _nested_exts(400)]
+
+
 def mutate_msgpack(draw: Draw, data: bytes, others: list[bytes]) -> bytes:
     import msgpack
 

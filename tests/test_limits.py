@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 
@@ -356,3 +357,36 @@ def test_save_refuses_ext_nesting_reading_would_refuse(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="more than 64 deep inside each other, which safeckpt cannot read back"):
         safeckpt.save(tmp_path / "deep.safeckpt", {"k": nest(codec.MAX_EXT_DEPTH + 1)})
     assert not (tmp_path / "deep.safeckpt").exists()
+
+
+def _sharded_with_shape(tmp_path: Path, shape: list[int]) -> Path:
+    root = shutil.copytree(FIXTURES / "sharded" / "fsdp2-2ranks", tmp_path / "sharded")
+    index = msgpack.unpackb((root / "safeckpt-index.msgpack").read_bytes(), raw=False, strict_map_key=False)
+    index.pop("crc32", None)  # an index without its checksum still reads (verify reports it)
+    name = next(iter(index["tensors"]))
+    index["tensors"][name].update(shape=shape, chunks=[])
+    (root / "safeckpt-index.msgpack").write_bytes(msgpack.packb(index))
+    return root
+
+
+def test_sharded_zero_element_shape_must_fit_torch_strides(tmp_path: Path) -> None:
+    """Found by reading the code after the safetensors case: a chunkless 0-element tensor of
+    shape [0, 2**62, 2**62] made torch.empty raise RuntimeError (stride overflow) on load."""
+    root = _sharded_with_shape(tmp_path, [0, 2**62, 2**62])
+    with pytest.raises(
+        CorruptCheckpointError, match=r"safeckpt-index.msgpack: invalid index: tensor .* spans more than 2\*\*63-1"
+    ):
+        safeckpt.open(root)
+
+
+def test_dcp_zero_element_size_must_fit_torch_strides(tmp_path: Path) -> None:
+    root = shutil.copytree(FIXTURES / "dcp" / "safetensors", tmp_path / "d")
+    meta = pickle.loads((root / ".metadata").read_bytes())  # our own fixture: trusted
+    item = meta.state_dict_metadata["model.weight"]
+    item.size, item.chunks = torch.Size([0, 2**62, 2**62]), []
+    (root / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=rf"{root / '.metadata'}: tensor size \[0, 4611686018427387904, 4611686018427387904\] spans more than 2\*\*63-1",
+    ):
+        safeckpt.open(root)

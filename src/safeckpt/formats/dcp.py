@@ -209,7 +209,10 @@ def _tensor_item(state: Any) -> TensorItem:
         raise CorruptCheckpointError("TensorStorageMetadata.properties is not a TensorProperties")
     if None in chunks:
         raise CorruptCheckpointError("TensorStorageMetadata.chunks is not a list of ChunkStorageMetadata")
-    return TensorItem(props.dtype, _ints(f["size"], "tensor size"), tuple(c for c in chunks if c is not None))
+    size = _ints(f["size"], "tensor size")
+    if math.prod(d or 1 for d in size) >= 1 << 63:  # torch computes strides even when a 0 dim means no elements
+        raise CorruptCheckpointError(f"tensor size {list(size)} spans more than 2**63-1 elements (limit)")
+    return TensorItem(props.dtype, size, tuple(c for c in chunks if c is not None))
 
 
 def _index(state: Any) -> Index:

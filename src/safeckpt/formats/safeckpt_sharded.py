@@ -318,6 +318,7 @@ def read_index(root: Path) -> dict[str, Any]:
         )
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
+        need(_span_ok(shape), f"tensor {name!r} has shape {shape!r}, which spans more than 2**63-1 elements (limit)")
         chunks = t.get("chunks")
         need(
             isinstance(chunks, list) and (len(chunks) > 0 or 0 in shape),
@@ -347,6 +348,16 @@ def read_index(root: Path) -> dict[str, Any]:
 
 def _nat(x: Any) -> bool:
     return type(x) is int and x >= 0
+
+
+def _span_ok(shape: list[int]) -> bool:
+    """torch computes strides even for a tensor with no elements: the non-zero dims' product must fit an int64."""
+    span = 1
+    for d in shape:
+        span *= d or 1
+        if span >= 1 << 63:
+            return False
+    return True
 
 
 def _is_name(x: Any) -> bool:
