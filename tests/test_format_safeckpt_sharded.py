@@ -142,7 +142,7 @@ def test_failed_resave_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: py
     monkeypatch.undo()
     assert_bits_equal(first, safeckpt.load(root))  # the previous checkpoint, whole
     leftovers = set(os.listdir(root)) - old_files
-    assert leftovers == {Path(calls[0]).name}  # one finished shard of the failed save, no index for it
+    assert leftovers == set() and len(calls) == 2  # the failed save removed the shard it had finished
     second = {"w": torch.ones(3), "step": 3}
     safeckpt.save(root, second, format="safeckpt-sharded")
     assert_bits_equal(second, safeckpt.load(root))

@@ -64,7 +64,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     try:
         tmp, fd = _locked_temp(target)
     except OSError as e:
-        raise _naming(e, target) from e
+        raise naming(e, target) from e
     remove_stale(target.parent, _temp_pattern(target.name), keep=tmp.name)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
@@ -75,7 +75,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-            raise _naming(e, target) from e
+            raise naming(e, target) from e
         raise
     fsync_dir(target.parent)
 
@@ -162,14 +162,19 @@ _HINTS = {
 }
 
 
-def _naming(e: OSError, target: Path) -> OSError:
-    """``e`` as the same kind of ``OSError`` whose message and ``filename`` name ``target``."""
+def naming(e: OSError, target: Path, what: str = "file") -> OSError:
+    """``e`` as the same kind of ``OSError`` whose message and ``filename`` name ``target``, the
+    ``what`` a failed save leaves as it was (an error already naming a file inside it says which)."""
+    cause, inner = getattr(e, "safeckpt_cause", None), getattr(e, "filename", None)
+    cause = cause or e.strerror or str(e)
+    if inner and os.fspath(inner) != str(target):
+        cause = f"{cause} (writing {os.path.basename(inner)})"
     hint = _HINTS.get(e.errno or 0, "")
     err = OSError(
-        e.errno,
-        f"cannot save {target}: {e.strerror or e}; {hint + '; ' if hint else ''}the previous file there is untouched",
+        e.errno, f"cannot save {target}: {cause}; {hint + '; ' if hint else ''}the previous {what} there is untouched"
     )
     err.filename = str(target)
+    err.safeckpt_cause = cause  # type: ignore[attr-defined]
     return err
 
 

@@ -26,9 +26,9 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, write_all
+from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, naming, write_all
 from .._units import parse_size
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import _safetensors as st
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
@@ -393,7 +393,10 @@ def _check_tiling(
 
 
 def read(path: Path, **_: Any) -> Checkpoint:
-    """Open a sharded checkpoint: read its index and skeleton; shards are opened when a tensor is read.
+    """Open a sharded checkpoint: read its index and skeleton, and open every shard (its header
+    read and its bytes mapped, not read): the checkpoint stays whole for as long as it is used,
+    even if another save replaces it and deletes these shards. Should that happen between reading
+    the index and opening the shards, the newer index is read instead.
 
     Example:
         >>> ckpt = read(Path("run/step-100"))
@@ -401,8 +404,18 @@ def read(path: Path, **_: Any) -> Checkpoint:
         (100, (512, 256))
     """
     root = path if path.is_dir() else path.parent
-    index = read_index(root)
-    shards = [_Shard(root, f["name"], f["size"]) for f in index["files"]]
+    for attempt in range(10):
+        index = read_index(root)
+        shards = [_Shard(root, f["name"], f["size"]) for f in index["files"]]
+        try:
+            for shard in shards:
+                shard.mapped  # noqa: B018 - held from here on
+            break
+        except CorruptCheckpointError:
+            with contextlib.suppress(CorruptCheckpointError, OSError):
+                if read_index(root)["generation"] != index["generation"] and attempt < 9:
+                    continue  # replaced meanwhile: read the new one
+            raise
     refs: dict[str, ShardedRef] = {}
 
     def tensor(payload: Any) -> TensorRef:
@@ -620,9 +633,32 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
 
     skeleton = codec.encode(ckpt.tree, payload)
     root = target_dir(path)
-    with Live(root) as generation:
-        written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
-        return commit(root, generation, written, declared, skeleton, ckpt.metadata)
+    try:
+        with Live(root) as generation:
+            try:
+                written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
+                return commit(root, generation, written, declared, skeleton, ckpt.metadata)
+            except BaseException:
+                discard(root, generation)
+                raise
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise naming(e, root, "checkpoint") from e
+
+
+def discard(root: Path, generation: str) -> None:
+    """After a failed save: remove its own files (their space is often what it lacked), unless
+    its index made it in before the failure."""
+    with contextlib.suppress(CorruptCheckpointError, OSError):
+        if read_index(root)["generation"] == generation:
+            return
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            m = _OURS.match(entry.name)
+            if m and m.group("gen") == generation:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _split(name: str, x: torch.Tensor | TensorRef, limit: int | None) -> list[Piece]:
