@@ -118,6 +118,23 @@ def test_strict_missing_top_level_key_names_it_and_changes_nothing(tmp_path: Pat
     assert_bits_equal(before, dict(target.state_dict()))
 
 
+@pytest.mark.parametrize("make", ["torch", "safeckpt"])
+def test_load_of_a_bare_state_dict_into_entries_points_to_load_raw(tmp_path: Path, make: str) -> None:
+    model = Net()
+    path = tmp_path / "weights.pt"
+    if make == "torch":
+        torch.save(model.state_dict(), path)
+    else:
+        path = safeckpt.save(tmp_path / "weights.safeckpt", model.state_dict())
+    with pytest.raises(
+        KeyError, match=r"It holds a bare state dict \('emb.weight', .*safeckpt.load_raw\(path, module\)"
+    ):
+        safeckpt.load(path, {"model": Net()})
+    with pytest.raises(KeyError) as entries:  # a dict of entries gets no such hint
+        safeckpt.load(safeckpt.save(tmp_path / "e.safeckpt", {"model": model}), {"other": 1})
+    assert "load_raw" not in str(entries.value)
+
+
 def test_non_strict_loading(tmp_path: Path) -> None:
     model, opt, _ = trained()
     path = safeckpt.save(tmp_path / "c", {"model": model, "optimizer": opt, "int": 1, "str": "x"})

@@ -124,9 +124,20 @@ def select(tree: Any, state: Mapping[str, Any], strict: bool, path: object) -> d
             if key not in tree:
                 raise KeyError(
                     f"The requested state contains a key '{key}' that does not exist in the loaded checkpoint {path}. "
-                    "To disable strict loading, set `strict=False`."
+                    "To disable strict loading, set `strict=False`." + _bare_state_dict_hint(tree)
                 )
     return {k: unwrap(v) for k, v in state.items() if k in tree}
+
+
+def _bare_state_dict_hint(tree: dict[Any, Any]) -> str:
+    """A pointer to `load_raw` when the checkpoint is a bare state dict, not a dict of entries."""
+    if not tree or not all(isinstance(v, (torch.Tensor, TensorRef)) for v in tree.values()):
+        return ""
+    keys = ", ".join(repr(k) for k in list(tree)[:3]) + (", ..." if len(tree) > 3 else "")
+    return (
+        f" It holds a bare state dict ({keys}), not entries like 'model': "
+        "load it into a module with `safeckpt.load_raw(path, module)`."
+    )
 
 
 def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
