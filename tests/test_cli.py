@@ -150,6 +150,17 @@ def test_inspect_text(files: dict[str, Path]) -> None:
     assert "\x1b" not in out and "\r" not in out and p.stderr == ""
 
 
+def test_inspect_shortens_long_keys_in_tied_groups() -> None:
+    # a Trainer checkpoint: ModelCheckpoint's state key spells out its whole config, and its scores share a tensor
+    p = run("inspect", FIXTURES / "lightning" / "trainer.ckpt")
+    assert p.returncode == 0, p.stderr
+    (tied,) = [line for line in p.stdout.splitlines() if line.startswith("tied:")]
+    assert "callbacks/ModelCheckpoint{'monitor...}/best_model_score = " in tied
+    assert max(len(part) for part in tied.split("/")) <= 40
+    full = json.loads(run("inspect", "--json", FIXTURES / "lightning" / "trainer.ckpt").stdout)["tied"]
+    assert any(len(name) > 100 for group in full for name in group)  # --json keeps the full names
+
+
 def test_inspect_json_matches_open(files: dict[str, Path], run_state: dict[str, Any]) -> None:
     p = run("inspect", files["run"], "--json")
     assert p.returncode == 0, p.stderr

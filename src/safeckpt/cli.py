@@ -359,13 +359,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
     where = f" in {report['weights_key']!r}" if report["weights_key"] is not None else ""
     print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements in all tensors)")
 
-    def short(name: str) -> str:  # --json has the full names
-        return name if len(name) <= 60 else "..." + name[-57:]
+    def short(name: str) -> str:  # --json has the full names; a callback's state key can run to 200 characters
+        return "/".join(
+            part if len(part) <= 28 else part[:24] + "...}"[: 3 + part.endswith("}")] for part in name.split("/")
+        )
+
+    def listed(group: list[str], sep: str) -> str:
+        more = f" (and {len(group) - 4} more)" if len(group) > 4 else ""
+        return sep.join(map(short, group[:4])) + more
 
     for group in report["tied"]:
-        print(f"tied:       {' = '.join(map(short, group))}")
+        print(f"tied:       {listed(group, ' = ')}")
     for group in report["shared"]:
-        print(f"shared:     {', '.join(map(short, group))} (views of one storage)")
+        print(f"shared:     {listed(group, ', ')} (views of one storage)")
     if report["lightning"]:
         lt = report["lightning"]
         print(
