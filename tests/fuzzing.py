@@ -275,6 +275,7 @@ INTERESTING_JSON: list[Any] = [None, True, 0, -1, 1, 3, 2**31, 2**53, 2**63 - 1,
 INTERESTING_JSON += ["", "x", "F32", "BOOL", "F4", "U8", "C64", "__metadata__", "../escape", "/etc/passwd"]
 INTERESTING_JSON += ["model-00001-of-00003.safetensors", "pytorch_model-00002-of-00003.bin", "nope.safetensors"]
 INTERESTING_JSON += [[], {}, [0], [0, 0], [1, 0], [0, 2**64], [2**32, 2**32], [-1], [0] * 70, [[0]], {"a": "b"}]
+INTERESTING_JSON += [[0, 2**62, 2**62], [0, 2**64 - 1], [2**63 - 1, 0]]  # empty tensors whose strides overflow
 
 
 def _json_slots(obj: Any, out: list[tuple[Any, Any]]) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import io
 import json
 import pickle
 import shutil
 import struct
+import tracemalloc
 import types
 import zipfile
 from pathlib import Path
@@ -390,3 +392,49 @@ def test_dcp_zero_element_size_must_fit_torch_strides(tmp_path: Path) -> None:
         match=rf"{root / '.metadata'}: tensor size \[0, 4611686018427387904, 4611686018427387904\] spans more than 2\*\*63-1",
     ):
         safeckpt.open(root)
+
+
+_N = 30_000
+_PICKLE_BOMBS = {
+    "empty sets": b"\x80\x04("
+    + b"\x8f" * _N
+    + b"l.",  # the worst case: 216 bytes of set per byte, then copied into the tree
+    "empty dicts": b"\x80\x02(" + b"}" * _N + b"l.",
+    "frozensets": b"\x80\x04(" + b"(\x91" * (_N // 2) + b"l.",
+    "memoized lists": b"\x80\x04(" + b"]\x94" * (_N // 2) + b"l.",
+}
+
+
+@pytest.mark.parametrize("kind", list(_PICKLE_BOMBS))
+def test_pickle_memory_is_at_most_512_bytes_per_byte(kind: str, tmp_path: Path) -> None:
+    """No allocation is sized from a declared length, but every opcode byte may create an object:
+    reading a pickle (the VM's graph plus the tree copied from it) holds at most 512 bytes of Python
+    objects per pickle byte. Measured with tracemalloc on pickles of one opcode repeated."""
+    path = _pickle_file(tmp_path, _PICKLE_BOMBS[kind])
+    safeckpt.open(_pickle_file(tmp_path, pickle.dumps([set()]), "warm.pkl"))  # imports are not the input's cost
+    tracemalloc.start()
+    try:
+        safeckpt.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 512 * path.stat().st_size
+
+
+@pytest.mark.parametrize("inner", [b"[]", b"{}", b"0", b'""'])
+def test_header_json_memory_is_at_most_32_bytes_per_byte(inner: bytes, tmp_path: Path) -> None:
+    """A safetensors header is parsed into Python objects before it is validated: at most 32 bytes
+    of them per header byte (empty dicts, the worst case, cost about 27)."""
+    junk = b",".join([inner] * (_N // 3))
+    text = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":[' + junk + b"]}}"
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 4)
+    safeckpt.open(FIXTURES / "hf" / "plain.safetensors")  # imports are not the input's cost
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(CorruptCheckpointError):
+            safeckpt.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 32 * path.stat().st_size
