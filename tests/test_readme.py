@@ -43,6 +43,8 @@ from typing import Any
 
 import pytest
 
+from safeckpt import user_types
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
@@ -270,6 +272,8 @@ def test_story(story: Story, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, re
     if any(b.marker.get("setup") == "hub" for b in story.blocks):
         use_hub(request, monkeypatch, tmp_path / ".hf-home")
     namespace: dict[str, Any] = {"__name__": "__main__"}
+    registered = set(user_types._BY_NAME)
+    request.addfinalizer(lambda: [user_types._unregister(n) for n in set(user_types._BY_NAME) - registered])
     for block in story.blocks:
         if "file" in block.marker:
             (tmp_path / block.marker["file"]).write_text(block.code, encoding="utf-8")
