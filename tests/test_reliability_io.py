@@ -380,3 +380,16 @@ def test_a_reader_during_replacements_sees_a_whole_checkpoint(
         os.set_blocking(out.fileno(), True)
     assert reads["A"] + reads["B"] > 0
     print(f"\n[reliability] reader during {SAVES} replacements, {kind}: {sum(reads.values())} loads: {reads}")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_an_opened_checkpoint_outlives_its_replacement(
+    tmp_path: Path, kind: str, states: dict[str, dict[str, Any]]
+) -> None:
+    path = _save(tmp_path / KINDS[kind][0], "A", kind)
+    opened = safeckpt.open(path)  # nothing loaded yet
+    _save(path, "B", kind)  # replaced; for the directory, A's shards are deleted by this save
+    if kind == "sharded directory":
+        assert not set(os.listdir(path)) & {c.shard.path.name for r in opened.tensors().values() for c in r.chunks}
+    assert whole(opened.to_python(), kind, states) == "A"  # still the checkpoint that was opened, whole
+    assert whole(safeckpt.load(path), kind, states) == "B"
