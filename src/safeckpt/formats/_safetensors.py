@@ -336,7 +336,7 @@ def write(
         if checksum_key:
             head = bytearray(struct.pack("<Q", len(blob)) + blob)
             _patch(head, checksum_key, "".join(f"{c:08x}" for c in crcs))
-            _patch(head, KEY_HEADER_CRC, f"{checksum(head):08x}")  # last: it covers the tensor CRCs
+            _patch(head, KEY_HEADER_CRC, f"{checksum(bytes(head)):08x}")  # last: it covers the tensor CRCs
             os.pwrite(f.fileno(), head, 0)  # same length: the data does not move
     return Path(path)
 
