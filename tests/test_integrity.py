@@ -131,7 +131,8 @@ def test_every_flipped_bit_in_a_native_file_is_detected(tmp_path: Path, capsys: 
     assert any(e.begin == e.end for e in header.entries.values())  # the zero-size tensor
     target = load_target()
     before = snapshot(target)
-    start, missed, deep = time.perf_counter(), [], 0
+    start, deep = time.perf_counter(), 0
+    missed: list[tuple[Any, ...]] = []
     for pos in range(size):
         for bit in range(8):
             with flipped(path, pos, bit):
@@ -166,7 +167,7 @@ def test_a_flipped_bit_in_each_file_of_a_sharded_directory_is_detected(
     target = load_target()
     before = snapshot(target)
     tried = deep = 0
-    missed = []
+    missed: list[tuple[Any, ...]] = []
     for f in files:
         index = f.name == sharded.INDEX
         # every byte of the index (a damaged index is caught before anything else is read: cheap);
