@@ -120,8 +120,9 @@ ZYGOTE = STATES + textwrap.dedent(
         t = time.perf_counter()
         state = STATES[cmd["state"]]
         safeckpt.save(cmd["path"], state["model"] if cmd["tensors_only"] else state, **cmd["opts"])
-        with open(marker + ".done", "w") as f:
+        with open(marker + ".done.part", "w") as f:
             f.write(str(time.perf_counter() - t))
+        real_replace(marker + ".done.part", marker + ".done")
 
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -281,10 +282,11 @@ def kill_trial(
         while not (marker.exists() or done.exists() or failed.exists()):
             assert time.monotonic() < deadline, "the child neither reached its hook nor finished"
             time.sleep(0.001)
-    os.kill(pid, signal.SIGKILL)  # not yet reaped: the pid is still this child's, even if it has exited
+    if delay is not None or not done.exists():
+        os.kill(pid, signal.SIGKILL)  # not yet reaped: the pid is still this child's, even if it has exited
     code = zygote.reap()
     assert not failed.exists(), "the child's save failed; see its traceback on stderr"
-    if code == 0:
+    if code == 0 or done.exists():  # the save returned (and then perhaps the kill came)
         return "finished", None
     assert code == -signal.SIGKILL, code
     return "killed", json.loads(marker.read_text()) if marker.exists() else None

@@ -61,11 +61,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         ...     f.write(b"data")
     """
     target = target_file(path)
+    # before creating ours: a save killed at any instant then leaves at most one temporary behind
+    remove_stale(target.parent, _temp_pattern(target.name))
     try:
         tmp, fd = _locked_temp(target)
     except OSError as e:
         raise naming(e, target) from e
-    remove_stale(target.parent, _temp_pattern(target.name), keep=tmp.name)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             yield f  # type: ignore[misc]
