@@ -233,7 +233,8 @@ class CheckpointManager:
         error, tree, value = None, state, None
         try:
             step = _step(step)
-            newest = max(self._entries(), default=None)
+            # replicated state on a rank > 0: rank 0 alone writes, and may already be a step ahead
+            newest = max(self._entries(), default=None) if collective or _rank() == 0 else None
             if newest is not None and step < newest:
                 raise ValueError(
                     f"{self.directory} already holds step {newest}, newer than step {step}: steps only go "
