@@ -7,7 +7,13 @@ from typing import Any
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The fuzz harness's counts (tests/test_fuzz.py), so every run shows how many inputs ran."""
+    """The reliability numbers (kills, races, bit flips) and the fuzz harness's counts
+    (tests/test_fuzz.py), so every run shows what was tried."""
+    evidence = sys.modules.get("evidence")
+    if getattr(evidence, "LINES", None):
+        terminalreporter.write_sep("-", "reliability evidence")
+        for line in evidence.LINES:  # type: ignore[union-attr]
+            terminalreporter.write_line(line)
     fuzzing = sys.modules.get("fuzzing")
     stats = getattr(fuzzing, "STATS", None)
     if not stats:

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+import evidence
 import safeckpt
 from safeckpt import cli
 from safeckpt.errors import CheckpointError, CorruptCheckpointError
@@ -115,7 +116,7 @@ def detected(check: Callable[[], Any]) -> bool:
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
     with capsys.disabled():
-        print(f"\n{text}", flush=True)
+        evidence.record(text)
 
 
 # -- the proof: every bit of a native file ----------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import torch
 
+import evidence
 import safeckpt
 from safeckpt import formats
 from safeckpt.errors import CorruptCheckpointError, UnknownFormatError
@@ -369,7 +370,7 @@ def test_sigkill_at_every_phase_and_at_random_instants(
     _save_in_process(path, states[other(current)], kind)
     assert which(path, kind, states) == other(current)
     assert leftovers(path, kind) == []
-    print(f"\n[reliability] {kind}: save takes {took * 1000:.0f} ms; kills: {TOTALS.get(kind)}")
+    evidence.record(f"[reliability] {kind}: save takes {took * 1000:.0f} ms; kills: {TOTALS.get(kind)}")
 
 
 # -- what killed saves leave is never taken for a checkpoint ----------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+import evidence
 import safeckpt
 from safeckpt import formats
 from safeckpt.formats import safeckpt_sharded as sharded
@@ -132,7 +133,7 @@ def _check_failed(results: list[dict[str, Any]], want_errno: int, label: str) ->
         assert e["oserror"] and e["errno"] == want_errno, e
         assert r["path"] in e["message"] and e["filename"] == r["path"], e  # names the checkpoint, not a temporary
         assert r["unchanged"] and r["new_files"] == [], r  # previous checkpoint byte-identical, nothing left behind
-        print(f"\n[reliability] {label}, {r['kind']}: {e['type']}: {e['message']}")
+        evidence.record(f"[reliability] {label}, {r['kind']}: {e['type']}: {e['message']}")
 
 
 def test_a_file_size_limit_fails_the_save_cleanly(tmp_path: Path) -> None:
@@ -352,8 +353,8 @@ def test_two_processes_saving_to_one_path_leave_one_checkpoint_whole(
         else sorted(os.listdir(tmp_path))
     )
     assert left == ([] if kind == "sharded directory" else [path.name]), left
-    print(
-        f"\n[reliability] two writers, {kind}: {ROUNDS} rounds, last writer A {outcomes['A']}x, B {outcomes['B']}x, never torn"
+    evidence.record(
+        f"[reliability] two writers, {kind}: {ROUNDS} rounds, last writer A {outcomes['A']}x, B {outcomes['B']}x, never torn"
     )
 
 
@@ -379,7 +380,7 @@ def test_a_reader_during_replacements_sees_a_whole_checkpoint(
     finally:
         os.set_blocking(out.fileno(), True)
     assert reads["A"] + reads["B"] > 0
-    print(f"\n[reliability] reader during {SAVES} replacements, {kind}: {sum(reads.values())} loads: {reads}")
+    evidence.record(f"[reliability] reader during {SAVES} replacements, {kind}: {sum(reads.values())} loads: {reads}")
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
