@@ -136,13 +136,19 @@ def _check_failed(results: list[dict[str, Any]], want_errno: int, label: str) ->
         evidence.record(f"[reliability] {label}, {r['kind']}: {e['type']}: {e['message']}")
 
 
-def test_a_file_size_limit_fails_the_save_cleanly(tmp_path: Path) -> None:
+def _previous_checkpoints(tmp_path: Path) -> list[dict[str, Any]]:
+    """One directory per kind under ``tmp_path`` holding a checkpoint, and the job that saves over it."""
     jobs = []
     for kind in KINDS:
         base = tmp_path / kind.replace(" ", "-")
         base.mkdir()
         _save(base / KINDS[kind][0], "A", kind, "small")
         jobs.append({"kind": kind, "base": str(base)})
+    return jobs
+
+
+def test_a_file_size_limit_fails_the_save_cleanly(tmp_path: Path) -> None:
+    jobs = _previous_checkpoints(tmp_path)
     opts = dict(KINDS)
     before = {j["base"]: _tree(Path(j["base"])) for j in jobs}
     KINDS["sharded directory"] = ("run", {"max_shard_size": "1GB"})  # one shard, larger than the limit
@@ -187,12 +193,7 @@ def test_a_read_only_directory_fails_the_save_cleanly(tmp_path: Path) -> None:
         if unshare is None or subprocess.run([unshare, "--user", "true"], capture_output=True).returncode:
             pytest.skip("running as root, and no user namespace to drop the privilege in")
         prefix = [unshare, "--user"]
-    jobs = []
-    for kind in KINDS:
-        base = tmp_path / kind.replace(" ", "-")
-        base.mkdir()
-        _save(base / KINDS[kind][0], "A", kind, "small")
-        jobs.append({"kind": kind, "base": str(base)})
+    jobs = _previous_checkpoints(tmp_path)
     locked = [Path(j["base"]) for j in jobs] + [tmp_path / "sharded-directory" / "run"]
     before = _tree(tmp_path)
     try:
