@@ -6,7 +6,7 @@ git-LFS basic and multipart uploads), pull requests (``create_pr=True``), ``repo
 ``list_repo_tree``, ``get_paths_info``, ``list_repo_refs``, ``hf_hub_download`` and
 ``snapshot_download`` (HEAD + GET ``/resolve``, ``Range`` reads, an optional 302 to a CDN origin
 as the Hub does for LFS files), with the Hub's error headers (``X-Error-Code``) so the client
-raises its own exception types. Protocol notes: ``/work/shared/reference/hub_protocol.md``.
+raises its own exception types. Protocol notes: the design reference ``hub_protocol.md``.
 
 Auth is the Hub's in miniature: ``tokens`` maps a token to a user; writing needs the token of the
 repo's namespace; a private repo reads as missing (401/404 ``RepoNotFound``) without it; an

@@ -1,6 +1,6 @@
 """Build the malformed safetensors files and hostile HF index directories in ``safetensors/``.
 
-    /work/venv/bin/python tests/attacks/make_safetensors_attacks.py
+    python tests/attacks/make_safetensors_attacks.py
 
 s01-s14 are the cases of ``torch_formats_and_pickle_threats.md`` §4.6; s15-s23 add the ones
 safetensors 0.8.0 gets wrong or that stress the parser; i01-i19 attack the HF index (§4.5 row 19).
