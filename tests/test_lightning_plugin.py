@@ -635,3 +635,27 @@ def test_the_standalone_pytorch_lightning_trainer_accepts_the_plugin(tmp_path: P
     t.fit(Tiny(), DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4))
     t.save_checkpoint(tmp_path / "pl.ckpt")
     assert_native_without_pickle(tmp_path / "pl.ckpt")
+
+
+def test_the_standalone_lightning_fabric_accepts_the_plugin(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import lightning_fabric as lf
+
+    fabric = lf.Fabric(accelerator="cpu", devices=1, plugins=[SafeCheckpointIO()])
+
+    def build(seed: int) -> tuple[Any, Any]:
+        torch.manual_seed(seed)
+        model = nn.Linear(4, 2)
+        return fabric.setup(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    model, opt = build(0)
+    fabric.backward(model(torch.randn(3, 4)).square().sum())
+    opt.step()
+    fabric.save(tmp_path / "lf.ckpt", {"model": model, "optimizer": opt, "step": 1})
+    assert_native_without_pickle(tmp_path / "lf.ckpt")
+    fresh, fresh_opt = build(1)
+    target = {"model": fresh, "optimizer": fresh_opt, "step": 0}
+    assert fabric.load(tmp_path / "lf.ckpt", target) == {}
+    equal_values((fresh.state_dict(), fresh_opt.state_dict()), (model.state_dict(), opt.state_dict()), "restored")
+    assert target["step"] == 1
