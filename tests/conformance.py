@@ -19,12 +19,14 @@ the magic itself is gone): never another exception, a hang, or a large allocatio
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -53,24 +55,37 @@ def sample_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in Net().state_dict().items()}
 
 
-def assert_bits_equal(a: Any, b: Any, where: str = "root") -> None:
-    """Equal by type, keys and bits (tensors compared as raw bytes, so nan and -0.0 count)."""
+def assert_bits_equal(a: Any, b: Any, where: str = "root", *, strict: bool = False) -> None:
+    """Equal by type, keys and bits (tensors compared as raw bytes, so nan and -0.0 count).
+
+    With ``strict``, also each tensor's class (a Parameter stays a Parameter), ``requires_grad`` and
+    device, and each dict's ``_metadata`` (what ``load_state_dict`` reads from an OrderedDict).
+    """
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{where}: {type(b)} is not a tensor"
         assert a.dtype == b.dtype and a.shape == b.shape, (
             f"{where}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"
         )
+        if strict:
+            assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+            assert a.requires_grad == b.requires_grad and a.device == b.device, where
         assert _raw(a) == _raw(b), f"{where}: tensor bytes differ"
         return
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, dict):
         assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        if strict:
+            assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{where}: _metadata differs"
         for k in a:
-            assert_bits_equal(a[k], b[k], f"{where}[{k!r}]")
+            assert_bits_equal(a[k], b[k], f"{where}[{k!r}]", strict=strict)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bits_equal(x, y, f"{where}[{i}]")
+            assert_bits_equal(x, y, f"{where}[{i}]", strict=strict)
+    elif isinstance(a, argparse.Namespace):
+        assert_bits_equal(vars(a), vars(b), where, strict=strict)
+    elif isinstance(a, (np.ndarray, np.generic)):  # by bytes, so nan and -0.0 count here too
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), where
     elif isinstance(a, float) and a != a:
         assert b != b, f"{where}: nan became {b}"
     else:

@@ -4,6 +4,7 @@ read without Lightning's loader, restored in place, and converted to the native 
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import safeckpt
+from conformance import assert_bits_equal
 from safeckpt.errors import UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,31 +49,9 @@ def equal_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-def equal_values(a: Any, b: Any, where: str = "root") -> None:
-    """Same tree, same types, tensors equal in dtype, shape and every bit of their values."""
-    if isinstance(b, torch.Tensor):
-        assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        x, y = (t.detach().resolve_conj().resolve_neg().contiguous() for t in (a, b))
-        assert x.reshape(-1).view(torch.uint8).tolist() == y.reshape(-1).view(torch.uint8).tolist(), where
-        assert isinstance(a, nn.Parameter) == isinstance(b, nn.Parameter), where
-        return
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(b, dict):
-        assert list(a) == list(b), where
-        for k in b:
-            equal_values(a[k], b[k], f"{where}[{k!r}]")
-    elif type(b) in (list, tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            equal_values(x, y, f"{where}[{i}]")
-    elif isinstance(b, argparse.Namespace):
-        equal_values(vars(a), vars(b), where)
-    elif hasattr(b, "tobytes"):  # numpy
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), where
-    elif isinstance(b, float) and b != b:
-        assert a != a, where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+equal_values = functools.partial(
+    assert_bits_equal, strict=True
+)  # the project's comparison, plus tensor class, requires_grad, device and _metadata
 
 
 # -- the Trainer checkpoint ----------------------------------------------------------------------------

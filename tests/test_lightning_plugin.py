@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import os
 import pathlib
 import subprocess
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import safeckpt
+from conformance import assert_bits_equal
 from safeckpt import formats
 from safeckpt.errors import UnsafeCheckpointError
 from safeckpt.lightning import SafeCheckpointIO
@@ -37,28 +39,9 @@ TRAINER_FIXTURE = ROOT / "fixtures" / "lightning" / "trainer.ckpt"
 pytestmark = pytest.mark.filterwarnings("ignore")  # Lightning's advice about workers, logging and seeds
 
 
-def equal_values(a: Any, b: Any, where: str = "checkpoint") -> None:
-    """Same tree and types; tensors equal in type, dtype, shape, requires_grad and every bit."""
-    if isinstance(b, torch.Tensor):
-        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert a.requires_grad == b.requires_grad and a.device == b.device, where
-        x, y = (t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b))
-        assert torch.equal(x, y), where
-        return
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(b, dict):
-        assert list(a) == list(b), where
-        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), where
-        for k in b:
-            equal_values(a[k], b[k], f"{where}[{k!r}]")
-    elif type(b) in (list, tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            equal_values(x, y, f"{where}[{i}]")
-    elif isinstance(b, argparse.Namespace):
-        equal_values(vars(a), vars(b), where)
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+equal_values = functools.partial(
+    assert_bits_equal, strict=True
+)  # the project's comparison, plus tensor class, requires_grad, device and _metadata
 
 
 def without_root(tree: Any, root: Path) -> Any:
