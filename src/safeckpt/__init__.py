@@ -19,6 +19,7 @@ from .errors import (
     UnknownFormatError,
     UnsafeCheckpointError,
 )
+from .formats import Format, register_format
 from .hub import pull_from_hub, push_to_hub  # huggingface_hub itself is imported on first use
 from .manager import CheckpointManager
 from .tree import AttributeDict, Checkpoint, TensorRef
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CorruptCheckpointError",
+    "Format",
     "HubAuthError",
     "HubError",
     "HubNotFoundError",
@@ -45,6 +47,7 @@ __all__ = [
     "open",
     "pull_from_hub",
     "push_to_hub",
+    "register_format",
     "register_type",
     "save",
 ]

@@ -107,8 +107,8 @@ def save(
     else:
         tree = st.to_saveable(state, filter)
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
-    fmt, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
-    return fmt.write(ckpt, Path(os.fspath(path)), **opts)
+    write, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
+    return write(ckpt, Path(os.fspath(path)), **opts)
 
 
 def _across_ranks(state: Any, format: str | None = None) -> bool:
@@ -123,19 +123,18 @@ def _across_ranks(state: Any, format: str | None = None) -> bool:
     return (format == "safeckpt-sharded" and several) or distributed.holds_dtensors(state)
 
 
-def _writer(path: Path, format: str | None, max_shard_size: int | str | None, tree: Any) -> tuple[Any, dict[str, Any]]:
+def _writer(
+    path: Path, format: str | None, max_shard_size: int | str | None, tree: Any
+) -> tuple[Callable[..., Path], dict[str, Any]]:
+    """The write function for ``path`` and the options to pass it (an option the format does not
+    take is a ``TypeError``, never dropped)."""
     opts: dict[str, Any] = {}
     if max_shard_size is not None:
         opts["max_shard_size"] = max_shard_size
         format = format or "safeckpt-sharded"
     if format is None:
         format = "safetensors" if path.suffix.lower() == ".safetensors" and _only_tensors(tree) else "safeckpt"
-    fmt = formats.get(format)
-    if not hasattr(fmt, "write"):
-        raise ValueError(
-            f"format {format!r} can be read but not written; writable formats: {', '.join(formats.writable())}"
-        )
-    return fmt, opts
+    return formats.get(format).writer(opts), opts
 
 
 def _only_tensors(tree: Any) -> bool:
@@ -311,8 +310,8 @@ def convert(
     if filter is not None:
         tree = _filter_tensors(tree, filter)
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
-    fmt, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
-    written = fmt.write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
+    write, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
+    written = write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
     if verify:
         from .compare import compare
         from .errors import CorruptCheckpointError
@@ -370,7 +369,7 @@ def _verify(ckpt: Checkpoint | Path) -> None:
     """Raise `CorruptCheckpointError` listing every problem the format's own checks find (checksums)."""
     fmt = formats.get(ckpt.format) if isinstance(ckpt, Checkpoint) else formats.detect(ckpt)
     path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
-    problems = fmt.verify(path) if hasattr(fmt, "verify") else []
+    problems = fmt.verify(path) if fmt.verify is not None else []
     if problems:
         from .errors import CorruptCheckpointError
 

@@ -498,7 +498,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         raise
     problems: list[str] = []
     report: dict[str, Any] = {"path": _shown(args.path, local), "format": fmt.NAME, "tensors": 0, "nbytes": 0}
-    globals_report = getattr(fmt, "globals_report", None)
+    globals_report = fmt.globals_report
     ckpt = None
     try:
         ckpt = fmt.read(local)
@@ -523,7 +523,7 @@ def _run_verify(args: argparse.Namespace) -> int:
                     problems.append(str(e))
                 bar(ref.nbytes)
         report["tensors_read"] = len(refs) - failed
-    check = getattr(fmt, "verify", None)  # the format's own checks: checksums, zip CRCs, ...
+    check = fmt.verify  # the format's own checks: checksums, zip CRCs, ...
     if check is None:
         report["checks"] = "none"
     else:

@@ -584,11 +584,11 @@ def _stage(src: Any, tmp: Path, path_in_repo: str | None, max_shard_size: int | 
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
     opts = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if weights:
-        formats.get("hf-sharded").write(ckpt, tmp / "up", **opts)
+        formats.get("hf-sharded").writer(opts)(ckpt, tmp / "up", **opts)
         return _Staged(tmp / "up", target, list(HF_WEIGHT_FILES), target, "model weights")
     target = target or (stem if max_shard_size is not None else f"{stem}.safeckpt")
     folder_in_repo, _, name = target.rpartition("/")
     fmt = "safeckpt-sharded" if max_shard_size is not None else "safeckpt"
-    formats.get(fmt).write(ckpt, tmp / "up" / name, **opts)
+    formats.get(fmt).writer(opts)(ckpt, tmp / "up" / name, **opts)
     delete = [f"{name}/*"] if max_shard_size is not None else None  # the previous shards of this checkpoint
     return _Staged(tmp / "up", folder_in_repo, delete, target, f"checkpoint {name}")

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ import torch
 from .._fs import MappedFile
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import Checkpoint, TensorRef, path_name
+from . import Format, _zip, torch_pickle
 from . import _safetensors as st
-from . import _zip, torch_pickle
 from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
 
 NAME = "dcp"
@@ -693,7 +693,7 @@ def _open(path: Path, allow: tuple[str, ...]) -> tuple[Checkpoint, _Dir]:
     return Checkpoint(tree, format=NAME, path=path, info=info), d
 
 
-def read(path: Path, *, allow: tuple[str, ...] = (), **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a DCP directory: ``.metadata`` and every storage entry are validated, non-tensor values
     read (restricted), tensors left on disk until loaded.
 
@@ -732,3 +732,5 @@ def verify(path: Path) -> list[str]:
     if (path / FABRIC_META).is_file():
         problems += torch_pickle.verify(path / FABRIC_META)
     return problems
+
+FORMAT = Format(NAME, EXTENSIONS, "dir", sniff=sniff, read=read, verify=verify)

@@ -20,7 +20,7 @@ import re
 import secrets
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -29,6 +29,7 @@ from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
 from ..tree import Checkpoint
+from . import Format
 from . import _safetensors as st
 from . import safetensors_file as stf
 
@@ -87,7 +88,7 @@ def sniff(head: bytes, path: Path) -> bool:
     return path.is_dir() and _find(path) is not None
 
 
-def read(path: Path, *, allow: tuple[str, ...] = (), **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a model directory (or its index file): validate the index and every shard's header.
 
     Tensors stay on disk; loading one maps only the shard that holds it. ``.bin`` shards are read
@@ -300,7 +301,6 @@ def write(
     *,
     max_shard_size: int | str = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
-    **_: Any,
 ) -> Path:
     """Write a tree of tensors as a Hugging Face model directory, atomically.
 
@@ -457,3 +457,14 @@ def _place(src: Path, dst: Path) -> None:
         return
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
+
+FORMAT = Format(
+    NAME,
+    EXTENSIONS,
+    "any",
+    sniff=sniff,
+    read=read,
+    write=write,
+    write_options=frozenset({"max_shard_size", "filename_pattern"}),
+    verify=verify,
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from .. import codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
+from . import Format
 from . import _safetensors as st
 
 NAME = "safeckpt"
@@ -35,7 +36,7 @@ def sniff(head: bytes, path: Path) -> bool:
     return st.looks_like(head) and f'"{KEY_VERSION}"'.encode() in head[:4096]
 
 
-def read(path: Path, **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a native checkpoint: parse the header and the skeleton; tensors stay on disk.
 
     Example:
@@ -113,7 +114,7 @@ def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: A
     )
 
 
-def write(ckpt: Checkpoint, path: Path, **_: Any) -> Path:
+def write(ckpt: Checkpoint, path: Path) -> Path:
     """Write ``ckpt`` (tensor leaves live or lazy) as one native file, atomically and streaming.
 
     Tied tensors are written once; non-tensor values go to the skeleton, and a value the codec
@@ -186,3 +187,5 @@ def verify(path: Path) -> list[str]:
         except CorruptCheckpointError as e:
             problems.append(str(e))
     return problems
+
+FORMAT = Format(NAME, EXTENSIONS, "file", sniff=sniff, read=read, write=write, verify=verify)

@@ -17,7 +17,7 @@ import mmap
 import os
 import re
 import secrets
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, 
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
+from . import Format
 from . import _safetensors as st
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
 
@@ -392,7 +393,7 @@ def _check_tiling(
             )
 
 
-def read(path: Path, **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a sharded checkpoint: read its index and skeleton, and open every shard (its header
     read and its bytes mapped, not read): the checkpoint stays whole for as long as it is used,
     even if another save replaces it and deletes these shards. Should that happen between reading
@@ -607,7 +608,7 @@ def collect_garbage(root: Path, keep: str) -> list[Path]:
     return removed
 
 
-def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = None, **_: Any) -> Path:
+def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = None) -> Path:
     """Write ``ckpt`` as a sharded directory in this process, shards of at most ``max_shard_size``
     bytes of tensor data. A tensor larger than that is split by rows across files (a single row
     larger than the limit is stored whole). Tied tensors are written once.
@@ -756,3 +757,7 @@ def index_problems(root: Path) -> list[str]:
             "(restore it, or re-save)"
         ]
     return []
+
+FORMAT = Format(
+    NAME, EXTENSIONS, "any", sniff=sniff, read=read, write=write, write_options=frozenset({"max_shard_size"}), verify=verify
+)

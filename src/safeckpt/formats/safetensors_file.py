@@ -15,7 +15,7 @@ load it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Container, Hashable, Mapping
+from collections.abc import Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 
 from .._fs import MappedFile, Span
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
+from . import Format
 from . import _safetensors as st
 
 NAME = "safetensors"
@@ -38,7 +39,7 @@ def sniff(head: bytes, path: Path) -> bool:
     return st.looks_like(head) and b'"safeckpt.version"' not in head
 
 
-def read(path: Path, **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a safetensors file: validate its header; tensors stay on disk until loaded.
 
     ``Checkpoint.metadata`` is the file's ``__metadata__`` but for safeckpt's checksum entry and the
@@ -217,7 +218,7 @@ def carried_metadata(metadata: Mapping[str, str], p: Plan) -> dict[str, str]:
     }
 
 
-def write(ckpt: Checkpoint, path: Path, **_: Any) -> Path:
+def write(ckpt: Checkpoint, path: Path) -> Path:
     """Write a tree of tensors as one safetensors file, atomically, streaming tensor by tensor.
 
     The metadata is ``{"format": "pt"}``, the source's own metadata, the tied-name records and a
@@ -243,3 +244,5 @@ def verify(path: Path) -> list[str]:
         []
     """
     return st.verify_file(path, KEY_CRC, required=False)
+
+FORMAT = Format(NAME, EXTENSIONS, "file", sniff=sniff, read=read, write=write, verify=verify)

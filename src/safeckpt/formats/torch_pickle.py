@@ -30,7 +30,7 @@ import torch
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
-from . import _pickle, _zip
+from . import Format, _pickle, _zip
 from ._pickle import Global, Handler, Inert
 
 NAME = "torch"
@@ -696,7 +696,7 @@ def _open(path: Path, allow: Iterable[str]) -> tuple[_Reader, Any, int]:
     return reader, tree, pickle_size
 
 
-def read(path: Path, *, allow: Iterable[str] = (), **_: Any) -> Checkpoint:
+def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a ``torch.save``/Lightning file: parse its structure and pickle; tensors stay on disk.
 
     Args:
@@ -798,7 +798,7 @@ def verify(path: Path) -> list[str]:
 # -- writing (export) ------------------------------------------------------------------------------
 
 
-def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2, **_: Any) -> Path:
+def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2) -> Path:
     """Export with ``torch.save`` (only on an explicit ``format="torch"``), atomically.
 
     The tree is materialized first (tensors read from their source); ``AttributeDict`` values are
@@ -814,4 +814,16 @@ def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2, **_: Any) -
     return Path(os.path.realpath(os.fspath(path)))
 
 
-__all__ = ["EXTENSIONS", "NAME", "allowed_globals", "globals_report", "read", "sniff", "verify", "write"]
+__all__ = ["EXTENSIONS", "FORMAT", "NAME", "allowed_globals", "globals_report", "read", "sniff", "verify", "write"]
+
+FORMAT = Format(
+    NAME,
+    EXTENSIONS,
+    "file",
+    sniff=sniff,
+    read=read,
+    write=write,
+    write_options=frozenset({"pickle_protocol"}),
+    verify=verify,
+    globals_report=globals_report,
+)
