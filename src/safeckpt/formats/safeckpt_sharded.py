@@ -315,7 +315,8 @@ def read_index(root: Path) -> dict[str, Any]:
     need(isinstance(tensors, dict), "'tensors' must be a map")
     for name, t in tensors.items():
         need(
-            isinstance(t, dict) and t.get("dtype") in _DTYPES, f"tensor {name!r} needs a known 'dtype' (got {t!r:.80})"
+            isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in _DTYPES,
+            f"tensor {name!r} needs a known 'dtype' (got {t!r:.80})",
         )
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
