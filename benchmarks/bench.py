@@ -315,6 +315,19 @@ TARGETS = [
     Target("convert .pt -> native at most 1.5x cp + fsync", _ratio("safeckpt.convert", "cp+fsync"), 1.5),
     *(
         Target(
+            f"{ours} at least the bandwidth of safetensors load_file(device=cuda)",
+            _ratio(ours, "st.load_file(device=cuda)"),
+            1.0,
+            note="issue 14; time ratio (same bytes); the gpu group, run where CUDA is available",
+        )
+        for ours in (
+            "safeckpt.load(device=cuda)",
+            "safeckpt.load_raw [CUDA model]",
+            "safeckpt.load_raw assign=True [meta -> CUDA]",
+        )
+    ),
+    *(
+        Target(
             f"checksums cost at most 10% of save time (CRC-32, {impl})",
             _ratio(f"safeckpt.save [CRC {impl}]", "safeckpt.save [no CRC]"),
             1.1,
@@ -457,7 +470,7 @@ def table(res: Results) -> str:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()) + "."]
     lines += [
         "",
-        "GB/s counts the state's tensor bytes (save, load), the model's (load_raw), the .pt file's (convert, cp) "
+        "GB/s counts the state's tensor bytes (save, load), the model's (load_raw, gpu), the .pt file's (convert, cp) "
         "or dd's bytes. Peak RSS is the whole process's (the command's for dd, cp and the CLI); the op's extra RSS is "
         "its peak minus the RSS at its start, and includes file pages an mmap reader maps; extra anon counts "
         "anonymous memory only (sampled). Every save writes a new file after `os.sync()`, and fsyncs it.",
