@@ -464,9 +464,7 @@ def gpu_load_model_safetensors(env: Env) -> Prepared:
 
 def gpu_torch_load(env: Env) -> Prepared:
     path, model = _model_pt(env), _cuda_model(env)
-    return _gpu(
-        env, model, lambda: model.load_state_dict(torch.load(path, map_location="cuda", weights_only=True))
-    )
+    return _gpu(env, model, lambda: model.load_state_dict(torch.load(path, map_location="cuda", weights_only=True)))
 
 
 # -- convert .pt -> native -----------------------------------------------------------------------
