@@ -371,6 +371,45 @@ def test_stage_reads_every_tensor_exactly_through_small_buffers(kind: str, tmp_p
         _device.stage([(refs[0], torch.empty(3))])
 
 
+class DeferredCopier(_device.Copier):
+    """Acts like a GPU stream: a copy runs only when its buffer is waited for, or at the end. A
+    pipeline that refilled a buffer before waiting for its copies would copy the wrong bytes."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+        self.log: list[str] = []
+
+    def copy(self, buffer: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pending[buffer] += pieces  # views of the buffer, read later
+        self.log.append(f"copy{buffer}")
+
+    def wait(self, buffer: int) -> None:
+        for dst, src in self.pending[buffer]:
+            dst.copy_(src)
+        self.pending[buffer] = []
+        self.log.append(f"wait{buffer}")
+
+    def finish(self) -> None:
+        self.wait(0)
+        self.wait(1)
+
+
+def test_stage_overlaps_reads_with_copies_without_overwriting_a_buffer_in_use(tmp_path: Path) -> None:
+    src = source_model()
+    path = write("safeckpt", src, tmp_path)
+    refs = list(safeckpt.open(path).tensors().values())
+    dsts = [torch.zeros(r.shape, dtype=r.dtype) for r in refs]
+    copier = DeferredCopier()
+    _device.stage(list(zip(refs, dsts, strict=True)), buffer=256, threads=2, _sync=copier)
+    for r, d in zip(refs, dsts, strict=True):
+        assert bits_equal(d, src.state_dict()[r.name]), r.name
+    fills = copier.log.count("copy0") + copier.log.count("copy1")
+    assert fills > 4
+    # double buffering: a fill is read while the previous one's copy is still queued
+    log = copier.log
+    assert log[:4] == ["wait0", "copy0", "wait1", "copy1"] and log[4:6] == ["wait0", "copy0"]
+
+
 def test_split_reads_cuts_pieces_for_threads() -> None:
     pieces = _device.split_reads([_device.Piece(0, 4, 10, 2), _device.Piece(1, 0, 3, 12)], 4)
     assert [(p.index, p.offset, p.length, p.at) for p in pieces] == [

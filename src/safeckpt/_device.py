@@ -180,7 +180,11 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def stage(
-    pairs: Sequence[tuple[TensorRef | torch.Tensor, torch.Tensor]], *, buffer: int = BUFFER, threads: int | None = None
+    pairs: Sequence[tuple[TensorRef | torch.Tensor, torch.Tensor]],
+    *,
+    buffer: int = BUFFER,
+    threads: int | None = None,
+    _sync: Copier | None = None,
 ) -> None:
     """Copy each source's bytes into its destination tensor (contiguous, same dtype and shape),
     through two staging buffers: pinned, with copies on a side stream, when the destinations are
@@ -203,23 +207,19 @@ def stage(
             raise ValueError(f"stage: destination for {getattr(src, 'name', '?')} is not a matching contiguous tensor")
     sizes = [dst.numel() * dst.element_size() for _, dst in pairs]
     total = sum(sizes)
-    cuda = device.type == "cuda"
+    sync = _sync or (CudaCopier(device) if device.type == "cuda" else Copier())
     size = max(1, min(buffer, total))
-    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=sync.pinned) for _ in range(2)]
     views = [memoryview(b.numpy()) for b in buffers]  # type: ignore[arg-type]
     dsts = [_flat_bytes_view(dst) for _, dst in pairs]
     sources: dict[int, _Source] = {}
     workers = threads or min(8, os.cpu_count() or 1)
-    stream = torch.cuda.Stream(device) if cuda else None
-    events: list[Any] = [None, None]
     pool = ThreadPoolExecutor(workers) if workers > 1 and total > READ_PIECE else None
     try:
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))  # the destinations are allocated
+        sync.start()
         for n, fill in enumerate(plan(sizes, size)):
             b = n % 2
-            if events[b] is not None:
-                events[b].synchronize()  # this buffer's previous copy is done: it may be overwritten
+            sync.wait(b)  # this buffer's previous copy is done: it may be overwritten
             for p in fill:
                 if p.index not in sources:
                     sources[p.index] = _Source(pairs[p.index][0])
@@ -230,14 +230,11 @@ def stage(
             else:
                 for p in reads:
                     read(p)
-            _copy_out(fill, buffers[b], dsts, stream)
-            if stream is not None:
-                events[b] = torch.cuda.Event()
-                events[b].record(stream)
-        if stream is not None:
-            torch.cuda.current_stream(device).wait_stream(stream)
-            stream.synchronize()
+            sync.copy(
+                b, [(dsts[p.index][p.offset : p.offset + p.length], buffers[b][p.at : p.at + p.length]) for p in fill]
+            )
     finally:
+        sync.finish()  # also after an error: no copy may still read a buffer once it is freed
         if pool is not None:
             pool.shutdown()
         for s in sources.values():
@@ -250,14 +247,56 @@ def _flat_bytes_view(dst: torch.Tensor) -> torch.Tensor:
     return dst.detach().reshape(-1).view(torch.uint8)
 
 
-def _copy_out(fill: Sequence[Piece], buf: torch.Tensor, dsts: Sequence[torch.Tensor], stream: Any) -> None:
-    if stream is None:
-        for p in fill:
-            dsts[p.index][p.offset : p.offset + p.length].copy_(buf[p.at : p.at + p.length])
-        return
-    with torch.cuda.stream(stream), torch.no_grad():
-        for p in fill:
-            dsts[p.index][p.offset : p.offset + p.length].copy_(buf[p.at : p.at + p.length], non_blocking=True)
+class Copier:
+    """How a filled buffer reaches the destinations: here at once (CPU destinations)."""
+
+    pinned = False
+
+    def start(self) -> None:
+        """Before the first copy."""
+
+    def copy(self, buffer: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each ``(destination, source)`` slice; ``buffer`` (0 or 1) is the staging buffer read."""
+        with torch.no_grad():
+            for dst, src in pieces:
+                dst.copy_(src)
+
+    def wait(self, buffer: int) -> None:
+        """Return once every copy out of ``buffer`` is done."""
+
+    def finish(self) -> None:
+        """Return once every copy is done and visible to the caller's stream."""
+
+
+class CudaCopier(Copier):
+    """Copies queued on a side stream from pinned memory, returning at once; an event per buffer
+    says when its copies are done, so the reader waits only for the buffer it refills."""
+
+    pinned = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.events: list[Any] = [None, None]
+
+    def start(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the destinations are allocated
+
+    def copy(self, buffer: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            for dst, src in pieces:
+                dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.events[buffer] = event
+
+    def wait(self, buffer: int) -> None:
+        if self.events[buffer] is not None:
+            self.events[buffer].synchronize()
+
+    def finish(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.stream.synchronize()
 
 
 # -- loading refs onto a device --------------------------------------------------------------------
