@@ -221,6 +221,14 @@ def test_in_place_load_fills_a_tied_key_the_file_omits(tmp_path: Path) -> None:
     assert_materialized(model, src)
 
 
+def test_device_without_assign_that_the_module_is_not_on_is_an_error(tmp_path: Path) -> None:
+    path = safeckpt.save(tmp_path / "m.safeckpt", source_model())
+    model = TiedLM()
+    with pytest.raises(ValueError, match=r"loads in place.*on cpu.*module.to\('meta'\)"):
+        safeckpt.load_raw(path, model, device="meta")
+    assert safeckpt.load_raw(path, model, device="cpu").missing_keys == []  # where it is: fine
+
+
 # -- what load_raw returns -----------------------------------------------------------------------
 
 

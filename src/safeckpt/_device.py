@@ -25,11 +25,12 @@ from .tree import TensorRef
 
 DeviceLike = str | torch.device | int
 
-# Each pinned buffer: large enough that a fill's fixed costs (an event wait, a copy launch) vanish,
-# small enough that two of them are cheap to pin (torch's host allocator caches them between loads).
-BUFFER = 64 << 20
-# A fill is read by several threads in pieces of at least this much.
-READ_PIECE = 8 << 20
+# Each pinned buffer: large enough that a fill's fixed costs (an event wait, a copy launch: tens of
+# microseconds) vanish, small enough that pinning two is cheap in a fresh process (pinning costs
+# about a millisecond per few MB; torch's host allocator then caches them between loads).
+BUFFER = 32 << 20
+# A fill is read by several threads in pieces of at most this much.
+READ_PIECE = 4 << 20
 # Below this many bytes in all, a plain copy is as fast as setting up the staging.
 SMALL = 1 << 20
 

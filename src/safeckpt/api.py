@@ -244,6 +244,19 @@ def _named_mistakes(fn: str, path: Any, obj: Any) -> None:
         )
 
 
+def _same_device(module: nn.Module, device: torch.device, path: object) -> None:
+    """An in-place load copies into the module's tensors where they are: a ``device`` they are not
+    on would be silently ignored, so it is an error."""
+    elsewhere = {str(t.device) for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    want = device.type if device.index is None else str(device)
+    if any(d.split(":")[0] != device.type or (device.index is not None and d != want) for d in elsewhere):
+        raise ValueError(
+            f"load_raw({path}, {type(module).__name__}, device={str(device)!r}) without assign=True loads in place, "
+            f"into the module's tensors on {', '.join(sorted(elsewhere))}: move the module first "
+            f"(module.to({str(device)!r})), or pass assign=True to replace its tensors with the file's on that device"
+        )
+
+
 def _warn_left_on_meta(module: nn.Module, path: object, assign: bool, device: torch.device | None) -> None:
     """After materializing: name what is still on meta (non-persistent buffers, keys left missing
     under ``strict=False``), which the file could not provide."""
@@ -332,6 +345,8 @@ def load_raw(
                     f"with `safeckpt convert {path} weights.safetensors --key model`."
                 )
             sd = st.with_tied(target, sd)
+        if dev is not None and not assign:
+            _same_device(target, dev, path)
         st.check_module(target, sd, strict, str(path), assign)
         result = st.load_module(target, sd, strict, assign, dev)
         _warn_left_on_meta(target, path, assign, dev)
