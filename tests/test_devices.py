@@ -281,6 +281,9 @@ def test_load_device_and_map_location(tmp_path: Path) -> None:
         safeckpt.load(path, map_location={"cuda:0": "cpu"})
     with pytest.raises(TypeError, match="must be a str or torch.device"):
         safeckpt.load(path, device=1.5)  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"device='cuda', but torch.cuda.is_available\(\) is False"):
+            safeckpt.load(path, device="cuda")
     ref = safeckpt.open(path).tensors()["model/mid.weight"]
     t = ref.load(device="meta")
     assert t.device.type == "meta" and t.shape == ref.shape and t.dtype == torch.bfloat16
