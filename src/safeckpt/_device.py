@@ -42,14 +42,23 @@ def as_device(device: Any, what: str = "device") -> torch.device | None:
         >>> as_device("cuda:1"), as_device(None)
         (device(type='cuda', index=1), None)
     """
-    if device is None or isinstance(device, torch.device):
-        return device
+    if device is None:
+        return None
     if isinstance(device, (str, int)) and not isinstance(device, bool):
         try:
-            return torch.device(device)
+            device = torch.device(device)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{what}={device!r} is not a device: {e}") from None
-    raise TypeError(f"{what} must be a str or torch.device (e.g. 'cpu', 'cuda:0', 'meta'), got {type(device).__name__}")
+    if not isinstance(device, torch.device):
+        raise TypeError(
+            f"{what} must be a str or torch.device (e.g. 'cpu', 'cuda:0', 'meta'), got {type(device).__name__}"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{what}={str(device)!r}, but torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''}); load to 'cpu'"
+        )
+    return device
 
 
 def merge_map_location(device: Any, map_location: Any) -> torch.device | None:
