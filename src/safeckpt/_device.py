@@ -39,8 +39,8 @@ def as_device(device: Any, what: str = "device") -> torch.device | None:
     """``device`` as a ``torch.device`` (None stays None); a clear error for anything else.
 
     Example:
-        >>> as_device("cuda:1"), as_device(None)
-        (device(type='cuda', index=1), None)
+        >>> as_device("meta"), as_device(None)
+        (device(type='meta'), None)
     """
     if device is None:
         return None
