@@ -478,11 +478,22 @@ def test_cuda_load_device_and_tensor_ref(tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_load_into_state_with_optimizer(tmp_path: Path) -> None:
-    src = source_model()
-    opt = torch.optim.Adam(src.parameters())
-    path = safeckpt.save(tmp_path / "s.safeckpt", {"model": src, "optimizer": opt.state_dict(), "step": 4})
-    model = TiedLM().cuda()
-    state = {"model": model, "step": 0}
-    assert list(safeckpt.load(path, state)) == ["optimizer"] and state["step"] == 4
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_load_into_state_with_optimizer(fused: bool, tmp_path: Path) -> None:
+    src = source_model().float()
+    opt = torch.optim.Adam(src.parameters(), lr=0.1)
+    src.head(src.mid(src.emb(torch.tensor([1, 2])))).sum().backward()
+    opt.step()
+    path = safeckpt.save(tmp_path / "s.safeckpt", {"model": src, "optimizer": opt, "step": 4})
+    model = TiedLM().float().cuda()
+    target = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    state = {"model": model, "optimizer": target, "step": 0}
+    assert safeckpt.load(path, state) == {} and state["step"] == 4
     assert_materialized(model, src, device="cuda")
+    want = opt.state_dict()["state"]
+    for i, s in target.state_dict()["state"].items():
+        for k, v in s.items():
+            assert v.device.type == ("cpu" if k == "step" and not fused else "cuda"), (i, k)
+            assert torch.equal(v.cpu(), want[i][k]), (i, k)
+    model.head(model.mid(model.emb(torch.tensor([1, 2], device="cuda")))).sum().backward()
+    target.step()  # torch accepts where each state tensor is

@@ -214,12 +214,39 @@ def load(
             st.load_module(obj, entries[key], strict, assign, dev)
             _warn_left_on_meta(obj, path, assign, dev)
         elif st.is_stateful(obj):
-            st.apply(obj, ckpt.to_python(entries[key]), strict)
+            st.apply(obj, _optimizer_state(ckpt, entries[key], obj), strict)
         else:
             state[key] = ckpt.to_python(entries[key], device=dev)  # type: ignore[index]
     rest = {k: v for k, v in tree.items() if k not in targets}
     # from the Hub the remainder's tensors stay lazy, so a partial load downloads only the shards it needs
     return rest if os.fspath(path).startswith("hf://") else ckpt.to_python(rest, device=dev)
+
+
+def _optimizer_state(ckpt: Checkpoint, sd: Any, obj: Any) -> Any:
+    """An optimizer's state, its tensors read straight onto the CUDA device that all its parameters
+    are on (staged, where ``load_state_dict`` would copy each one from pageable memory), except each
+    ``step``, which torch keeps on the CPU unless the optimizer is fused or capturable."""
+    devices = (
+        {p.device for g in obj.param_groups for p in g["params"]} if isinstance(obj, torch.optim.Optimizer) else set()
+    )
+    device = next(iter(devices)) if len(devices) == 1 else None
+    if device is None or device.type != "cuda":
+        return ckpt.to_python(sd)
+    moving = {
+        leaf.alias_key: leaf
+        for p, leaf in iter_leaves(sd)
+        if isinstance(leaf, TensorRef) and not (p and p[-1] == "step")
+    }
+    loaded = dict(zip(moving, _device.load_many(list(moving.values()), device), strict=True))
+
+    def leaf(p: tuple[Any, ...], x: Any) -> Any:
+        if not isinstance(x, TensorRef):
+            return x
+        if p and p[-1] == "step":
+            return x.load()
+        return _device.wrap(x, loaded[x.alias_key])
+
+    return map_leaves(sd, leaf)
 
 
 def _named_mistakes(fn: str, path: Any, obj: Any) -> None:
@@ -361,7 +388,9 @@ def load_raw(
                 "Load it with safeckpt.load(path, {'optimizer': optimizer}) using the key that holds it."
             )
         st.check_optimizer(target, tree, str(path))
-        st.apply(target, ckpt.to_python(device=dev), strict)
+        st.apply(
+            target, ckpt.to_python(device=dev) if dev is not None else _optimizer_state(ckpt, tree, target), strict
+        )
         return None
     else:
         raise TypeError(
