@@ -156,9 +156,9 @@ class _Source:
             self.file = span.file.open()
             self.fd, self.base = self.file.fileno(), span.offset
         else:
-            t = ref.loader() if isinstance(ref, TensorRef) else ref
-            if isinstance(ref, TensorRef) and (t.dtype != ref.dtype or tuple(t.shape) != ref.shape):
-                t = ref.load()  # raises the damaged-file error
+            t = checked(ref) if isinstance(ref, TensorRef) else ref
+            if t.layout != torch.strided:
+                t = t.to_dense()  # into a dense destination, as load_state_dict's copy_ would
             self.bytes = _flat_bytes(t.detach().cpu())
 
     def read(self, view: memoryview, buf: torch.Tensor, p: Piece) -> None:
@@ -317,11 +317,19 @@ def load_many(refs: Sequence[TensorRef], device: torch.device | None) -> list[to
 
     Tensors come back as plain tensors (``requires_grad`` and ``Parameter`` are the caller's).
     """
-    if device is not None and device.type == "cuda" and sum(r.nbytes for r in refs) >= SMALL:
-        out = [torch.empty(r.shape, dtype=r.dtype, device=device) for r in refs]
-        stage(list(zip(refs, out, strict=True)))
-        return out
-    return [data(r, device) for r in refs]
+    if device is None or device.type != "cuda" or sum(r.nbytes for r in refs) < SMALL:
+        return [data(r, device) for r in refs]
+    out: list[torch.Tensor] = []
+    pairs: list[tuple[TensorRef | torch.Tensor, torch.Tensor]] = []
+    for r in refs:
+        src: TensorRef | torch.Tensor = r if r.span is not None else checked(r)  # a map of the file, for most
+        if isinstance(src, torch.Tensor) and src.layout != torch.strided:
+            out.append(src.to(device))  # sparse and other layouts: torch's own copy keeps the layout
+            continue
+        out.append(torch.empty(r.shape, dtype=r.dtype, device=device))
+        pairs.append((src, out[-1]))
+    stage(pairs)
+    return out
 
 
 def data(ref: TensorRef, device: torch.device | None) -> torch.Tensor:
@@ -329,19 +337,20 @@ def data(ref: TensorRef, device: torch.device | None) -> torch.Tensor:
     if device is not None and device.type == "meta":
         return torch.empty(ref.shape, dtype=ref.dtype, device="meta")
     if device is not None and device.type == "cuda" and ref.nbytes >= SMALL:
-        out = torch.empty(ref.shape, dtype=ref.dtype, device=device)
-        stage([(ref, out)])
-        return out
+        return load_many([ref], device)[0]
+    t = checked(ref)
+    return t if device is None or device.type == "cpu" else t.to(device)
+
+
+def checked(ref: TensorRef) -> torch.Tensor:
+    """The tensor as the format reads it, checked to be what the header declared."""
     t = ref.loader()
     if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
         raise CorruptCheckpointError(
             f"{ref.source}: tensor {ref.name!r} declared {ref.dtype} {list(ref.shape)} "
             f"but reads as {t.dtype} {list(t.shape)}; the file is damaged"
         )
-    t = t.detach()
-    if device is None or device.type == "cpu" or t.device == device:
-        return t
-    return t.to(device)
+    return t.detach()
 
 
 def read_into(pairs: Sequence[tuple[TensorRef, torch.Tensor]]) -> list[tuple[TensorRef, torch.Tensor]]:

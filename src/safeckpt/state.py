@@ -287,21 +287,21 @@ def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], 
 
     direct = _plain_loading(module)
     values: dict[str, Any] = OrderedDict()
-    done: dict[int, Any] = {}  # target -> the ref read into it (a tied key omitted by the file: one read)
+    done: dict[int, Any] = {}  # target -> the tensor read into it (tied keys: one read)
     staged: list[tuple[TensorRef, torch.Tensor]] = []
     for k, v in sd.items():
         if k not in own and not strict:
             continue
         if isinstance(v, TensorRef):
             target = own.get(k)
-            if direct and isinstance(target, torch.Tensor) and done.get(id(target)) is v:
+            if direct and isinstance(target, torch.Tensor) and done.get(id(target)) == v.alias_key:
                 v = target
             elif direct and isinstance(target, torch.Tensor) and target.device.type == "cuda":
                 staged.append((v, target))
-                done[id(target)] = v
+                done[id(target)] = v.alias_key
                 v = target
             elif direct and target is not None and read_into(v, target):
-                done[id(target)] = v
+                done[id(target)] = v.alias_key
                 v = target  # the parameter itself as the value: torch's copy_ of a tensor onto itself is a no-op
             else:
                 v = v.load(target.device if isinstance(target, torch.Tensor) else None)
