@@ -5,7 +5,7 @@
 # the benchmark's gpu group (loads onto the GPU side by side with safetensors and torch.load).
 # Needs python3 with torch (CUDA build), safetensors, msgpack, numpy, pytest; nothing is installed.
 # About 6 minutes at most: each step has its own timeout. SIZE (default 1GB: the model's bytes,
-# so the full state is ~3 GB) and REPEAT (default 3) can be set; WORKDIR holds the state files
+# so the full state is ~3 GB) and REPEAT (default 2) can be set; WORKDIR holds the state files
 # (about 5x SIZE on disk; default $TMPDIR/safeckpt-gpu-bench).
 set -u
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 OUT="${OUT:-$(mktemp -d -t safeckpt-gpu-check.XXXX)}"
 SIZE="${SIZE:-1GB}"
-REPEAT="${REPEAT:-3}"
+REPEAT="${REPEAT:-2}"
 WORKDIR="${WORKDIR:-${TMPDIR:-/tmp}/safeckpt-gpu-bench}"
 mkdir -p "$OUT"
 echo "outputs: $OUT"
@@ -39,7 +39,7 @@ PYEOF
 echo "== CUDA tests (pytest -m cuda)"
 TEST_ARGS=(-p no:cacheprovider -q -m cuda tests/test_devices.py)
 "$PY" -c "import pytest_timeout" 2>/dev/null || TEST_ARGS+=(-o "timeout=0")  # ini's timeout needs the plugin
-timeout 150 "$PY" -m pytest "${TEST_ARGS[@]}" 2>&1 | tee "$OUT/cuda-tests.txt"
+timeout 120 "$PY" -m pytest "${TEST_ARGS[@]}" 2>&1 | tee "$OUT/cuda-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark: gpu group at --size $SIZE"
