@@ -22,7 +22,6 @@ from torch import nn
 
 import safeckpt
 from safeckpt import _device
-from safeckpt.lightning import SafeCheckpointIO
 from safeckpt.manager import CheckpointManager
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -293,10 +292,18 @@ def test_load_device_and_map_location(tmp_path: Path) -> None:
     assert state["model"].mid.weight.device.type == "cpu"  # in place: the module's own device
 
 
+def plugin() -> Any:
+    pytest.importorskip("lightning")
+    from safeckpt.lightning import SafeCheckpointIO
+
+    return SafeCheckpointIO()
+
+
 def test_lightning_plugin_reads_onto_the_map_location(tmp_path: Path) -> None:
+    io = plugin()
     src = source_model()
-    SafeCheckpointIO().save_checkpoint({"state_dict": src.state_dict(), "epoch": 1}, tmp_path / "c.ckpt")
-    ckpt = SafeCheckpointIO().load_checkpoint(tmp_path / "c.ckpt", map_location="meta")
+    io.save_checkpoint({"state_dict": src.state_dict(), "epoch": 1}, tmp_path / "c.ckpt")
+    ckpt = io.load_checkpoint(tmp_path / "c.ckpt", map_location="meta")
     assert ckpt["epoch"] == 1 and ckpt["state_dict"]["mid.weight"].device.type == "meta"
 
 
@@ -472,7 +479,7 @@ def test_cuda_load_device_and_tensor_ref(tmp_path: Path) -> None:
     dsts = [torch.empty(3 << 19, dtype=torch.int64, device="cuda")]
     _device.stage([(ref, dsts[0])], buffer=1000)  # many fills, alternating buffers
     assert bits_equal(dsts[0], big["b"])
-    ckpt = SafeCheckpointIO().load_checkpoint(path, map_location="cuda")
+    ckpt = plugin().load_checkpoint(path, map_location="cuda")
     assert ckpt["w"]["a"].is_cuda
 
 
