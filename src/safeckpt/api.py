@@ -206,7 +206,8 @@ def load(
     for key, obj in targets.items():
         sd = tree[key]
         if isinstance(obj, nn.Module) and isinstance(sd, Mapping):
-            sd = st.with_tied(obj, st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True))))
+            own = set(obj.state_dict(keep_vars=True))
+            sd = st.with_tied(obj, st.strip_wrapper_prefix(sd, own), own)
         st.check(obj, sd, strict, f"{path} (key {key!r})", assign)
         entries[key] = sd
     for key, obj in targets.items():
@@ -371,7 +372,7 @@ def load_raw(
                     f"safeckpt.load(path, {{'model': model}}) (use the key that holds the weights), or extract it "
                     f"with `safeckpt convert {path} weights.safetensors --key model`."
                 )
-            sd = st.with_tied(target, sd)
+            sd = st.with_tied(target, sd, own)
         if dev is not None and not assign:
             _same_device(target, dev, path)
         st.check_module(target, sd, strict, str(path), assign)
