@@ -428,6 +428,23 @@ def test_stage_overlaps_reads_with_copies_without_overwriting_a_buffer_in_use(tm
     assert log[:4] == ["wait0", "copy0", "wait1", "copy1"] and log[4:6] == ["wait0", "copy0"]
 
 
+@pytest.mark.parametrize("kind", ["safeckpt", "torch.save"])
+def test_stage_reads_large_tensors_with_several_threads(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    big = {"a": torch.randn(3 << 20), "b": torch.arange(5, dtype=torch.int16), "c": torch.randn(1 << 20).half()}
+    big["z"] = torch.randn(1 << 19, dtype=torch.complex128)  # copied from the loaded tensor, not read by span
+    if kind == "safeckpt":
+        path = safeckpt.save(tmp_path / "big.safeckpt", big)
+    else:
+        torch.save(big, tmp_path / "big.pt")
+        path = tmp_path / "big.pt"
+    refs = safeckpt.open(path).tensors()
+    assert refs["a"].span is not None  # read with preadv
+    dsts = {k: torch.zeros(r.shape, dtype=r.dtype) for k, r in refs.items()}
+    _device.stage([(refs[k], dsts[k]) for k in refs], buffer=(5 << 20) + 3, threads=3)  # fills > READ_PIECE
+    assert all(bits_equal(dsts[k], v) for k, v in big.items())
+
+
 def test_split_reads_cuts_pieces_for_threads() -> None:
     pieces = _device.split_reads([_device.Piece(0, 4, 10, 2), _device.Piece(1, 0, 3, 12)], 4)
     assert [(p.index, p.offset, p.length, p.at) for p in pieces] == [
