@@ -189,6 +189,10 @@ PAIRS = [
     Pair("safeckpt.load", "torch.load+load_state_dict"),
     Pair("safeckpt.load", "fabric.load"),
     Pair("safeckpt.load_raw", "st.load_model"),
+    Pair("safeckpt.load(device=cuda)", "st.load_file(device=cuda)"),
+    Pair("safeckpt.load_raw [CUDA model]", "st.load_model [CUDA model]"),
+    Pair("safeckpt.load_raw [CUDA model]", "torch.load(map_location=cuda)+load_state_dict"),
+    Pair("safeckpt.load_raw assign=True [meta -> CUDA]", "st.load_file(device=cuda)"),
     Pair("safeckpt.convert", "cp+fsync"),
     Pair("safeckpt.convert", "torch.load(mmap)+st.save_file+fsync"),
     Pair("safeckpt.open+1 tensor [.pt]", "torch.load(mmap)+1 tensor [.pt]"),
@@ -313,6 +317,19 @@ TARGETS = [
         1.0,
     ),
     Target("convert .pt -> native at most 1.5x cp + fsync", _ratio("safeckpt.convert", "cp+fsync"), 1.5),
+    *(
+        Target(
+            f"{ours} at least the bandwidth of safetensors load_file(device=cuda)",
+            _ratio(ours, "st.load_file(device=cuda)"),
+            1.0,
+            note="issue 14; time ratio (same bytes); the gpu group, run where CUDA is available",
+        )
+        for ours in (
+            "safeckpt.load(device=cuda)",
+            "safeckpt.load_raw [CUDA model]",
+            "safeckpt.load_raw assign=True [meta -> CUDA]",
+        )
+    ),
     *(
         Target(
             f"checksums cost at most 10% of save time (CRC-32, {impl})",
@@ -457,7 +474,7 @@ def table(res: Results) -> str:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()) + "."]
     lines += [
         "",
-        "GB/s counts the state's tensor bytes (save, load), the model's (load_raw), the .pt file's (convert, cp) "
+        "GB/s counts the state's tensor bytes (save, load), the model's (load_raw, gpu), the .pt file's (convert, cp) "
         "or dd's bytes. Peak RSS is the whole process's (the command's for dd, cp and the CLI); the op's extra RSS is "
         "its peak minus the RSS at its start, and includes file pages an mmap reader maps; extra anon counts "
         "anonymous memory only (sampled). Every save writes a new file after `os.sync()`, and fsyncs it.",

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats
+from . import _device, formats
 from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
@@ -149,10 +150,14 @@ def load(
     strict: bool = True,
     verify: bool = False,
     allow: Iterable[str] = (),
+    device: str | torch.device | None = None,
+    assign: bool = False,
+    map_location: str | torch.device | None = None,
 ) -> dict[Any, Any]:
     """Load a checkpoint, into ``state``'s objects in place if given (Fabric's ``fabric.load``).
 
-    Without ``state`` the whole checkpoint comes back as plain Python with CPU tensors. With it,
+    Without ``state`` the whole checkpoint comes back as plain Python, its tensors on ``device``
+    (default: the CPU, memory-mapped copy-on-write where the format allows). With it,
     modules get ``load_state_dict(sd, strict)``, optimizers and other stateful objects
     ``load_state_dict(sd)``, and plain values are replaced in ``state``. Everything is checked
     first (every requested key present unless ``strict=False``; every module's keys and shapes),
@@ -160,6 +165,13 @@ def load(
     inert data when reading a pickle-based file (see `open`). ``verify=True`` first runs the
     format's own checks (for safeckpt's formats, the header's and every tensor's CRC-32) and raises
     `CorruptCheckpointError` naming each damaged tensor and its place in the tree, before any object changes.
+
+    Modules load in place (on whatever device their tensors are), or with ``assign=True`` are
+    materialized from the file as by `load_raw` (``assign=True``): the way to load into a model
+    built on the meta device. A key the file omits whose parameter the module ties to a key it
+    has is filled from that key, not missing. Optimizers' state goes where
+    ``optimizer.load_state_dict`` puts it (next to their parameters). ``device`` also places plain
+    values and the remainder; ``map_location`` is an alias for it (a device or string only).
 
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
@@ -171,40 +183,132 @@ def load(
         >>> state["step"]
         100
     """
+    _named_mistakes("load", path, state)
+    dev = _device.merge_map_location(device, map_location)
+    if assign and not state:
+        raise ValueError("assign=True materializes the modules in state; pass them, e.g. load(path, {'model': model})")
     if state and _across_ranks(state):
         from . import distributed
 
+        if assign or dev is not None:
+            raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load(path, state, strict=strict, verify=verify)
     local = _local(path)
     if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
         _verify(local)
     ckpt = open(local, allow=allow)
     if not state:
-        return ckpt.to_python()
+        return ckpt.to_python(device=dev)
     tree = ckpt.tree
     targets = st.select(tree, state, strict, path)
     entries = {}
     for key, obj in targets.items():
         sd = tree[key]
         if isinstance(obj, nn.Module) and isinstance(sd, Mapping):
-            sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True)))
-        st.check(obj, sd, strict, f"{path} (key {key!r})")
+            own = set(obj.state_dict(keep_vars=True))
+            sd = st.with_tied(obj, st.strip_wrapper_prefix(sd, own), own)
+        st.check(obj, sd, strict, f"{path} (key {key!r})", assign)
         entries[key] = sd
     for key, obj in targets.items():
         if isinstance(obj, nn.Module):
-            st.load_module(obj, entries[key], strict)
+            st.load_module(obj, entries[key], strict, assign, dev)
+            _warn_left_on_meta(obj, path, assign, dev)
         elif st.is_stateful(obj):
-            st.apply(obj, ckpt.to_python(entries[key]), strict)
+            st.apply(obj, _optimizer_state(ckpt, entries[key], obj), strict)
         else:
-            state[key] = ckpt.to_python(entries[key])  # type: ignore[index]
+            state[key] = ckpt.to_python(entries[key], device=dev)  # type: ignore[index]
     rest = {k: v for k, v in tree.items() if k not in targets}
     # from the Hub the remainder's tensors stay lazy, so a partial load downloads only the shards it needs
-    return rest if os.fspath(path).startswith("hf://") else ckpt.to_python(rest)
+    return rest if os.fspath(path).startswith("hf://") else ckpt.to_python(rest, device=dev)
+
+
+def _optimizer_state(ckpt: Checkpoint, sd: Any, obj: Any) -> Any:
+    """An optimizer's state, its tensors read straight onto the CUDA device that all its parameters
+    are on (staged, where ``load_state_dict`` would copy each one from pageable memory), except each
+    ``step``, which torch keeps on the CPU unless the optimizer is fused or capturable."""
+    devices = (
+        {p.device for g in obj.param_groups for p in g["params"]} if isinstance(obj, torch.optim.Optimizer) else set()
+    )
+    device = next(iter(devices)) if len(devices) == 1 else None
+    if device is None or device.type != "cuda":
+        return ckpt.to_python(sd)
+    moving = {
+        leaf.alias_key: leaf
+        for p, leaf in iter_leaves(sd)
+        if isinstance(leaf, TensorRef) and not (p and p[-1] == "step")
+    }
+    loaded = dict(zip(moving, _device.load_many(list(moving.values()), device), strict=True))
+
+    def leaf(p: tuple[Any, ...], x: Any) -> Any:
+        if not isinstance(x, TensorRef):
+            return x
+        if p and p[-1] == "step":
+            return x.load()
+        return _device.wrap(x, loaded[x.alias_key])
+
+    return map_leaves(sd, leaf)
+
+
+def _named_mistakes(fn: str, path: Any, obj: Any) -> None:
+    """Calls written the torch/safetensors way, named with the right one."""
+    loadable = (nn.Module, torch.optim.Optimizer)
+    if isinstance(path, loadable):
+        if fn == "load_raw":
+            raise TypeError(
+                f"load_raw(path, obj): the arguments are swapped, got a {type(path).__name__} first; "
+                "call safeckpt.load_raw(path, module)"
+            )
+        raise TypeError(
+            f"load(path, state) takes the checkpoint's path first, got a {type(path).__name__}; "
+            "call safeckpt.load(path, {'model': model}) or safeckpt.load_raw(path, model)"
+        )
+    if fn == "load" and isinstance(obj, loadable):
+        kind = "module" if isinstance(obj, nn.Module) else "optimizer"
+        raise TypeError(
+            f"load(path, {kind}): state is a dict of objects. For a file holding a bare state dict use "
+            f"safeckpt.load_raw(path, {kind}); for a checkpoint with entries use "
+            f"safeckpt.load(path, {{'{'model' if kind == 'module' else 'optimizer'}': {kind}}})"
+        )
+
+
+def _same_device(module: nn.Module, device: torch.device, path: object) -> None:
+    """An in-place load copies into the module's tensors where they are: a ``device`` they are not
+    on would be silently ignored, so it is an error."""
+    elsewhere = {str(t.device) for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    want = device.type if device.index is None else str(device)
+    if any(d.split(":")[0] != device.type or (device.index is not None and d != want) for d in elsewhere):
+        raise ValueError(
+            f"load_raw({path}, {type(module).__name__}, device={str(device)!r}) without assign=True loads in place, "
+            f"into the module's tensors on {', '.join(sorted(elsewhere))}: move the module first "
+            f"(module.to({str(device)!r})), or pass assign=True to replace its tensors with the file's on that device"
+        )
+
+
+def _warn_left_on_meta(module: nn.Module, path: object, assign: bool, device: torch.device | None) -> None:
+    """After materializing: name what is still on meta (non-persistent buffers, keys left missing
+    under ``strict=False``), which the file could not provide."""
+    if not assign or (device is not None and device.type == "meta"):
+        return
+    left = st.still_on_meta(module)
+    if left:
+        shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        warnings.warn(
+            f"after loading {path} with assign=True, {type(module).__name__} still has tensors on the meta device "
+            f"that the file does not hold: {shown}; initialize them (e.g. non-persistent buffers) before use",
+            stacklevel=3,
+        )
 
 
 def load_raw(
-    path: PathLike, obj: nn.Module | torch.optim.Optimizer, *, strict: bool = True, allow: Iterable[str] = ()
-) -> None:
+    path: PathLike,
+    obj: nn.Module | torch.optim.Optimizer,
+    *,
+    strict: bool = True,
+    assign: bool = False,
+    device: str | torch.device | None = None,
+    allow: Iterable[str] = (),
+    map_location: str | torch.device | None = None,
+) -> Any:
     """Load a bare state dict (a friend's ``torch.save(model.state_dict())``, a safetensors file,
     a sharded directory) into a module or optimizer (Fabric's ``fabric.load_raw``).
 
@@ -213,14 +317,43 @@ def load_raw(
     names the keys found, never a silent no-op. ``allow`` admits extra pickle globals as inert
     data (an old Trainer checkpoint's callback objects; see `open`).
 
+    A key the file omits whose parameter the module ties to a key the file has
+    (``head.weight = emb.weight``; Hugging Face files store such a tensor once) is loaded from
+    that key and is not missing. Without ``assign`` tensors are copied into the module's own,
+    wherever they are (a CUDA model's through pinned staging buffers); a module with tensors on
+    the meta device is an error that says to pass ``assign=True``.
+
+    Args:
+        assign: materialize the module from the file, as ``load_state_dict(assign=True)``: its
+            parameters and buffers are replaced by the file's tensors (their dtype too). Tied
+            parameters stay one ``Parameter``. On the CPU they stay memory-mapped from the file,
+            copy-on-write: loading costs almost no memory, and a page is copied when first written
+            (an optimizer step writes every parameter, so training pays the full size then).
+        device: where assigned tensors go (``"cuda:0"``, ``"cpu"``, ``"meta"``). None: where the
+            tensor they replace is, and the CPU for one on meta. ``map_location`` is an alias.
+
+    Returns:
+        For a module, what ``load_state_dict`` returns: ``_IncompatibleKeys(missing_keys,
+        unexpected_keys)``, both empty under ``strict=True``. For an optimizer, None (as
+        ``optimizer.load_state_dict``).
+
     Example:
         >>> model = MyModel()
         >>> safeckpt.load_raw("friend.pt", model)          # restricted unpickler, nothing runs
-        >>> safeckpt.load_raw("model.safetensors", model, strict=False)
+        <All keys matched successfully>
+        >>> safeckpt.load_raw("model.safetensors", model, strict=False).missing_keys
+        ['head.bias']
+        >>> with torch.device("meta"):
+        ...     big = MyModel()
+        >>> safeckpt.load_raw("model.safetensors", big, assign=True, device="cuda")
     """
+    _named_mistakes("load_raw", path, obj)
+    dev = _device.merge_map_location(device, map_location)
     if _across_ranks(obj):
         from . import distributed
 
+        if assign or dev is not None:
+            raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
     ckpt = open(_local(path), allow=allow)
@@ -238,9 +371,16 @@ def load_raw(
                     f"safeckpt.load(path, {{'model': model}}) (use the key that holds the weights), or extract it "
                     f"with `safeckpt convert {path} weights.safetensors --key model`."
                 )
-        st.check_module(target, sd, strict, str(path))
-        st.load_module(target, sd, strict)
+            sd = st.with_tied(target, sd, own)
+        if dev is not None and not assign:
+            _same_device(target, dev, path)
+        st.check_module(target, sd, strict, str(path), assign)
+        result = st.load_module(target, sd, strict, assign, dev)
+        _warn_left_on_meta(target, path, assign, dev)
+        return result
     elif isinstance(target, torch.optim.Optimizer):
+        if assign:
+            raise ValueError("assign=True applies to modules; an optimizer's state is always loaded into it")
         if isinstance(tree, Mapping) and "param_groups" not in tree and _is_wrapped(tree):
             keys = ", ".join(repr(k) for k in list(tree)[:10])
             raise ValueError(
@@ -248,7 +388,10 @@ def load_raw(
                 "Load it with safeckpt.load(path, {'optimizer': optimizer}) using the key that holds it."
             )
         st.check_optimizer(target, tree, str(path))
-        st.apply(target, ckpt.to_python(), strict)
+        st.apply(
+            target, ckpt.to_python(device=dev) if dev is not None else _optimizer_state(ckpt, tree, target), strict
+        )
+        return None
     else:
         raise TypeError(
             f"load_raw takes a torch.nn.Module or torch.optim.Optimizer, got {type(obj).__name__}; "

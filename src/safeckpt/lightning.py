@@ -121,6 +121,8 @@ class SafeCheckpointIO(CheckpointIO):
         text = os.fspath(path)
         if not text.startswith("hf://") and not os.path.exists(text):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        if isinstance(map_location, (str, torch.device)):  # read straight onto the device (pinned staging for CUDA)
+            return load(text, allow=self.allow, device=map_location)
         return _relocate(load(text, allow=self.allow), map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -430,13 +430,20 @@ class CheckpointManager:
     # -- restoring -------------------------------------------------------------------------------
 
     def restore(
-        self, state: Mapping[str, Any] | None = None, step: int | None = None, *, strict: bool = True
+        self,
+        state: Mapping[str, Any] | None = None,
+        step: int | None = None,
+        *,
+        strict: bool = True,
+        device: str | torch.device | None = None,
+        assign: bool = False,
     ) -> dict[Any, Any]:
         """`safeckpt.load` the newest checkpoint (or ``step``'s) into ``state``; return the remainder.
 
         Waits for a background save first. With DTensor state in a process group, call it on every
         rank: all load what rank 0 sees. Nothing to restore is a ``FileNotFoundError`` naming the
-        directory (on every rank).
+        directory (on every rank). ``device`` and ``assign`` are `safeckpt.load`'s (e.g. restore
+        a model built on the meta device with ``assign=True, device="cuda"``).
 
         Example:
             >>> state = {"model": model, "optimizer": opt, "step": 0}
@@ -463,7 +470,7 @@ class CheckpointManager:
                 f"{self.directory}: no checkpoint of step {step}; the steps there are {shown}"
                 + (f" (the newest 20 of {len(steps)})" if len(steps) > 20 else "")
             )
-        return api.load(path, state, strict=strict)
+        return api.load(path, state, strict=strict, device=device, assign=assign)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

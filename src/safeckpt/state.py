@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -140,10 +140,12 @@ def _bare_state_dict_hint(tree: dict[Any, Any]) -> str:
     )
 
 
-def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
+def check_module(module: nn.Module, sd: Any, strict: bool, where: str, assign: bool = False) -> None:
     """Raise what ``module.load_state_dict(sd, strict)`` would, before anything is copied.
 
-    Missing and unexpected keys are errors only when ``strict``; a shape mismatch always is.
+    Missing and unexpected keys are errors only when ``strict``; a shape mismatch always is; a
+    tensor on the meta device that would receive a value needs ``assign`` (copying into it would
+    silently do nothing).
     """
     name = type(module).__name__
     if not isinstance(sd, Mapping):
@@ -168,6 +170,8 @@ def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
                 f"size mismatch for {k}: copying a param with shape {torch.Size(theirs)} from checkpoint, "
                 f"the shape in current model is {torch.Size(mine)}."
             )
+    if not assign:
+        _refuse_meta(module, own, sd, where)
     if errors:
         hint = (
             "\nTo load only the keys that match, pass strict=False."
@@ -175,6 +179,61 @@ def check_module(module: nn.Module, sd: Any, strict: bool, where: str) -> None:
             else ""
         )
         raise RuntimeError(f"Error(s) in loading state_dict for {name} from {where}:\n\t" + "\n\t".join(errors) + hint)
+
+
+def _refuse_meta(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], where: str) -> None:
+    meta = [k for k, v in own.items() if k in sd and isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    if meta:
+        shown = ", ".join(repr(k) for k in meta[:5]) + (f" and {len(meta) - 5} more" if len(meta) > 5 else "")
+        raise RuntimeError(
+            f"cannot load {where} into {type(module).__name__}: {shown} {'is' if len(meta) == 1 else 'are'} on the "
+            "meta device, which holds no data to copy into; pass assign=True to materialize the module from the "
+            "file (e.g. safeckpt.load_raw(path, model, assign=True), device='cuda' to put it on a GPU)"
+        )
+
+
+def tie_groups(module: nn.Module) -> list[list[str]]:
+    """The state-dict keys of ``module`` that name one tensor object (``head.weight = emb.weight``),
+    in groups of two or more.
+
+    Example:
+        >>> tie_groups(tied_lm)
+        [['emb.weight', 'head.weight']]
+    """
+    groups: dict[int, list[str]] = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.Tensor):
+            groups.setdefault(id(v), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def with_tied(module: nn.Module, sd: Any, keys: Iterable[str] | None = None) -> Any:
+    """``sd`` with every key it omits whose tensor the module ties to a key it has given that
+    key's value: Hugging Face files and ``safetensors.torch.save_model`` store a tied tensor once,
+    under one of its names, and such a key is neither missing nor left unloaded. ``keys``: the
+    module's state-dict keys, if the caller has them (then a file omitting none costs nothing).
+
+    Example:
+        >>> sorted(with_tied(tied_lm, {"emb.weight": ref}))
+        ['emb.weight', 'head.weight']
+    """
+    if not isinstance(sd, Mapping):
+        return sd
+    if keys is not None and all(k in sd for k in keys):
+        return sd  # the common case: nothing omitted, no groups to find
+    filled: dict[str, Any] = {}
+    for group in tie_groups(module):
+        present = [k for k in group if k in sd]
+        if present:
+            filled.update((k, sd[present[0]]) for k in group if k not in sd)
+    if not filled:
+        return sd
+    out: Any = OrderedDict(sd)
+    out.update(filled)
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta
+    return out
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, sd: Any, where: str) -> None:
@@ -192,35 +251,128 @@ def check_optimizer(optimizer: torch.optim.Optimizer, sd: Any, where: str) -> No
             )
 
 
-def check(obj: Any, sd: Any, strict: bool, where: str) -> None:
+def check(obj: Any, sd: Any, strict: bool, where: str, assign: bool = False) -> None:
     """Validate one load target against its (lazy) state."""
     if isinstance(obj, nn.Module):
-        check_module(obj, sd, strict, where)
+        check_module(obj, sd, strict, where, assign)
     elif isinstance(obj, torch.optim.Optimizer):
         check_optimizer(obj, sd, where)
 
 
-def load_module(module: nn.Module, sd: Mapping[str, Any], strict: bool) -> None:
-    """``module.load_state_dict(sd, strict)`` for a (lazy) state dict, reading each tensor's bytes
-    straight from the file into the parameter that receives it where nothing can intervene.
+def load_module(
+    module: nn.Module,
+    sd: Mapping[str, Any],
+    strict: bool,
+    assign: bool = False,
+    device: torch.device | None = None,
+) -> Any:
+    """``module.load_state_dict(sd, strict, assign)`` for a (lazy) state dict; returns its
+    ``_IncompatibleKeys(missing_keys, unexpected_keys)``.
 
-    Keys the module does not have are never read (a partial load maps only what it uses).
+    In place, each tensor's bytes go straight from the file into the parameter that receives it
+    where nothing can intervene (through pinned staging buffers for a CUDA parameter). With
+    ``assign``, see `assigned`. Keys the module does not have are never read (a partial load maps
+    only what it uses) and are reported as unexpected.
     """
     own = module.state_dict(keep_vars=True)
+    skipped = [k for k in sd if k not in own] if not strict else []
+    values = assigned(module, own, sd, device) if assign else _in_place(module, own, sd, strict)
+    meta = getattr(sd, "_metadata", None)
+    if meta is not None:
+        values._metadata = meta  # type: ignore[attr-defined]
+    result = module.load_state_dict(values, strict=strict, assign=assign)
+    unexpected = skipped + [k for k in result.unexpected_keys if k not in skipped]
+    return type(result)(list(result.missing_keys), unexpected)
+
+
+def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], strict: bool) -> dict[str, Any]:
+    from . import _device
+
     direct = _plain_loading(module)
     values: dict[str, Any] = OrderedDict()
+    done: dict[int, Any] = {}  # target -> the tensor read into it (tied keys: one read)
+    staged: list[tuple[TensorRef, torch.Tensor]] = []
     for k, v in sd.items():
         if k not in own and not strict:
             continue
         if isinstance(v, TensorRef):
             target = own.get(k)
-            # the parameter itself as the value: torch's copy_ of a tensor onto itself is a no-op
-            v = target if direct and target is not None and read_into(v, target) else v.load()
+            if direct and isinstance(target, torch.Tensor) and done.get(id(target)) == v.alias_key:
+                v = target
+            elif direct and isinstance(target, torch.Tensor) and target.device.type == "cuda":
+                staged.append((v, target))
+                done[id(target)] = v.alias_key
+                v = target
+            elif direct and target is not None and read_into(v, target):
+                done[id(target)] = v.alias_key
+                v = target  # the parameter itself as the value: torch's copy_ of a tensor onto itself is a no-op
+            else:
+                v = v.load(target.device if isinstance(target, torch.Tensor) else None)
         values[k] = v
-    meta = getattr(sd, "_metadata", None)
-    if meta is not None:
-        values._metadata = meta  # type: ignore[attr-defined]
-    module.load_state_dict(values, strict=strict)
+    # the CUDA targets that cannot take the bytes as they are get them copied by load_state_dict
+    for ref, target in _device.read_into(staged):
+        for k, v in values.items():
+            if v is target:
+                values[k] = ref.load(target.device)
+    return values
+
+
+def assigned(
+    module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], device: torch.device | None
+) -> dict[str, Any]:
+    """The values ``load_state_dict(assign=True)`` should take to materialize ``module`` from ``sd``:
+    one new ``Parameter`` per parameter object of the module (tied keys get the same one, so
+    they stay tied), with the module's ``requires_grad``; buffers as plain tensors.
+
+    Each goes to ``device``; without one, to the device of the tensor it replaces, and to the
+    CPU for a tensor on meta: there it stays memory-mapped from the file (copy-on-write: pages
+    are copied only when written, e.g. by an optimizer step).
+    """
+    from . import _device
+
+    plan: list[tuple[str, Any, torch.device | None]] = []  # key, value, where it goes
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        mine = own[k]
+        where = device
+        if where is None and isinstance(mine, torch.Tensor) and mine.device.type not in ("meta", "cpu"):
+            where = mine.device
+        plan.append((k, v, where))
+    # stage every distinct ref bound for one device together (one pipeline per device)
+    loaded: dict[tuple[Any, Any], torch.Tensor] = {}
+    by_device: dict[Any, dict[Any, TensorRef]] = {}
+    for _, v, where in plan:
+        if isinstance(v, TensorRef):
+            by_device.setdefault(where, {}).setdefault(v.alias_key, v)
+    for where, refs in by_device.items():
+        for key, t in zip(refs, _device.load_many(list(refs.values()), where), strict=True):
+            loaded[(where, key)] = t
+    values: dict[str, Any] = OrderedDict()
+    made: dict[int, torch.Tensor] = {}  # module tensor object -> its new value (ties stay one object)
+    for k, v, where in plan:
+        mine = own[k]
+        if id(mine) in made:
+            values[k] = made[id(mine)]
+            continue
+        if isinstance(v, TensorRef):
+            t = loaded[(where, v.alias_key)]
+        elif isinstance(v, torch.Tensor):
+            t = v.detach() if where is None else v.detach().to(where)
+        else:
+            values[k] = v
+            continue
+        if isinstance(mine, nn.Parameter):
+            t = nn.Parameter(t, requires_grad=mine.requires_grad)
+        made[id(mine)] = t
+        values[k] = t
+    return values
+
+
+def still_on_meta(module: nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers still on the meta device."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return [n for n, t in named if t.device.type == "meta"]
 
 
 def _plain_loading(module: nn.Module) -> bool:

@@ -135,23 +135,21 @@ class TensorRef:
             return id(self)
         return (self.storage, self.view, self.dtype, self.shape)
 
-    def load(self) -> torch.Tensor:
-        """Read the tensor (memory-mapped where the source allows) and check it is what was declared.
+    def load(self, device: str | torch.device | None = None) -> torch.Tensor:
+        """Read the tensor and check it is what was declared.
+
+        Args:
+            device: where it goes (``"cuda:0"``, ``"meta"``: no bytes read). None: the CPU,
+                memory-mapped copy-on-write where the source allows (writing to it never changes
+                the file). A CUDA tensor is read into pinned buffers and copied as it is read.
 
         Example:
             >>> w = safeckpt.open("friend.pt").tensors()["l1.weight"].load()   # only this tensor is read
+            >>> w = safeckpt.open("model.safetensors").tensors()["lm_head.weight"].load(device="cuda")
         """
-        t = self.loader()
-        if t.dtype != self.dtype or tuple(t.shape) != self.shape:
-            from .errors import CorruptCheckpointError
+        from ._device import as_device, data, wrap
 
-            raise CorruptCheckpointError(
-                f"{self.source}: tensor {self.name!r} declared {self.dtype} {list(self.shape)} "
-                f"but reads as {t.dtype} {list(t.shape)}; the file is damaged"
-            )
-        if self.parameter:
-            return torch.nn.Parameter(t, requires_grad=self.requires_grad)
-        return t.requires_grad_() if self.requires_grad and (t.is_floating_point() or t.is_complex()) else t
+        return wrap(self, data(self, as_device(device)))
 
     def __repr__(self) -> str:
         return f"TensorRef({self.name!r}, {str(self.dtype).removeprefix('torch.')}, {list(self.shape)})"
@@ -331,26 +329,32 @@ class Checkpoint:
             groups.setdefault(ref.alias_key, []).append(name)
         return [g for g in groups.values() if len(g) > 1]
 
-    def to_python(self, subtree: Any = None) -> Any:
-        """Materialize the tree (or ``subtree``, a part of it) as plain Python with CPU tensors.
+    def to_python(self, subtree: Any = None, device: str | torch.device | None = None) -> Any:
+        """Materialize the tree (or ``subtree``, a part of it) as plain Python with tensors on
+        ``device`` (None: the CPU, memory-mapped where the format allows).
 
         Tied tensors come back as one tensor object, as ``torch.load`` gives them.
 
         Example:
             >>> ckpt = safeckpt.open("fabric.ckpt")
             >>> weights = ckpt.to_python(ckpt["model"])   # just the model's entry
+            >>> on_gpu = ckpt.to_python(device="cuda")
         """
-        cache: dict[Hashable, torch.Tensor] = {}
+        from ._device import as_device, preload
+
+        root = self.tree if subtree is None else subtree
+        dev = as_device(device)
+        cache: dict[Hashable, torch.Tensor] = preload(root, dev)
 
         def leaf(_: tuple[Any, ...], x: Any) -> Any:
             if isinstance(x, TensorRef):
                 key = x.alias_key
                 if key not in cache:
-                    cache[key] = x.load()
+                    cache[key] = x.load(dev)
                 return cache[key]
             return x
 
-        return map_leaves(self.tree if subtree is None else subtree, leaf)
+        return map_leaves(root, leaf)
 
     def __repr__(self) -> str:
         refs = self._unique()
