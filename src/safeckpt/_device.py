@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -144,21 +144,24 @@ def split_reads(fill: Sequence[Piece], piece: int) -> list[Piece]:
 
 
 class _Source:
-    """Where one tensor's bytes come from: a span of the file (read with ``preadv``), else the
-    tensor as the format loads it (a map of the file, or a tensor the reader built)."""
+    """Where one tensor's bytes come from: a span of the file (read with ``preadv`` through the
+    descriptor `stage` opened once for that file), else the tensor as the format loads it (a map
+    of the file, or a tensor the reader built)."""
 
-    def __init__(self, ref: TensorRef | torch.Tensor) -> None:
+    def __init__(self, ref: TensorRef | torch.Tensor, files: dict[int, BinaryIO]) -> None:
         self.ref = ref
         self.fd: int | None = None
         self.bytes: torch.Tensor | None = None
         span = ref.span if isinstance(ref, TensorRef) else None
         if span is not None and ref.dtype not in (torch.complex32, torch.complex128):
-            self.file = span.file.open()
-            self.fd, self.base = self.file.fileno(), span.offset
+            key = id(span.file)
+            if key not in files:  # one open (and one identity check) per file, not per tensor
+                files[key] = span.file.open()
+            self.fd, self.base = files[key].fileno(), span.offset
         else:
-            t = checked(ref) if isinstance(ref, TensorRef) else ref
-            if t.layout != torch.strided:
-                t = t.to_dense()  # into a dense destination, as load_state_dict's copy_ would
+            t = ref.loader() if isinstance(ref, TensorRef) else ref
+            if isinstance(ref, TensorRef) and (t.dtype != ref.dtype or tuple(t.shape) != ref.shape):
+                t = ref.load()  # raises the damaged-file error
             self.bytes = _flat_bytes(t.detach().cpu())
 
     def read(self, view: memoryview, buf: torch.Tensor, p: Piece) -> None:
@@ -173,10 +176,6 @@ class _Source:
                 name = self.ref.name if isinstance(self.ref, TensorRef) else "?"
                 raise CorruptCheckpointError(f"{getattr(self.ref, 'source', '?')}: ends inside tensor {name!r}")
             done += n
-
-    def close(self) -> None:
-        if self.fd is not None:
-            self.file.close()
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -219,22 +218,35 @@ def stage(
     total = sum(sizes)
     sync = _sync or (CudaCopier(device) if device.type == "cuda" else Copier())
     size = max(1, min(buffer, total))
-    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=sync.pinned) for _ in range(2)]
-    views = [memoryview(b.numpy()) for b in buffers]  # type: ignore[arg-type]
-    dsts = [_flat_bytes_view(dst) for _, dst in pairs]
-    sources: dict[int, _Source] = {}
+    fills = plan(sizes, size)
     workers = threads or min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(workers) if workers > 1 and total > READ_PIECE else None
+
+    def new_buffer() -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=sync.pinned)
+
+    # Pinning costs about 0.5 ms per MiB the first time in a process: the second buffer is pinned
+    # by a worker while the first fill is read, and only if there is a second fill.
+    buffers: list[Any] = [new_buffer(), None]
+    if len(fills) > 1:
+        buffers[1] = pool.submit(new_buffer) if pool is not None else new_buffer()
+    views: list[memoryview | None] = [memoryview(buffers[0].numpy()), None]
+    dsts = [_flat_bytes_view(dst) for _, dst in pairs]
+    sources: dict[int, _Source] = {}
+    files: dict[int, BinaryIO] = {}
     try:
         sync.start()
-        for n, fill in enumerate(plan(sizes, size)):
+        for n, fill in enumerate(fills):
             b = n % 2
+            if isinstance(buffers[b], Future):
+                buffers[b] = buffers[b].result()
+            view = views[b] = views[b] or memoryview(buffers[b].numpy())
             sync.wait(b)  # this buffer's previous copy is done: it may be overwritten
             for p in fill:
                 if p.index not in sources:
-                    sources[p.index] = _Source(pairs[p.index][0])
+                    sources[p.index] = _Source(pairs[p.index][0], files)
             reads = split_reads(fill, READ_PIECE)
-            read = lambda p, b=b: sources[p.index].read(views[b], buffers[b], p)  # noqa: E731
+            read = lambda p, b=b, view=view: sources[p.index].read(view, buffers[b], p)  # noqa: E731
             if pool is not None and len(reads) > 1:
                 list(pool.map(read, reads))
             else:
@@ -247,8 +259,8 @@ def stage(
         sync.finish()  # also after an error: no copy may still read a buffer once it is freed
         if pool is not None:
             pool.shutdown()
-        for s in sources.values():
-            s.close()
+        for f in files.values():
+            f.close()
 
 
 def _flat_bytes_view(dst: torch.Tensor) -> torch.Tensor:
