@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import safeckpt  # noqa: E402
-from safeckpt import _device  # noqa: E402
-from safeckpt._units import parse_size  # noqa: E402
+import safeckpt
+from safeckpt import _device
+from safeckpt._units import parse_size
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -72,10 +72,10 @@ def main() -> None:
 
     big_pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    line("H2D one copy from pinned memory", timed(lambda: dev.copy_(big_pinned, non_blocking=True), args.repeat))
+    line("H2D one copy from pinned memory", timed(lambda d=dev, b=big_pinned: d.copy_(b, non_blocking=True), args.repeat))
     pageable = torch.empty(nbytes, dtype=torch.uint8)
     pageable.fill_(1)
-    line("H2D one copy from pageable memory", timed(lambda: dev.copy_(pageable), args.repeat))
+    line("H2D one copy from pageable memory", timed(lambda d=dev, p=pageable: d.copy_(p), args.repeat))
     del pageable
 
     fd = os.open(path, os.O_RDONLY)
@@ -91,7 +91,7 @@ def main() -> None:
             list(pool.map(one, range(0, nbytes - piece, piece)))
 
     for threads in (1, 4, 8, 16):
-        line(f"preadv page cache -> pinned, {threads} threads, 4 MiB", timed(lambda: read_all(threads, 4 << 20), args.repeat))
+        line(f"preadv page cache -> pinned, {threads} threads, 4 MiB", timed(lambda n=threads: read_all(n, 4 << 20), args.repeat))
     os.close(fd)
     del big_pinned, dev
 
@@ -106,7 +106,10 @@ def main() -> None:
                 _device.READ_PIECE = piece << 20
                 line(
                     f"stage: buffer {buf} MiB, {threads} threads, pieces {piece} MiB",
-                    timed(lambda: _device.stage(list(zip(refs, outs)), buffer=buf << 20, threads=threads), args.repeat),
+                    timed(
+                        lambda b=buf, n=threads: _device.stage(list(zip(refs, outs, strict=True)), buffer=b << 20, threads=n),
+                        args.repeat,
+                    ),
                 )
     fresh(path, nbytes)
     path.unlink()
