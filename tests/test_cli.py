@@ -621,7 +621,8 @@ def test_every_verb_on_fixture(kind: str, tmp_path: Path) -> None:
     assert tensors == {n: (str(r.dtype).removeprefix("torch."), list(r.shape)) for n, r in ckpt.tensors().items()}
     assert report["totals"]["nbytes"] == ckpt.nbytes
     v = json.loads(verified.stdout)
-    assert verified.returncode == (0 if v["ok"] else 1) and v["format"] == ckpt.format
+    # 3: no problem, but a region without checksums (stock safetensors, legacy torch) was not verified
+    assert verified.returncode == ((0 if v["verified"] else 3) if v["ok"] else 1) and v["format"] == ckpt.format
     assert v["ok"], v["problems"]
     out = tmp_path / "converted.safeckpt"
     converted = run("convert", path, out)

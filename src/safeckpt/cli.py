@@ -1,7 +1,8 @@
 """The ``safeckpt`` command: inspect, convert, verify and diff checkpoints of any format it reads.
 
 Exit codes: 0 ok; 1 a problem found (``verify``), a difference (``diff``) or a converted file that
-does not match its source; 2 a usage error or an input that cannot be read. Errors are one line on
+does not match its source; 2 a usage error or an input that cannot be read; 3 (``verify``) no
+problem found, but part of the file stores no checksum, so it could not be verified. Errors are one line on
 stderr naming the file and the fix (``--debug`` adds the traceback). Progress bars go to stderr,
 only on a terminal and never with ``--quiet``, so stdout pipes cleanly.
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import safeckpt
 
-from . import _hub_cli, codec, formats
+from . import _checks, _hub_cli, codec, formats
 from ._units import format_size, parse_size
 from .compare import Change, compare, leaves, match
 from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
@@ -36,6 +37,7 @@ from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_l
 __all__ = ["VERBS", "Verb", "main"]
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+EXIT_UNVERIFIED = 3  # verify: no problem found, but some of the file had no checksum to check
 
 
 class Found(Exception):
@@ -524,15 +526,16 @@ def _run_verify(args: argparse.Namespace) -> int:
                 bar(ref.nbytes)
         report["tensors_read"] = len(refs) - failed
     check = getattr(fmt, "verify", None)  # the format's own checks: checksums, zip CRCs, ...
-    if check is None:
-        report["checks"] = "none"
-    else:
+    found = []
+    if check is not None:
         try:
             found = list(check(local))
         except CheckpointError as e:
             found = [str(e)]
         problems.extend(found)
-        report["checks"] = "failed" if found else "ok"
+    # what had a checksum to check: a file without any is unverified, never "ok"
+    report["checksums"] = _checks.regions(fmt.NAME, local, found)
+    report["checks"] = _checks.summary(report["checksums"], found)
     if globals_report is not None:
         try:
             report["globals"] = [{"name": str(g), "allowed": bool(ok)} for g, ok in globals_report(local)]
@@ -547,6 +550,8 @@ def _run_verify(args: argparse.Namespace) -> int:
                 )
     report["problems"] = problems = list(dict.fromkeys(problems))  # a format's checks may repeat the reader
     report["ok"] = not problems
+    unverified = [r for r, state in report["checksums"].items() if state == "none"]
+    report["verified"] = not problems and not unverified
     if args.json:
         _print_json(report)
     elif not args.quiet:
@@ -554,7 +559,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"  structure  {report['structure']}")
         if "tensors_read" in report:
             print(f"  tensors    {report['tensors_read']} of {report['tensors']} read")
-        print(f"  checks     {'none in this format' if report['checks'] == 'none' else report['checks']}")
+        print("  checksums  " + ", ".join(f"{r} {state}" for r, state in report["checksums"].items()))
         if report.get("globals") is not None:
             refused = sum(not g["allowed"] for g in report["globals"])
             print(f"  globals    {len(report['globals']) - refused} allowed, {refused} refused")
@@ -564,9 +569,19 @@ def _run_verify(args: argparse.Namespace) -> int:
             print(f"{len(problems)} problem{'s' * (len(problems) != 1)}:")
             for p in problems:
                 print(f"  {p}")
+        elif unverified:
+            what = " and ".join("tensor data" if r == "data" else r for r in unverified)
+            print(
+                f"NOT VERIFIED: no problem found, but the {what} could not be verified: the file stores no "
+                f"checksum for {'it' if len(unverified) == 1 else 'them'}, so damage there would go unnoticed "
+                "(only the structure was checked); compare with the source's published hash, or convert it "
+                "to .safeckpt, which records checksums"
+            )
         else:
-            print("ok")
-    return EXIT_OK if not problems else EXIT_FOUND
+            print("ok: the structure is sound and every checksum matches")
+    if problems:
+        return EXIT_FOUND
+    return EXIT_UNVERIFIED if unverified else EXIT_OK
 
 
 # -- diff -----------------------------------------------------------------------------------------
@@ -737,9 +752,18 @@ examples:
   safeckpt verify friend.pt
   safeckpt verify run.safeckpt --quiet && echo intact
 
-exit codes: 0 no problem; 1 a problem found (corrupt, or a refused global); 2 not a checkpoint.
---json prints {path, format, tensors, nbytes, structure: ok|failed|unsafe, tensors_read, checks: ok|failed|none,
-globals: [{name, allowed}] or absent, problems: [...], ok}.""",
+Checksums are reported per region: header (names, dtypes, shapes, offsets, the skeleton or
+pickle) and data (the tensor bytes), each ok, failed, or none when the file stores no checksum
+for it. Plain safetensors files from other writers and legacy torch files store none: for them
+only the structure is checked, and verify says so (exit 3) instead of calling the data ok.
+
+exit codes: 0 no problem, and every region's checksum matches; 1 a problem found (corrupt, or a
+refused global); 2 not a checkpoint; 3 no problem found, but a region had no checksum to check
+(a script that accepts files without checksums treats 3 like 0).
+--json prints {path, format, tensors, nbytes, structure: ok|failed|unsafe, tensors_read,
+checksums: {header, data: ok|failed|none}, checks: ok|failed|none|partial (all regions together),
+globals: [{name, allowed}] or absent, problems: [...], ok (no problem found), verified (ok, and no
+region unchecked)}.""",
         add_arguments=_verify_args,
         run=_run_verify,
     ),
@@ -790,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="safeckpt",
         description="Inspect, convert, verify and compare checkpoints (torch .pt/.ckpt, safetensors, sharded and DCP directories, .safeckpt) without running pickle.",
-        epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input.\nRun `safeckpt VERB --help` for a verb's options and examples.",
+        epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input,\n3 (verify) no problem found but data without checksums could not be verified.\nRun `safeckpt VERB --help` for a verb's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
