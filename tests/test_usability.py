@@ -90,3 +90,69 @@ def test_verify_torch_files_by_their_zip_crcs(tmp_path: Path, capsys: pytest.Cap
     torch.save({"w": torch.arange(16.0)}, legacy, _use_new_zipfile_serialization=False)
     code, out, _ = main(capsys, "verify", legacy, "--json")
     assert code == 3 and json.loads(out)["checksums"] == {"header": "none", "data": "none"}
+
+
+# -- 2. a value of an unregistered type does not lock the file --------------------------------------
+
+_CHILD = r"""
+import sys, torch, safeckpt
+from safeckpt.user_types import Unregistered
+path, canary = sys.argv[1], sys.argv[2]
+net = torch.nn.Linear(3, 2)
+assert sorted(safeckpt.open(path).tensors()) == ["state_dict/bias", "state_dict/weight"]
+rest = safeckpt.load(path, {"state_dict": net})
+assert torch.equal(net.weight, torch.full((2, 3), 2.0)), "the module loaded"
+record = rest["hyper_parameters"]["cfg"]
+assert isinstance(record, Unregistered) and record.name == "evilcfg17.Config" and record.data == {"lr": 0.5, "depth": 4}
+other = torch.nn.Linear(3, 2)
+safeckpt.load_raw(path, other)
+assert torch.equal(other.bias, torch.full((2,), 2.0)), "load_raw loaded"
+assert safeckpt.load(path)["epoch"] == 1
+try:
+    record.lr
+except AttributeError as e:
+    print("ATTR:", e)
+try:
+    safeckpt.load(path, {"hyper_parameters": {}})
+except safeckpt.UnsafeCheckpointError as e:
+    print("LOAD:", e)
+import os
+print("IMPORTED:", "evilcfg17" in sys.modules, os.path.exists(canary))
+"""
+
+
+def test_an_unregistered_type_is_an_inert_record_in_a_fresh_process(tmp_path: Path) -> None:
+    import dataclasses
+    import subprocess
+    import sys
+
+    from safeckpt.user_types import _unregister
+
+    canary = tmp_path / "canary"
+    (tmp_path / "evilcfg17.py").write_text(f"open({str(canary)!r}, 'w').close()\nclass Config: pass\n")
+
+    @dataclasses.dataclass
+    class Config:
+        lr: float = 0.1
+        depth: int = 2
+
+    safeckpt.register_type(Config, name="evilcfg17.Config")  # a name that is an importable module with a payload
+    try:
+        net = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(net.weight, 2.0)
+        torch.nn.init.constant_(net.bias, 2.0)
+        state = {"state_dict": net, "epoch": 1, "global_step": 3, "hyper_parameters": {"cfg": Config(0.5, 4)}}
+        path = safeckpt.save(tmp_path / "trainer.ckpt", state)
+    finally:
+        _unregister("evilcfg17.Config")
+    p = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(canary)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = dict(line.split(": ", 1) for line in p.stdout.splitlines())
+    assert "has no attribute 'lr'" in lines["ATTR"] and "safeckpt.register_type(evilcfg17.Config)" in lines["ATTR"]
+    assert lines["LOAD"].startswith(f"{path}: state['hyper_parameters']['cfg'] is a value of registered type")
+    assert "safeckpt.register_type(evilcfg17.Config) before loading" in lines["LOAD"]
+    assert lines["IMPORTED"] == "False False" and not canary.exists()

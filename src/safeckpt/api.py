@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats
+from . import codec, formats
 from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
@@ -162,6 +162,11 @@ def load(
     format's own checks (for safeckpt's formats, the header's and every tensor's CRC-32) and raises
     `CorruptCheckpointError` naming each damaged tensor and its place in the tree, before any object changes.
 
+    A value of a registered type this process has not registered (see `safeckpt.register_type`)
+    does not lock the file: it is read as an inert `Unregistered` record (name and data, nothing
+    imported), so every other key loads; loading it into ``state`` raises naming its path and the fix,
+    and in the remainder (or without ``state``) it stays a record whose use raises the same way.
+
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
         For an ``hf://`` path its tensors are lazy `TensorRef`s (``.load()`` downloads their shard).
@@ -190,6 +195,7 @@ def load(
         if isinstance(obj, nn.Module) and isinstance(sd, Mapping):
             sd = st.strip_wrapper_prefix(sd, set(obj.state_dict(keep_vars=True)))
         st.check(obj, sd, strict, f"{path} (key {key!r})")
+        codec.refuse_unbuilt(sd, str(path), (key,))  # a value asked for must be built: name it and the fix
         entries[key] = sd
     for key, obj in targets.items():
         if isinstance(obj, nn.Module):
@@ -249,6 +255,7 @@ def load_raw(
                 "Load it with safeckpt.load(path, {'optimizer': optimizer}) using the key that holds it."
             )
         st.check_optimizer(target, tree, str(path))
+        codec.refuse_unbuilt(tree, str(path))
         st.apply(target, ckpt.to_python(), strict)
     else:
         raise TypeError(
