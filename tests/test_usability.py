@@ -156,3 +156,219 @@ def test_an_unregistered_type_is_an_inert_record_in_a_fresh_process(tmp_path: Pa
     assert lines["LOAD"].startswith(f"{path}: state['hyper_parameters']['cfg'] is a value of registered type")
     assert "safeckpt.register_type(evilcfg17.Config) before loading" in lines["LOAD"]
     assert lines["IMPORTED"] == "False False" and not canary.exists()
+
+
+# -- 5. one naming rule for Python and the command ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.pth", "x.bin", "out.xyz"])
+def test_a_name_that_would_misname_the_format_is_refused(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = {"w": torch.ones(2), "step": 1}
+    with pytest.raises(ValueError) as info:
+        safeckpt.save(tmp_path / name, state)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / name}: the {Path(name).suffix} extension")
+    assert 'format="torch"' in message and 'format="safeckpt"' in message
+    assert list(tmp_path.iterdir()) == []
+    src = safeckpt.save(tmp_path / "src.safeckpt", state)
+    with pytest.raises(ValueError, match='format="torch"'):
+        safeckpt.convert(src, tmp_path / name)
+    code, _, err = main(capsys, "convert", src, tmp_path / name)
+    assert code == 2 and "--format torch" in err and "--format safeckpt" in err and not (tmp_path / name).exists()
+    # asked for by name, both are written: an export torch.load reads, or the native format
+    safeckpt.save(tmp_path / name, state, format="safeckpt")
+    assert safeckpt.open(tmp_path / name).format == "safeckpt"
+    if name != "out.xyz":
+        safeckpt.save(tmp_path / ("t" + name), state, format="torch")
+        assert torch.load(tmp_path / ("t" + name), weights_only=True)["step"] == 1  # our own export
+
+
+@pytest.mark.parametrize("name", ["last.ckpt", "run.safeckpt", "step-100", "w.safetensors"])
+def test_native_names_need_no_format(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    written = safeckpt.save(tmp_path / name, {"w": torch.ones(2)})
+    assert safeckpt.open(written).format == ("safetensors" if name.endswith(".safetensors") else "safeckpt")
+    code, out, err = main(capsys, "convert", written, tmp_path / ("c-" + name))
+    assert code == 0, err
+
+
+# -- 3. global flags before or after the verb --------------------------------------------------------
+
+
+def test_quiet_and_debug_work_before_and_after_the_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = safeckpt.save(tmp_path / "run.safeckpt", {"w": torch.ones(2)})
+    loud = main(capsys, "verify", path)
+    assert loud[0] == 0 and loud[1]
+    for args in (["-q", "verify", path], ["verify", "-q", path], ["--quiet", "verify", path], ["verify", path, "-q"]):
+        assert main(capsys, *args) == (0, "", ""), args
+    missing = tmp_path / "absent.safeckpt"
+    for args in (["--debug", "inspect", missing], ["inspect", missing, "--debug"]):
+        code, _, err = main(capsys, *args)
+        assert code == 2 and "Traceback" in err and "FileNotFoundError" in err, args
+    code, _, err = main(capsys, "inspect", missing)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- 4. every --json error is one JSON object on stdout ----------------------------------------------
+
+
+def test_json_errors_are_one_object_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = safeckpt.save(tmp_path / "run.safeckpt", {"w": torch.arange(8.0)})
+    missing = tmp_path / "absent.safeckpt"
+    cases = [
+        (["inspect", missing], 2, str(missing)),
+        (["verify", missing], 2, str(missing)),
+        (["diff", good, missing], 2, str(missing)),
+        (["convert", missing, tmp_path / "o.safeckpt"], 2, str(missing)),
+        (["convert", good, good], 2, None),  # exists: --force
+        (["convert", good, tmp_path / "o.pt"], 2, None),  # the naming rule
+        (["inspect", good, "--depth", "0"], 2, None),  # an argument error
+    ]
+    for args, code, path in cases:
+        plain_code, plain_out, plain_err = main(capsys, *args)
+        json_code, out, err = main(capsys, *args, "--json")
+        assert plain_code == json_code == code, (args, plain_err)
+        assert plain_out == "" and err.strip() == plain_err.strip(), args  # stderr keeps its one line
+        report = json.loads(out)  # one object, nothing else on stdout
+        assert set(report) == {"error", "path", "hint"} and report["error"], (args, report)
+        assert report["path"] == path, (args, report)
+        assert f"{report['error']}; {report['hint']}" in err or report["error"] in err, (args, report, err)
+    _, out, _ = main(capsys, "inspect", missing, "--json")
+    assert json.loads(out)["hint"] == "check the path"
+
+
+# -- 7. --version, --help and argument errors never import torch; Ctrl-C is one line and 130 ----------
+
+_BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by a command that must not need it")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+_SLOW_TORCH = """
+import os, sys, time
+class _SlowTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            open(os.environ["TORCH_IMPORT_MARK"], "w").close()  # the test sends SIGINT now
+            time.sleep(30)
+        return None
+sys.meta_path.insert(0, _SlowTorch())
+"""
+
+
+def _command(tmp_path: Path, site: str, *args: Any, **kw: Any) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "site").mkdir(exist_ok=True)
+    (tmp_path / "site" / "sitecustomize.py").write_text(site)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), **kw.pop("env", {})}
+    argv = [sys.executable, "-m", "safeckpt", *map(str, args)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_version_help_and_argument_errors_never_import_torch(tmp_path: Path) -> None:
+    cases = [
+        (["--version"], 0, f"safeckpt {safeckpt.__version__}"),
+        (["--help"], 0, "exit codes"),
+        (["verify", "--help"], 0, "examples:"),
+        (["push", "--help"], 0, "usage: safeckpt push"),
+        (["inspect"], 2, "the following arguments are required: path"),
+        (["inspect", "x", "--depth", "0"], 2, "expected a positive whole number"),
+        (["bogus"], 2, "invalid choice"),
+        (["-q", "convert", "a", "b", "--json", "--max-shard-size"], 2, "expected one argument"),
+    ]
+    for args, code, text in cases:
+        p = _command(tmp_path, _BLOCK_TORCH, *args)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == code, (args, err)
+        assert text in out + err and "torch imported" not in err and "Traceback" not in err, (args, out, err)
+    # the blocker has teeth: a verb that reads a file does need torch
+    p = _command(tmp_path, _BLOCK_TORCH, "inspect", FIXTURES / "hf" / "plain.safetensors")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "torch imported by a command that must not need it" in err
+
+
+def test_ctrl_c_during_the_torch_import_is_one_line_and_130(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    mark = tmp_path / "importing-torch"
+    p = _command(
+        tmp_path, _SLOW_TORCH, "inspect", FIXTURES / "hf" / "plain.safetensors", env={"TORCH_IMPORT_MARK": str(mark)}
+    )
+    deadline = time.monotonic() + 60
+    while not mark.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mark.exists(), p.communicate()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "" and err == "safeckpt inspect: interrupted\n", err
+
+
+# -- 6. Python convert() and `safeckpt convert` share their defaults -----------------------------------
+
+
+def test_convert_defaults_are_the_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safeckpt.formats._safetensors as st
+    from safeckpt.errors import CorruptCheckpointError
+
+    src = safeckpt.save(tmp_path / "src.safeckpt", {"w": torch.arange(8.0), "step": 2})
+    dst = tmp_path / "dst.safeckpt"
+    safeckpt.save(dst, {"old": torch.zeros(1)})
+    before = dst.read_bytes()
+    with pytest.raises(FileExistsError, match=r"dst\.safeckpt already exists; pass overwrite=True"):
+        safeckpt.convert(src, dst)
+    code, _, err = main(capsys, "convert", src, dst)
+    assert code == 2 and "already exists; pass --force" in err
+    assert dst.read_bytes() == before  # neither touched it
+    assert safeckpt.convert(src, dst, overwrite=True) == dst and sorted(safeckpt.load(dst)) == ["step", "w"]
+    # the read-back check is on by default: a writer that damages a tensor is caught
+    original = st.tensor_bytes
+
+    def flipped(t: Any) -> memoryview:
+        data = bytearray(original(t))
+        if data:
+            data[0] ^= 0xFF
+        return memoryview(bytes(data))
+
+    monkeypatch.setattr(st, "tensor_bytes", flipped)
+    count = {"progress": lambda n: None}  # tensors read and written, not copied byte for byte (which this fault misses)
+    with pytest.raises(CorruptCheckpointError, match="does not match"):
+        safeckpt.convert(src, tmp_path / "checked.safeckpt", **count)
+    safeckpt.convert(src, tmp_path / "unchecked.safeckpt", verify=False, **count)  # asked not to: written as is
+    code, _, err = main(capsys, "convert", src, tmp_path / "cli.safeckpt")
+    assert code == 1 and "does not match" in err
+
+
+def test_sharded_convert_into_a_directory_of_other_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = safeckpt.save(tmp_path / "src.safeckpt", {"a": torch.arange(64.0), "b": torch.arange(64.0) + 1})
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    code, _, err = main(capsys, "convert", src, notes, "--max-shard-size", "300", "--force")
+    assert code == 2 and "holding files that are not a checkpoint" in err
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+    with pytest.raises(FileExistsError, match="choose a new or empty directory"):
+        safeckpt.convert(src, notes, max_shard_size=300, overwrite=True)
+    # a sharded checkpoint of the same format is replaced whole: no old shard stays beside the new set
+    shards = tmp_path / "shards"
+    code, _, err = main(capsys, "convert", src, shards, "--max-shard-size", "300")
+    assert code == 0, err
+    small = safeckpt.save(tmp_path / "small.safeckpt", {"a": torch.ones(2)})
+    code, _, err = main(capsys, "convert", small, shards, "--max-shard-size", "300", "--force")
+    assert code == 0, err
+    assert sorted(safeckpt.load(shards)) == ["a"] and safeckpt.open(shards).format == "safeckpt-sharded"
+    code, out, _ = main(capsys, "verify", shards, "--json")
+    assert code == 0 and json.loads(out)["ok"]

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from . import hub
 from .errors import HubNotFoundError
 
 PUSH_HELP = "upload a checkpoint to the Hugging Face Hub"
@@ -70,6 +69,8 @@ def run_push(args: argparse.Namespace) -> int:
         $ safeckpt push fabric.ckpt me/run1
         hf://me/run1@3f2c.../fabric.safeckpt
     """
+    from . import hub  # imports torch: only when the verb runs
+
     _bars(args)
     uri = hub.push_to_hub(
         args.src,
@@ -113,6 +114,8 @@ def run_pull(args: argparse.Namespace) -> int:
         $ safeckpt pull hf://me/run1@v1/checkpoint
         /home/me/.cache/huggingface/hub/models--me--run1/snapshots/3f2c.../checkpoint
     """
+    from . import hub  # imports torch: only when the verb runs
+
     _bars(args)
     repo_id, revision, filename, folder = args.repo, args.revision, args.filename, None
     if repo_id.startswith("hf://"):

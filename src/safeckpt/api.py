@@ -91,7 +91,9 @@ def save(
         filter: ``{key: fn(name, value) -> bool}`` keeps only the items of ``state[key]``'s state dict
             that ``fn`` accepts; a key whose filter keeps nothing is left out.
         format: ``"safeckpt"`` (the default), ``"safetensors"`` (tensors only), ``"torch"`` (export).
-            Without it, a ``.safetensors`` path holding only tensors is written as plain safetensors.
+            Without it, a ``.safetensors`` path holding only tensors is written as plain safetensors,
+            ``.safeckpt``, ``.ckpt`` or no extension natively; ``.pt``/``.pth``/``.bin`` or an
+            extension of no format is refused (`check_name`): say ``format="torch"`` or ``"safeckpt"``.
         max_shard_size: write a sharded directory with shards of at most this size ("2GB" or bytes).
 
     Example:
@@ -123,7 +125,44 @@ def _across_ranks(state: Any, format: str | None = None) -> bool:
     return (format == "safeckpt-sharded" and several) or distributed.holds_dtensors(state)
 
 
+# Names the native format takes without format=: its own, Lightning's (.ckpt: Fabric writes any
+# name, and the plugin's is .ckpt) and none at all. A torch extension would promise torch.load a
+# file it cannot read, and an extension of no format says nothing: both need format=.
+_NATIVE_SUFFIXES = ("", ".safeckpt", ".ckpt")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def check_name(path: PathLike, format: str | None = None, max_shard_size: int | str | None = None) -> None:
+    """Refuse a file name whose extension would misname the format written without ``format=``.
+
+    ``.safeckpt``, ``.ckpt``, ``.safetensors`` and a name without extension are written natively (or
+    as plain safetensors); ``.pt``/``.pth``/``.bin`` and any extension of no format need ``format=``
+    (``"torch"`` to export a ``torch.save`` file, ``"safeckpt"`` for the native format under that
+    name). A sharded save (``max_shard_size``) writes a directory: any name goes.
+
+    Example:
+        >>> check_name("model.pt")
+        Traceback (most recent call last):
+        ValueError: model.pt: the .pt extension is torch.save's, but without format= ...
+    """
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if format is not None or max_shard_size is not None or suffix in (*_NATIVE_SUFFIXES, ".safetensors"):
+        return
+    what = (
+        f"the {suffix} extension is torch.save's, but without format= safeckpt writes its own format, which "
+        "torch.load cannot read"
+        if suffix in _TORCH_SUFFIXES
+        else f"the {suffix} extension belongs to no checkpoint format, so the name would not say what the file is"
+    )
+    raise ValueError(
+        f"{os.fspath(path)}: {what}; pass format=\"torch\" to export a torch.save file (pickle) that torch.load "
+        f"reads, or format=\"safeckpt\" to write the native format under this name, or name the file "
+        ".safeckpt (or .ckpt, .safetensors)"
+    )
+
+
 def _writer(path: Path, format: str | None, max_shard_size: int | str | None, tree: Any) -> tuple[Any, dict[str, Any]]:
+    check_name(path, format, max_shard_size)
     opts: dict[str, Any] = {}
     if max_shard_size is not None:
         opts["max_shard_size"] = max_shard_size
@@ -285,10 +324,14 @@ def convert(
     max_shard_size: int | str | None = None,
     key: Any = None,
     allow: Iterable[str] = (),
-    verify: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
+
+    The defaults are the ``safeckpt convert`` command's: the result is read back and compared with
+    the source, and an existing ``dst`` is refused unless ``overwrite=True`` (``--force``).
 
     Args:
         src: any file, directory or ``hf://`` URI the registry reads.
@@ -300,7 +343,12 @@ def convert(
         key: convert only this top-level entry (e.g. ``"model"`` or a Trainer's ``"state_dict"``).
         allow: extra pickle globals to admit when reading a pickle-based ``src`` (see `open`).
         verify: read the written checkpoint back and compare it with the source: every tensor by
-            bytes, every value by type and value; a mismatch raises `CorruptCheckpointError`.
+            bytes, every value by type and value; a mismatch raises `CorruptCheckpointError`
+            (default on; ``False`` skips the second read).
+        overwrite: replace an existing ``dst`` (atomically); without it an existing ``dst`` raises
+            `FileExistsError` before anything is read. A directory is replaced only when it holds a
+            checkpoint of the format written (other files there, such as an HF folder's
+            ``config.json``, stay); any other non-empty directory is refused.
         progress: called with a byte count as each source tensor is read (for a progress bar);
             during verification, again as each tensor pair is compared.
 
@@ -308,6 +356,11 @@ def convert(
         >>> safeckpt.convert("friend.pt", "friend.safetensors", verify=True)
         PosixPath('friend.safetensors')
     """
+    check_name(dst, format, max_shard_size)
+    if not overwrite and (Path(os.fspath(dst)).exists() or Path(os.fspath(dst)).is_symlink()):
+        raise FileExistsError(
+            f"{os.fspath(dst)} already exists; pass overwrite=True to replace it, or choose another destination"
+        )
     ckpt = open(src, allow=allow)
     tree = ckpt.tree
     if key is not None:
@@ -319,6 +372,7 @@ def convert(
         tree = _filter_tensors(tree, filter)
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
     fmt, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
+    _replaceable(Path(os.fspath(dst)), fmt.NAME)
     written = fmt.write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
     if verify:
         from .compare import compare
@@ -331,6 +385,23 @@ def convert(
                 "report this with both files"
             )
     return written
+
+
+def _replaceable(dst: Path, fmt_name: str) -> None:
+    """Refuse to write into a non-empty directory that is not a checkpoint of the format written:
+    the writer replaces its own set of files and would leave everything else beside the new one."""
+    if not dst.is_dir() or dst.is_symlink() or not any(dst.iterdir()):
+        return
+    try:
+        existing: str | None = formats.detect(dst).NAME
+    except Exception:
+        existing = None
+    if existing != fmt_name:
+        held = f"a {existing} checkpoint" if existing else "files that are not a checkpoint"
+        raise FileExistsError(
+            f"{dst} is a directory holding {held}; writing a {fmt_name} checkpoint there would leave them beside "
+            f"it: choose a new or empty directory (or remove it first)"
+        )
 
 
 def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:

@@ -24,15 +24,46 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safeckpt
+import safeckpt  # light: its API is imported on first use
 
-from . import _checks, _hub_cli, codec, formats
+from . import _checks, _hub_cli, formats
 from ._units import format_size, parse_size
-from .compare import Change, compare, leaves, match
 from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
-from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
+
+if TYPE_CHECKING:
+    from . import codec
+    from .compare import Change, compare, leaves, match
+    from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
+
+
+def _import_torch_side() -> None:
+    """Bind the names the verbs use from the modules that import torch (about 2 s), once, when a
+    verb runs: ``--help``, ``--version`` and argument errors never import torch."""
+    if "TensorRef" in globals():
+        return
+    from . import codec as codec_module
+    from . import compare as compare_module
+    from . import tree as tree_module
+
+    names = {"codec": codec_module}
+    names.update({n: getattr(compare_module, n) for n in ("Change", "compare", "leaves", "match")})
+    tree_names = ("AttributeDict", "Checkpoint", "TensorRef", "describe", "inline", "iter_leaves", "path_name")
+    names.update({n: getattr(tree_module, n) for n in tree_names})
+    globals().update(names)
+
+
+def _with_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A verb's body, run after `_import_torch_side`."""
+
+    def verb(args: argparse.Namespace) -> int:
+        _import_torch_side()
+        return run(args)
+
+    verb.__doc__, verb.__name__ = run.__doc__, run.__name__
+    return verb
+
 
 __all__ = ["VERBS", "Verb", "main"]
 
@@ -416,16 +447,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         formats.get(args.format)  # unknown name -> ValueError listing the known ones (exit 2)
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
     dst = Path(args.dst)
-    if (dst.exists() or dst.is_symlink()) and not args.force:
+    if (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
         raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
-    if args.format is None and max_shard is None:
-        # Without --format the safe formats are written; a .pt name would then hold a .safeckpt file.
-        owners = [n for n in formats.names() if dst.suffix.lower() in formats.get(n).EXTENSIONS]
-        if owners and not {"safeckpt", "safetensors"} & set(owners):
-            raise Usage(
-                f"{dst}: the {dst.suffix} extension means format {owners[0]!r}, which is written only when asked: "
-                f"pass --format {owners[0]}, or name the output .safetensors or .safeckpt"
-            )
+    from .api import check_name
+
+    try:  # the naming rule of safeckpt.save/convert, checked before the source is read
+        check_name(dst, args.format, max_shard)
+    except ValueError as e:
+        raise Usage(str(e)) from None
     ckpt = _open(args.src, args)
     tree = ckpt.tree
     key = None
@@ -453,7 +482,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         try:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
-                allow=args.allow, verify=not args.no_verify, progress=bar,
+                allow=args.allow, verify=not args.no_verify, overwrite=args.force, progress=bar,
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
@@ -719,7 +748,7 @@ by_dtype: {dtype: {tensors, nbytes, numel}}}; tied and shared: lists of path gro
 metadata, info, lightning (null unless a Trainer checkpoint) and weights_key (the entry
 holding a wrapped checkpoint's weights, or null). Non-finite floats print as "nan"/"inf".""",
         add_arguments=_inspect_args,
-        run=_run_inspect,
+        run=_with_torch(_run_inspect),
     ),
     "convert": Verb(
         help="convert a checkpoint to another format, verified",
@@ -727,7 +756,9 @@ holding a wrapped checkpoint's weights, or null). Non-finite floats print as "na
 Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor,
 then read the result back and check every tensor (by bytes) and every value against the source.
 The output format is --format, else DST's extension: .safetensors for tensors only gives plain
-safetensors; anything else the native .safeckpt format. --max-shard-size writes a directory.
+safetensors; .safeckpt, .ckpt or no extension the native format; .pt/.pth/.bin or an extension of
+no format needs --format (torch to export, safeckpt for the native format under that name), as
+safeckpt.save does. --max-shard-size writes a directory.
 
 examples:
   safeckpt convert friend.pt friend.safetensors
@@ -739,7 +770,7 @@ exit codes: 0 written and verified; 1 the source's data is damaged or the writte
 match it; 2 bad arguments, an unreadable source, or DST exists (use --force).
 --json prints {src, dst, format, tensors, nbytes, file_bytes, verified}.""",
         add_arguments=_convert_args,
-        run=_run_convert,
+        run=_with_torch(_run_convert),
     ),
     "verify": Verb(
         help="check a checkpoint's integrity and, for pickles, its safety",
@@ -765,7 +796,7 @@ checksums: {header, data: ok|failed|none}, checks: ok|failed|none|partial (all r
 globals: [{name, allowed}] or absent, problems: [...], ok (no problem found), verified (ok, and no
 region unchecked)}.""",
         add_arguments=_verify_args,
-        run=_run_verify,
+        run=_with_torch(_run_verify),
     ),
     "diff": Verb(
         help="compare two checkpoints, across formats",
@@ -785,41 +816,66 @@ exit codes: 0 equal; 1 different; 2 an input cannot be read.
 changed: [{path, path_b (when b names it differently, e.g. model.w for model/w), kind: tensor|value|type,
 a, b, max_abs_diff}]}; leaves as in inspect --json.""",
         add_arguments=_diff_args,
-        run=_run_diff,
+        run=_with_torch(_run_diff),
     ),
-    "push": Verb(_hub_cli.PUSH_HELP, _hub_cli.PUSH_DESCRIPTION, _hub_cli.push_args, _hub_cli.run_push),
-    "pull": Verb(_hub_cli.PULL_HELP, _hub_cli.PULL_DESCRIPTION, _hub_cli.pull_args, _hub_cli.run_pull),
+    "push": Verb(_hub_cli.PUSH_HELP, _hub_cli.PUSH_DESCRIPTION, _hub_cli.push_args, _with_torch(_hub_cli.run_push)),
+    "pull": Verb(_hub_cli.PULL_HELP, _hub_cli.PULL_DESCRIPTION, _hub_cli.pull_args, _with_torch(_hub_cli.run_pull)),
 }
+
+
+_JSON_ERRORS = [False]  # set by `main` when the command line asks for --json: errors go to stdout as JSON too
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, like every other error, and where to look
+        if _JSON_ERRORS[0]:
+            _print_error_json(message, None, f"see `{self.prog} --help`")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every verb in `VERBS`."""
-    common = _Parser(add_help=False)
-    # SUPPRESS: a flag given before the verb is not reset by the verb's own default
-    common.add_argument(
+def _print_error_json(error: str, path: str | None, hint: str | None) -> None:
+    """An error as the one JSON object a ``--json`` caller parses from stdout."""
+    print(json.dumps({"error": error, "path": path, "hint": hint}, ensure_ascii=False), flush=True)
+
+
+def _error_fields(e: BaseException, line: str) -> tuple[str, str | None, str | None]:
+    """(error, path, hint) of an error line from `_fix`: the hint is what follows its first '; '."""
+    path = getattr(e, "safeckpt_path", None)
+    if path is None and isinstance(e, OSError) and e.filename is not None:
+        path = e.filename
+    error, _, hint = line.partition("; ")
+    return error, None if path is None else str(path), hint or None
+
+
+def _global_flags() -> _Parser:
+    """``-q``/``--debug``, accepted before and after the verb. SUPPRESS: a flag given before the
+    verb is not reset by the verb's default. A fresh parser each call: ``parents=`` shares action
+    objects, so one copy for the top parser and one for the verbs keeps the top's ``set_defaults``
+    from becoming the verbs' default (which silently dropped ``safeckpt -q verify``)."""
+    flags = _Parser(add_help=False)
+    flags.add_argument(
         "-q",
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
         help="no progress bar and no report (--json still prints); errors still go to stderr; the exit code tells",
     )
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
+    flags.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb in `VERBS`."""
     parser = _Parser(
         prog="safeckpt",
         description="Inspect, convert, verify and compare checkpoints (torch .pt/.ckpt, safetensors, sharded and DCP directories, .safeckpt) without running pickle.",
         epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input,\n3 (verify) no problem found but data without checksums could not be verified.\nRun `safeckpt VERB --help` for a verb's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
+        parents=[_global_flags()],
     )
     parser.add_argument("--version", action="version", version=f"safeckpt {safeckpt.__version__}")
-    parser.set_defaults(quiet=False, debug=False)
+    parser.set_defaults(quiet=False, debug=False)  # on the top parser's own copy of the flags (see _global_flags)
+    common = _global_flags()
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for name, verb in VERBS.items():
         p = sub.add_parser(
@@ -841,6 +897,7 @@ def _fix(e: BaseException) -> str:
         where = where or e.filename
         msg = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, (FileNotFoundError, PermissionError)) else msg
     msg = msg.replace("pass max_shard_size=", "pass --max-shard-size").rstrip(".")  # the API's words, in the CLI's
+    msg = msg.replace('format="torch"', "--format torch").replace('format="safeckpt"', "--format safeckpt")
     if isinstance(e, HubError):
         pass  # already names the repo and the fix
     elif isinstance(e, FileNotFoundError):
@@ -877,26 +934,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["verify", "run.safeckpt", "--quiet"])
         0
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.verb is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _JSON_ERRORS[0] = "--json" in argv
+    verb = "safeckpt"
+    try:  # Ctrl-C anywhere (the torch import included) is one line and 130, never a traceback
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, an argument error: the code, for callers in-process too
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        if args.verb is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        verb = f"safeckpt {args.verb}"
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _JSON_ERRORS[0] = False
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        _import_torch_side()
         with codec.keep_unregistered():  # the command imports no user code: registered types stay data
             code = VERBS[args.verb].run(args)
         sys.stdout.flush()
         return code
-    except KeyboardInterrupt:
-        print(f"safeckpt {args.verb}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        print(f"safeckpt {args.verb}: error: {_fix(e)}", file=sys.stderr)
+        line = _fix(e)
+        if getattr(args, "json", False):
+            _print_error_json(*_error_fields(e, line))
+        print(f"safeckpt {args.verb}: error: {line}", file=sys.stderr)
         return EXIT_FOUND if isinstance(e, Found) else EXIT_USAGE
 
 
