@@ -279,7 +279,7 @@ def test_version_help_and_argument_errors_never_import_torch(tmp_path: Path) -> 
         (["--version"], 0, f"safeckpt {safeckpt.__version__}"),
         (["--help"], 0, "exit codes"),
         (["verify", "--help"], 0, "examples:"),
-        (["push", "--help"], 0, "usage: safeckpt push"),
+        (["push", "--help"], 0, "--commit-message"),
         (["inspect"], 2, "the following arguments are required: path"),
         (["inspect", "x", "--depth", "0"], 2, "expected a positive whole number"),
         (["bogus"], 2, "invalid choice"),
