@@ -473,7 +473,7 @@ def test_missing_file_directory_and_unknown_inputs(files: dict[str, Path], tmp_p
     p = run("verify", junk)
     assert p.returncode == 2 and str(junk) in error_line(p) and "safetensors" in error_line(p)
     p = run("convert", files["run"], tmp_path / "o.bin", "--format", "bogus")
-    assert p.returncode == 2 and "unknown format 'bogus'" in error_line(p) and "safeckpt" in error_line(p)
+    assert p.returncode == 2 and "invalid choice: 'bogus'" in error_line(p) and "'safeckpt'" in error_line(p)
     p = run("inspect", files["run"], "--depth", "zero")
     assert p.returncode == 2 and "--depth" in error_line(p)
     debug = run("inspect", missing, "--debug")

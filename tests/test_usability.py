@@ -372,3 +372,109 @@ def test_sharded_convert_into_a_directory_of_other_files_is_refused(
     assert sorted(safeckpt.load(shards)) == ["a"] and safeckpt.open(shards).format == "safeckpt-sharded"
     code, out, _ = main(capsys, "verify", shards, "--json")
     assert code == 0 and json.loads(out)["ok"]
+
+
+# -- 8. the small things -------------------------------------------------------------------------------
+
+
+def test_star_import_does_not_shadow_the_builtin_open() -> None:
+    namespace: dict[str, Any] = {}
+    exec("from safeckpt import *", namespace)
+    assert "open" not in namespace and "save" in namespace and "load" in namespace
+    assert callable(safeckpt.open) and safeckpt.open is not open  # still there, by its qualified name
+    assert set(safeckpt.__all__) <= set(dir(safeckpt))
+
+
+def test_convert_offers_only_writable_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safeckpt import formats
+
+    assert formats.writable() == cli._WRITABLE  # a new read-only format must be added to cli._READ_ONLY
+    code, out, _ = main(capsys, "convert", "--help")
+    assert code == 0 and "dcp" not in out and ", ".join(formats.writable()) in " ".join(out.split())
+    src = safeckpt.save(tmp_path / "a.safeckpt", {"w": torch.ones(2)})
+    code, _, err = main(capsys, "convert", src, tmp_path / "d", "--format", "dcp")
+    assert code == 2 and "invalid choice: 'dcp'" in err and not (tmp_path / "d").exists()
+
+
+def test_inspect_parameters_line_follows_the_selection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    path = safeckpt.save(tmp_path / "run.safeckpt", {"model": model, "optimizer": opt, "step": 1})
+
+    def parameters(*args: str) -> str:
+        code, out, _ = main(capsys, "inspect", path, *args)
+        assert code == 0
+        return next(line for line in out.splitlines() if line.startswith("parameters:"))
+
+    assert parameters() == "parameters: 20 in 'model' (62 elements in all tensors)"
+    assert parameters("--include", "model/*") == "parameters: 20 in 'model' (20 elements in the selected tensors)"
+    assert parameters("--include", "optimizer/*") == (
+        "parameters: none selected (the weights are in 'model'; 42 elements in the selected tensors)"
+    )
+
+
+def test_convert_progress_bars_are_each_the_size_of_their_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    import tqdm
+
+    bars: list[dict[str, Any]] = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str, **_: Any) -> None:
+            self.record = {"desc": desc, "total": total, "done": 0}
+            bars.append(self.record)
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            self.record["closed"] = True
+
+        def update(self, n: int) -> None:
+            self.record["done"] += n
+
+    src = safeckpt.save(tmp_path / "a.safeckpt", {"w": torch.ones(1000), "v": torch.zeros(500)})
+    size = 1500 * 4
+    capsys.readouterr()
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.main(["convert", str(src), str(tmp_path / "b.safeckpt")]) == 0
+    assert bars == [
+        {"desc": "converting", "total": size, "done": size, "closed": True},
+        {"desc": "verifying", "total": size, "done": size, "closed": True},
+    ]
+
+
+def test_a_failed_first_save_does_not_claim_a_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    existing = safeckpt.save(tmp_path / "old.safeckpt", {"w": torch.ones(2)})
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as first:
+        safeckpt.save(tmp_path / "new.safeckpt", {"w": torch.ones(2)})
+    assert "the disk is full" in str(first.value) and "no file was left there" in str(first.value)
+    assert "previous" not in str(first.value) and not (tmp_path / "new.safeckpt").exists()
+    with pytest.raises(OSError) as again:
+        safeckpt.save(existing, {"w": torch.zeros(2)})
+    assert "the previous file there is untouched" in str(again.value)
+
+
+def test_the_wrote_line_names_the_destination_as_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = safeckpt.save(tmp_path / "a.safeckpt", {"w": torch.ones(2)})
+    monkeypatch.chdir(tmp_path)
+    for dst in ("b.safeckpt", "out/c.safetensors", str(tmp_path / "d.safeckpt")):
+        code, out, err = main(capsys, "convert", src, dst)
+        assert code == 0 and out.startswith(f"wrote {dst} ("), (out, err)
+        code, out, err = main(capsys, "convert", src, dst, "--force", "--json")
+        assert code == 0 and json.loads(out)["dst"] == dst, err

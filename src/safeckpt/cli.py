@@ -13,6 +13,7 @@ Adding a verb is one entry in `VERBS`: a `Verb` with its help, an ``add_argument
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -188,6 +189,33 @@ def _progress(args: argparse.Namespace, total: int, desc: str) -> Iterator[Calla
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False, file=sys.stderr
     ) as bar:
         yield bar.update
+
+
+@contextmanager
+def _phased_progress(args: argparse.Namespace, phases: list[tuple[int, str]]) -> Iterator[Callable[[int], None]]:
+    """One byte-count callback over passes run one after the other (``[(total, desc), ...]``): a
+    bar per pass, each with its own total; bytes past a pass's total go to the next one."""
+    totals = [total for total, _ in phases]
+    descs = [desc for _, desc in phases]
+    stack = contextlib.ExitStack()
+    bar: list[Callable[[int], None]] = []  # the open pass's bar, if any
+
+    def advance(n: int) -> None:
+        while n > 0 and totals:
+            if not bar:
+                bar.append(stack.enter_context(_progress(args, totals[0], descs[0])))
+            used = min(n, totals[0])
+            bar[0](used)
+            totals[0] -= used
+            n -= used
+            if totals[0] <= 0:  # this pass is done: close its bar, the next bytes open the next one
+                totals.pop(0)
+                descs.pop(0)
+                bar.clear()
+                stack.close()
+
+    with stack:
+        yield advance
 
 
 def _jsonable(x: Any) -> Any:
@@ -389,8 +417,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     )
     names = f" ({t['names']} names)" if t["names"] != t["tensors"] else ""
     print(f"tensors:    {t['tensors']}{names}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
-    where = f" in {report['weights_key']!r}" if report["weights_key"] is not None else ""
-    print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements in all tensors)")
+    selected = bool(args.include or args.exclude)
+    in_all = "in the selected tensors" if selected else "in all tensors"
+    weights = report["weights_key"]
+    if weights is not None and not (isinstance(tree, dict) and weights in tree):
+        # the selection leaves out the weights entry: no parameter was counted, say where they are
+        print(f"parameters: none selected (the weights are in {weights!r}; {t['numel']:,} elements {in_all})")
+    else:
+        where = f" in {weights!r}" if weights is not None else ""
+        print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements {in_all})")
 
     def short(name: str) -> str:  # --json has the full names; a callback's state key can run to 200 characters
         return "/".join(
@@ -426,11 +461,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # -- convert --------------------------------------------------------------------------------------
 
 
+# The formats `--format` offers: every registered one but those only read (a test checks this list
+# against formats.writable(), which imports every format module to ask).
+_READ_ONLY = ("dcp",)
+_WRITABLE = [n for n in formats.names() if n not in _READ_ONLY]
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="any checkpoint safeckpt reads (file, directory or hf://repo/file)")
     p.add_argument("dst", help="where to write; the format comes from --format, else the extension")
     # names only: importing every format module to list the writable ones would slow every command
-    p.add_argument("--format", metavar="NAME", help="output format, where writable: " + ", ".join(formats.names()))
+    p.add_argument(
+        "--format",
+        metavar="NAME",
+        choices=_WRITABLE,
+        help="output format (default: from DST's extension): " + ", ".join(_WRITABLE),
+    )
     p.add_argument(
         "--max-shard-size", metavar="SIZE", help="write a sharded directory with shards of at most SIZE (e.g. 5GB)"
     )
@@ -474,11 +520,13 @@ def _run_convert(args: argparse.Namespace) -> int:
                 f"{args.src}: no tensor matches --include {args.include} --exclude {args.exclude}; see the paths with `safeckpt inspect {args.src}`"
             )
         tree = {} if pruned is _DROP else pruned
-    # the writer reads each distinct tensor once; verification compares every name (tied ones too)
-    total = sum(r.nbytes for r in _unique(tree).values())
-    total += 0 if args.no_verify else sum(x.nbytes for _, x in iter_leaves(tree) if isinstance(x, TensorRef))
+    # the writer reads each distinct tensor once; verification compares every name (tied ones too):
+    # two bars, each the size of its own pass, not one bar twice the file
+    phases = [(sum(r.nbytes for r in _unique(tree).values()), "converting")]
+    if not args.no_verify:
+        phases.append((sum(x.nbytes for _, x in iter_leaves(tree) if isinstance(x, TensorRef)), "verifying"))
     tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
-    with _progress(args, total, "converting") as bar:
+    with _phased_progress(args, phases) as bar:
         try:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
@@ -487,9 +535,11 @@ def _run_convert(args: argparse.Namespace) -> int:
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
     out = safeckpt.open(written)
+    # the destination as the user typed it (relative stays relative), unless the writer chose another path
+    shown = args.dst if Path(written).absolute() == Path(args.dst).absolute() else str(written)
     result = {
         "src": args.src,
-        "dst": str(written),
+        "dst": shown,
         "format": out.format,
         "tensors": len(_unique(out.tree)),
         "nbytes": out.nbytes,
@@ -505,7 +555,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             else "not verified (--no-verify)"
         )
         print(
-            f"wrote {written} ({out.format}, {result['tensors']} tensors, {format_size(result['file_bytes'])}); {check}"
+            f"wrote {shown} ({out.format}, {result['tensors']} tensors, {format_size(result['file_bytes'])}); {check}"
         )
     return EXIT_OK
 
