@@ -80,7 +80,17 @@ __all__ = [
 ]
 
 
+# submodules reached as attributes (`safeckpt.formats.names()` after `import safeckpt`), as when the
+# package imported them eagerly
+_SUBMODULES = frozenset(
+    ("api", "cli", "codec", "compare", "distributed", "errors", "formats", "hub", "lightning", "manager", "state")
+    + ("tree", "user_types")
+)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'safeckpt' has no attribute {name!r}")
