@@ -473,8 +473,15 @@ def test_the_wrote_line_names_the_destination_as_typed(
 ) -> None:
     src = safeckpt.save(tmp_path / "a.safeckpt", {"w": torch.ones(2)})
     monkeypatch.chdir(tmp_path)
-    for dst in ("b.safeckpt", "out/c.safetensors", str(tmp_path / "d.safeckpt")):
-        code, out, err = main(capsys, "convert", src, dst)
+    cases = [
+        ("b.safeckpt",),
+        ("out/c.safetensors",),
+        (str(tmp_path / "d.safeckpt"),),
+        ("shards", "--max-shard-size", "100"),  # a sharded directory and a torch export were shown absolute
+        ("e.pt", "--format", "torch"),
+    ]
+    for dst, *options in cases:
+        code, out, err = main(capsys, "convert", src, dst, *options)
         assert code == 0 and out.startswith(f"wrote {dst} ("), (out, err)
-        code, out, err = main(capsys, "convert", src, dst, "--force", "--json")
+        code, out, err = main(capsys, "convert", src, dst, *options, "--force", "--json")
         assert code == 0 and json.loads(out)["dst"] == dst, err
