@@ -350,6 +350,20 @@ def test_convert_defaults_are_the_commands(
     assert code == 1 and "does not match" in err
 
 
+def test_convert_refuses_a_source_that_fails_its_checksums(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safeckpt.errors import CorruptCheckpointError
+
+    good = safeckpt.save(tmp_path / "run.safeckpt", {"w": torch.arange(8.0)})
+    damaged = flip_last_byte(good, tmp_path / "damaged.safeckpt")
+    with pytest.raises(CorruptCheckpointError, match="fails its checksum.*nothing was written"):
+        safeckpt.convert(damaged, tmp_path / "copy.safeckpt")
+    code, out, err = main(capsys, "convert", damaged, tmp_path / "copy.safeckpt", "--json")
+    assert code == 1 and "nothing was written" in json.loads(out)["hint"] and "fails its checksum" in err
+    assert not (tmp_path / "copy.safeckpt").exists()
+    # asked not to check, it converts what is there (as before)
+    safeckpt.convert(damaged, tmp_path / "copy.safeckpt", verify=False)
+
+
 def test_sharded_convert_into_a_directory_of_other_files_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

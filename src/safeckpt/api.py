@@ -342,9 +342,10 @@ def convert(
         max_shard_size: write a sharded directory.
         key: convert only this top-level entry (e.g. ``"model"`` or a Trainer's ``"state_dict"``).
         allow: extra pickle globals to admit when reading a pickle-based ``src`` (see `open`).
-        verify: read the written checkpoint back and compare it with the source: every tensor by
-            bytes, every value by type and value; a mismatch raises `CorruptCheckpointError`
-            (default on; ``False`` skips the second read).
+        verify: check the source's own checksums first (where its format records them) and read
+            the written checkpoint back and compare it with the source: every tensor by bytes, every
+            value by type and value; damage or a mismatch raises `CorruptCheckpointError`
+            (default on; ``False`` skips both reads).
         overwrite: replace an existing ``dst`` (atomically); without it an existing ``dst`` raises
             `FileExistsError` before anything is read. A directory is replaced only when it holds a
             checkpoint of the format written (other files there, such as an HF folder's
@@ -362,6 +363,8 @@ def convert(
             f"{os.fspath(dst)} already exists; pass overwrite=True to replace it, or choose another destination"
         )
     ckpt = open(src, allow=allow)
+    if verify and ckpt.format in _CHECKSUMMED and not os.fspath(src).startswith("hf://"):
+        _verify_source(ckpt)
     tree = ckpt.tree
     if key is not None:
         if not isinstance(tree, Mapping) or key not in tree:
@@ -385,6 +388,23 @@ def convert(
                 "report this with both files"
             )
     return written
+
+
+# Formats whose own checks are checksums over the bytes convert copies: checked before a damaged
+# source is rewritten under fresh checksums (the read-back compares with the source, so cannot see it).
+_CHECKSUMMED = ("safeckpt", "safeckpt-sharded", "safetensors", "hf-sharded")
+
+
+def _verify_source(ckpt: Checkpoint) -> None:
+    from .errors import CorruptCheckpointError
+
+    try:
+        _verify(ckpt)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"{e}; the source fails its own checksums, so nothing was written: converting it would carry the damage "
+            "into a file with new, matching checksums"
+        ) from None
 
 
 def _replaceable(dst: Path, fmt_name: str) -> None:

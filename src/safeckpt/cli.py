@@ -803,8 +803,9 @@ holding a wrapped checkpoint's weights, or null). Non-finite floats print as "na
     "convert": Verb(
         help="convert a checkpoint to another format, verified",
         description="""\
-Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor,
-then read the result back and check every tensor (by bytes) and every value against the source.
+Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor:
+first check the source's own checksums (where its format records them), then write, then read
+the result back and check every tensor (by bytes) and every value against the source.
 The output format is --format, else DST's extension: .safetensors for tensors only gives plain
 safetensors; .safeckpt, .ckpt or no extension the native format; .pt/.pth/.bin or an extension of
 no format needs --format (torch to export, safeckpt for the native format under that name), as
