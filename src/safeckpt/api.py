@@ -374,8 +374,8 @@ def convert(
     if filter is not None:
         tree = _filter_tensors(tree, filter)
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
+    _replaceable(Path(os.fspath(dst)), format or ("safeckpt-sharded" if max_shard_size is not None else None))
     fmt, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
-    _replaceable(Path(os.fspath(dst)), fmt.NAME)
     written = fmt.write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
     if verify:
         from .compare import compare
@@ -407,9 +407,12 @@ def _verify_source(ckpt: Checkpoint) -> None:
         ) from None
 
 
-def _replaceable(dst: Path, fmt_name: str) -> None:
-    """Refuse to write into a non-empty directory that is not a checkpoint of the format written:
-    the writer replaces its own set of files and would leave everything else beside the new one."""
+def _replaceable(dst: Path, fmt_name: str | None) -> None:
+    """Refuse to write a directory format (``fmt_name``; None: a file) into a non-empty directory
+    that is not a checkpoint of that format: its writer replaces its own set of files and would
+    leave everything else beside the new one. (A file format meeting a directory fails in its writer.)"""
+    if fmt_name in (None, "safeckpt", "safetensors", "torch"):
+        return
     if not dst.is_dir() or dst.is_symlink() or not any(dst.iterdir()):
         return
     try:

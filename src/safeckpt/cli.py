@@ -464,18 +464,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # The formats `--format` offers: every registered one but those only read (a test checks this list
 # against formats.writable(), which imports every format module to ask).
 _READ_ONLY = ("dcp",)
-_WRITABLE = [n for n in formats.names() if n not in _READ_ONLY]
+
+
+def _writable_names() -> list[str]:
+    return [n for n in formats.names() if n not in _READ_ONLY]
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="any checkpoint safeckpt reads (file, directory or hf://repo/file)")
     p.add_argument("dst", help="where to write; the format comes from --format, else the extension")
     # names only: importing every format module to list the writable ones would slow every command
+    writable = _writable_names()
     p.add_argument(
         "--format",
         metavar="NAME",
-        choices=_WRITABLE,
-        help="output format (default: from DST's extension): " + ", ".join(_WRITABLE),
+        choices=writable,
+        help="output format (default: from DST's extension): " + ", ".join(writable),
     )
     p.add_argument(
         "--max-shard-size", metavar="SIZE", help="write a sharded directory with shards of at most SIZE (e.g. 5GB)"
