@@ -572,7 +572,7 @@ def test_cli_push_fabric_checkpoint_then_load_it_elsewhere(hub: Hub) -> None:
     """`safeckpt push fabric.ckpt me/run1`, then on another machine `safeckpt.load("hf://me/run1/...")`."""
     fixture = FIXTURES / "lightning" / "fabric.ckpt"
     repo = hub.repo()
-    r = cli(hub, "push", str(fixture), repo, "--message", "from fabric")
+    r = cli(hub, "push", repo, str(fixture), "--commit-message", "from fabric")  # `hf upload`'s order
     assert r.returncode == 0, r.stderr
     uri = r.stdout.strip()
     assert uri.startswith(f"hf://{repo}@") and uri.endswith("/fabric.safeckpt"), uri
@@ -616,7 +616,7 @@ def test_cli_push_weights_and_read_hf_paths(hub: Hub, tmp_path: Path) -> None:
     model = TiedLM(0)
     src = safeckpt.save(tmp_path / "weights.safetensors", model)
     repo = hub.repo()
-    r = cli(hub, "push", str(src), repo, "--max-shard-size", "5KB", "--json")
+    r = cli(hub, "push", repo, str(src), "--max-shard-size", "5KB", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["path_in_repo"] == ""
     fresh = TiedLM(1)
@@ -634,6 +634,49 @@ def test_cli_push_weights_and_read_hf_paths(hub: Hub, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "copy").iterdir() if not p.name.startswith(".")) == [
         "model.safetensors.index.json"
     ]
+
+
+@pytest.mark.parametrize("server", ["regular"], indirect=True)
+def test_cli_push_and_pull_take_hf_arguments(hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`safeckpt push REPO SRC [PATH_IN_REPO]` and `pull` with `hf upload`/`hf download`'s options,
+    in-process (the console script is exercised above)."""
+    from safeckpt import cli as safeckpt_cli
+
+    def run(*args: Any) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = safeckpt_cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    repo = hub.repo()
+    src = safeckpt.save(tmp_path / "last.ckpt", train_state(1))
+    code, out, err = run("push", repo, src, "runs/epoch3.safeckpt", "--commit-message", "epoch 3", "--private")
+    assert code == 0, err
+    uri = out.strip()
+    assert uri.startswith(f"hf://{repo}@") and uri.endswith("/runs/epoch3.safeckpt")
+    stored = hub.store.repos[("model", repo)]
+    assert stored["private"] and stored["commits"][uri.split("@")[1].split("/")[0]]["summary"] == "epoch 3"
+    code, out, err = run("push", repo, src, "dev.safeckpt", "--revision", "dev", "--json")
+    assert code == 0 and json.loads(out)["path_in_repo"] == "dev.safeckpt", err
+    code, out, err = run("push", repo, src, "pr.safeckpt", "--create-pr")
+    assert code == 0 and "refs/pr/1" in stored["branches"], err
+    # the old order (SRC REPO) is named as such, not reported as a missing file
+    code, out, err = run("push", src, repo, "--json")
+    assert code == 2 and f"safeckpt push {repo} {src}" in json.loads(out)["hint"]
+
+    code, out, err = run("pull", repo, "dev.safeckpt", "--revision", "dev", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert Path(out.strip()).is_relative_to(tmp_path / "cache") and safeckpt.load(out.strip())["step"] == 1
+    local = tmp_path / "local"
+    code, out, err = run("pull", repo, "--local-dir", local, "--include", "runs/*", "--exclude", "*.md")
+    assert code == 0 and Path(out.strip()) == local, err
+    assert sorted(str(p.relative_to(local)) for p in local.rglob("*.safeckpt")) == ["runs/epoch3.safeckpt"]
+    code, out, err = run(
+        "pull", repo, "--local-dir", tmp_path / "none", "--exclude", "*.safeckpt", "--exclude", "runs/*"
+    )
+    assert code == 0 and not list((tmp_path / "none").rglob("*.safeckpt")), err
+    code, out, err = run("pull", f"{repo}-nope", "--json")
+    assert code == 2 and set(json.loads(out)) == {"error", "path", "hint"} and "not found" in json.loads(out)["error"]
 
 
 def test_folder_view_skips_subfolders_and_other_formats_copies(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -480,8 +480,13 @@ def test_a_dataclass_in_hyper_parameters_needs_register_type_then_saves_and_resu
     finally:
         _unregister(Schedule)
         _unregister(Decay)
+    # without the class the checkpoint still loads (a resume needs no hparams); the value is an inert
+    # record, and using it names the fix
+    schedule_record = SafeCheckpointIO().load_checkpoint(first)["hyper_parameters"]["schedule"]
+    with pytest.raises(AttributeError, match=rf"no attribute 'decay': .*register_type\({__name__}\.Schedule\)"):
+        schedule_record.decay  # noqa: B018
     with pytest.raises(UnsafeCheckpointError, match=r"\['hyper_parameters'\]\['schedule'\] .*register_type"):
-        SafeCheckpointIO().load_checkpoint(first)
+        safeckpt.load(first, {"hyper_parameters": {}})
 
 
 def test_storage_options_is_refused_like_lightning_does(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """safeckpt.register_type: dataclasses, enums, NamedTuples and classes with converters round-trip by
-type and value (tensors inside included); names collide loudly; a file naming a type the loading
-process has not registered is refused with the path and the fix, imports nothing, and stays
-readable by stock safetensors and by the `safeckpt` command, which needs no class."""
+type and value (tensors inside included); names collide loudly; a value of a type the loading
+process has not registered is an inert record (the rest of the file loads), refused with the path
+and the fix where it is loaded into a state, imports nothing, and the file stays readable by stock
+safetensors and by the `safeckpt` command, which needs no class."""
 
 from __future__ import annotations
 
@@ -303,18 +304,26 @@ def test_classes_that_cannot_be_registered_say_why() -> None:
 def test_an_unregistered_type_is_refused_naming_the_path_and_the_fix(tmp_path: Path) -> None:
     path = safeckpt.save(tmp_path / "run.safeckpt", {"hparams": {"cfg": config()}, "step": 3})
     _unregister(Config)
+    # asked for into a state: refused with the path and the fix, before anything changes
+    state: dict[str, Any] = {"hparams": {}, "step": 0}
     with pytest.raises(UnsafeCheckpointError) as info:
-        safeckpt.load(path)
+        safeckpt.load(path, state)
     message = str(info.value)
     assert message.startswith(f"{path}: state['hparams']['cfg'] is a value of registered type '{__name__}.Config'")
     assert f"safeckpt.register_type({__name__}.Config) before loading" in message
-    with pytest.raises(UnsafeCheckpointError, match=r"state\['hparams'\]\['cfg'\]"):
-        safeckpt.open(path)
+    assert state == {"hparams": {}, "step": 0}
+    # everything else reads; the value itself is an inert record, and using it names the fix
+    rest = safeckpt.load(path, {"step": 0})
+    assert list(rest) == ["hparams"] and isinstance(rest["hparams"]["cfg"], Unregistered)
+    cfg = safeckpt.open(path)["hparams"]["cfg"]
+    assert isinstance(cfg, Unregistered) and cfg.name == f"{__name__}.Config" and cfg.data["name"] == "run"
+    with pytest.raises(AttributeError, match=rf"'optim': .*safeckpt\.register_type\({__name__}\.Config\)"):
+        safeckpt.load(path)["hparams"]["cfg"].optim  # noqa: B018
     # the cause is named even when it sits inside a registered value that could not be built because of it
     safeckpt.register_type(Config)
     _unregister(Optim)
     with pytest.raises(UnsafeCheckpointError, match=rf"state\['hparams'\]\['cfg'\]\['optim'\] .* '{__name__}\.Optim'"):
-        safeckpt.load(path)
+        safeckpt.load(path, {"hparams": {}})
 
 
 def test_an_unregistered_type_imports_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,7 +339,10 @@ def test_an_unregistered_type_imports_and_runs_nothing(tmp_path: Path, monkeypat
     path = safeckpt.save(tmp_path / "run.safeckpt", {"cfg": Innocent()})
     _unregister("evil_cfg.Config")
     with pytest.raises(UnsafeCheckpointError, match="nothing was imported or run"):
-        safeckpt.load(path)
+        safeckpt.load(path, {"cfg": None})
+    record = safeckpt.load(path)["cfg"]
+    with pytest.raises(AttributeError, match="nothing was imported or run"):
+        record.x  # noqa: B018
     assert not canary.exists() and "evil_cfg" not in sys.modules
 
 
@@ -357,7 +369,7 @@ def test_data_the_registered_class_no_longer_accepts_is_a_clear_error(tmp_path: 
     _unregister(Optim)
     safeckpt.register_type(Optim2, name=f"{__name__}.Optim")
     with pytest.raises(CheckpointError) as info:
-        safeckpt.load(path)
+        safeckpt.load(path, {"o": None})
     message = str(info.value)
     assert f"state['o'][0] is a stored '{__name__}.Optim' that the registered" in message
     assert "unexpected keyword argument 'betas'" in message and "from_data" in message
@@ -372,7 +384,9 @@ def test_data_the_registered_class_no_longer_accepts_is_a_clear_error(tmp_path: 
     with pytest.raises(
         CheckpointError, match=r"state\['o'\]\[0\]\['kind'\] .*'COSINE' is not a member name of .*Kind3 \(LINEAR\)"
     ):
-        safeckpt.load(path)
+        safeckpt.load(path, {"o": None})
+    with pytest.raises(AttributeError, match="could not rebuild .*from_data"):  # the record, used
+        safeckpt.load(path)["o"][0].kind  # noqa: B018
 
 
 def test_without_the_class_a_file_stays_data_and_converts_losslessly(tmp_path: Path) -> None:

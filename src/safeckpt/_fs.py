@@ -171,9 +171,13 @@ def naming(e: OSError, target: Path, what: str = "file") -> OSError:
     if inner and os.fspath(inner) != str(target):
         cause = f"{cause} (writing {os.path.basename(inner)})"
     hint = _HINTS.get(e.errno or 0, "")
-    err = OSError(
-        e.errno, f"cannot save {target}: {cause}; {hint + '; ' if hint else ''}the previous {what} there is untouched"
+    # the reassurance only where there was something to keep: a first save leaves nothing behind
+    left = (
+        f"the previous {what} there is untouched"
+        if target.exists() or target.is_symlink()
+        else f"no {what} was left there"
     )
+    err = OSError(e.errno, f"cannot save {target}: {cause}; {hint + '; ' if hint else ''}{left}")
     err.filename = str(target)
     err.safeckpt_cause = cause  # type: ignore[attr-defined]
     return err

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _device, formats
+from . import _device, codec, formats
 from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
@@ -92,7 +92,9 @@ def save(
         filter: ``{key: fn(name, value) -> bool}`` keeps only the items of ``state[key]``'s state dict
             that ``fn`` accepts; a key whose filter keeps nothing is left out.
         format: ``"safeckpt"`` (the default), ``"safetensors"`` (tensors only), ``"torch"`` (export).
-            Without it, a ``.safetensors`` path holding only tensors is written as plain safetensors.
+            Without it, a ``.safetensors`` path holding only tensors is written as plain safetensors,
+            ``.safeckpt``, ``.ckpt`` or no extension natively; ``.pt``/``.pth``/``.bin`` or an
+            extension of no format is refused (`check_name`): say ``format="torch"`` or ``"safeckpt"``.
         max_shard_size: write a sharded directory with shards of at most this size ("2GB" or bytes).
 
     Example:
@@ -124,17 +126,69 @@ def _across_ranks(state: Any, format: str | None = None) -> bool:
     return (format == "safeckpt-sharded" and several) or distributed.holds_dtensors(state)
 
 
+# Names the native format takes without format=: its own, Lightning's (.ckpt: Fabric writes any
+# name, and the plugin's is .ckpt) and none at all. A torch extension would promise torch.load a
+# file it cannot read, and an extension of no format says nothing: both need format=.
+_NATIVE_SUFFIXES = ("", ".safeckpt", ".ckpt")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def check_name(path: PathLike, format: str | None = None, max_shard_size: int | str | None = None) -> None:
+    """Refuse a file name whose extension would misname the format written without ``format=``.
+
+    ``.safeckpt``, ``.ckpt``, ``.safetensors`` and a name without extension are written natively (or
+    as plain safetensors); ``.pt``/``.pth``/``.bin`` and any extension of no format need ``format=``
+    (``"torch"`` to export a ``torch.save`` file, ``"safeckpt"`` for the native format under that
+    name). A sharded save (``max_shard_size``) writes a directory: any name goes.
+
+    Example:
+        >>> check_name("model.pt")
+        Traceback (most recent call last):
+        ValueError: model.pt: the .pt extension is torch.save's, but without format= ...
+    """
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if format is not None or max_shard_size is not None or suffix in (*_NATIVE_SUFFIXES, ".safetensors"):
+        return
+    if _registered_for(suffix) is not None:
+        return
+    what = (
+        f"the {suffix} extension is torch.save's, but without format= safeckpt writes its own format, which "
+        "torch.load cannot read"
+        if suffix in _TORCH_SUFFIXES
+        else f"the {suffix} extension belongs to no checkpoint format, so the name would not say what the file is"
+    )
+    raise ValueError(
+        f"{os.fspath(path)}: {what}; pass format=\"torch\" to export a torch.save file (pickle) that torch.load "
+        f"reads, or format=\"safeckpt\" to write the native format under this name, or name the file "
+        ".safeckpt (or .ckpt, .safetensors)"
+    )
+
+
+def _registered_for(suffix: str) -> str | None:
+    """A format added with `register_format` that writes files of this extension (a plugin's own
+    extension picks it, as ``.safetensors`` picks safetensors)."""
+    for name in formats.names():
+        fmt = formats.get(name) if name not in formats.BUILTIN else None
+        if fmt is not None and fmt.write is not None and suffix and suffix in fmt.extensions:
+            return name
+    return None
+
+
 def _writer(
     path: Path, format: str | None, max_shard_size: int | str | None, tree: Any
 ) -> tuple[Callable[..., Path], dict[str, Any]]:
     """The write function for ``path`` and the options to pass it (an option the format does not
-    take is a ``TypeError``, never dropped)."""
+    take is a ``TypeError``, never dropped); a name that would misname the format is refused."""
+    check_name(path, format, max_shard_size)
     opts: dict[str, Any] = {}
     if max_shard_size is not None:
         opts["max_shard_size"] = max_shard_size
         format = format or "safeckpt-sharded"
     if format is None:
-        format = "safetensors" if path.suffix.lower() == ".safetensors" and _only_tensors(tree) else "safeckpt"
+        suffix = path.suffix.lower()
+        format = _registered_for(suffix) or (
+            "safetensors" if suffix == ".safetensors" and _only_tensors(tree) else "safeckpt"
+        )
     return formats.get(format).writer(opts), opts
 
 
@@ -173,6 +227,11 @@ def load(
     ``optimizer.load_state_dict`` puts it (next to their parameters). ``device`` also places plain
     values and the remainder; ``map_location`` is an alias for it (a device or string only).
 
+    A value of a registered type this process has not registered (see `safeckpt.register_type`)
+    does not lock the file: it is read as an inert `Unregistered` record (name and data, nothing
+    imported), so every other key loads; loading it into ``state`` raises naming its path and the fix,
+    and in the remainder (or without ``state``) it stays a record whose use raises the same way.
+
     Returns:
         The remainder: the checkpoint's entries that ``state`` did not ask for (``{}`` if none).
         For an ``hf://`` path its tensors are lazy `TensorRef`s (``.load()`` downloads their shard).
@@ -208,6 +267,7 @@ def load(
             own = set(obj.state_dict(keep_vars=True))
             sd = st.with_tied(obj, st.strip_wrapper_prefix(sd, own), own)
         st.check(obj, sd, strict, f"{path} (key {key!r})", assign)
+        codec.refuse_unbuilt(sd, str(path), (key,))  # a value asked for must be built: name it and the fix
         entries[key] = sd
     for key, obj in targets.items():
         if isinstance(obj, nn.Module):
@@ -388,6 +448,7 @@ def load_raw(
                 "Load it with safeckpt.load(path, {'optimizer': optimizer}) using the key that holds it."
             )
         st.check_optimizer(target, tree, str(path))
+        codec.refuse_unbuilt(tree, str(path))
         st.apply(
             target, ckpt.to_python(device=dev) if dev is not None else _optimizer_state(ckpt, tree, target), strict
         )
@@ -420,10 +481,14 @@ def convert(
     max_shard_size: int | str | None = None,
     key: Any = None,
     allow: Iterable[str] = (),
-    verify: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
+
+    The defaults are the ``safeckpt convert`` command's: the result is read back and compared with
+    the source, and an existing ``dst`` is refused unless ``overwrite=True`` (``--force``).
 
     Args:
         src: any file, directory or ``hf://`` URI the registry reads.
@@ -434,8 +499,14 @@ def convert(
         max_shard_size: write a sharded directory.
         key: convert only this top-level entry (e.g. ``"model"`` or a Trainer's ``"state_dict"``).
         allow: extra pickle globals to admit when reading a pickle-based ``src`` (see `open`).
-        verify: read the written checkpoint back and compare it with the source: every tensor by
-            bytes, every value by type and value; a mismatch raises `CorruptCheckpointError`.
+        verify: check the source's own checksums first (where its format records them) and read
+            the written checkpoint back and compare it with the source: every tensor by bytes, every
+            value by type and value; damage or a mismatch raises `CorruptCheckpointError`
+            (default on; ``False`` skips both reads).
+        overwrite: replace an existing ``dst`` (atomically); without it an existing ``dst`` raises
+            `FileExistsError` before anything is read. A directory is replaced only when it holds a
+            checkpoint of the format written (other files there, such as an HF folder's
+            ``config.json``, stay); any other non-empty directory is refused.
         progress: called with a byte count as each source tensor is read (for a progress bar);
             during verification, again as each tensor pair is compared.
 
@@ -443,7 +514,14 @@ def convert(
         >>> safeckpt.convert("friend.pt", "friend.safetensors", verify=True)
         PosixPath('friend.safetensors')
     """
+    check_name(dst, format, max_shard_size)
+    if not overwrite and (Path(os.fspath(dst)).exists() or Path(os.fspath(dst)).is_symlink()):
+        raise FileExistsError(
+            f"{os.fspath(dst)} already exists; pass overwrite=True to replace it, or choose another destination"
+        )
     ckpt = open(src, allow=allow)
+    if verify and ckpt.format in _CHECKSUMMED and not os.fspath(src).startswith("hf://"):
+        _verify_source(ckpt)
     tree = ckpt.tree
     if key is not None:
         if not isinstance(tree, Mapping) or key not in tree:
@@ -453,6 +531,7 @@ def convert(
     if filter is not None:
         tree = _filter_tensors(tree, filter)
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
+    _replaceable(Path(os.fspath(dst)), format or ("safeckpt-sharded" if max_shard_size is not None else None))
     write, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
     written = write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
     if verify:
@@ -466,6 +545,43 @@ def convert(
                 "report this with both files"
             )
     return written
+
+
+# Formats whose own checks are checksums over the bytes convert copies: checked before a damaged
+# source is rewritten under fresh checksums (the read-back compares with the source, so cannot see it).
+_CHECKSUMMED = ("safeckpt", "safeckpt-sharded", "safetensors", "hf-sharded")
+
+
+def _verify_source(ckpt: Checkpoint) -> None:
+    from .errors import CorruptCheckpointError
+
+    try:
+        _verify(ckpt)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"{e}; the source fails its own checksums, so nothing was written: converting it would carry the damage "
+            "into a file with new, matching checksums"
+        ) from None
+
+
+def _replaceable(dst: Path, fmt_name: str | None) -> None:
+    """Refuse to write a directory format (``fmt_name``; None: a file) into a non-empty directory
+    that is not a checkpoint of that format: its writer replaces its own set of files and would
+    leave everything else beside the new one. (A file format meeting a directory fails in its writer.)"""
+    if fmt_name in (None, "safeckpt", "safetensors", "torch"):
+        return
+    if not dst.is_dir() or dst.is_symlink() or not any(dst.iterdir()):
+        return
+    try:
+        existing: str | None = formats.detect(dst).NAME
+    except Exception:
+        existing = None
+    if existing != fmt_name:
+        held = f"a {existing} checkpoint" if existing else "files that are not a checkpoint"
+        raise FileExistsError(
+            f"{dst} is a directory holding {held}; writing a {fmt_name} checkpoint there would leave them beside "
+            f"it: choose a new or empty directory (or remove it first)"
+        )
 
 
 def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:

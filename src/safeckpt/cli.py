@@ -1,7 +1,8 @@
 """The ``safeckpt`` command: inspect, convert, verify and diff checkpoints of any format it reads.
 
 Exit codes: 0 ok; 1 a problem found (``verify``), a difference (``diff``) or a converted file that
-does not match its source; 2 a usage error or an input that cannot be read. Errors are one line on
+does not match its source; 2 a usage error or an input that cannot be read; 3 (``verify``) no
+problem found, but part of the file stores no checksum, so it could not be verified. Errors are one line on
 stderr naming the file and the fix (``--debug`` adds the traceback). Progress bars go to stderr,
 only on a terminal and never with ``--quiet``, so stdout pipes cleanly.
 
@@ -12,6 +13,7 @@ Adding a verb is one entry in `VERBS`: a `Verb` with its help, an ``add_argument
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -23,19 +25,51 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safeckpt
+import safeckpt  # light: its API is imported on first use
 
-from . import _hub_cli, codec, formats
+from . import _checks, _hub_cli, formats
 from ._units import format_size, parse_size
-from .compare import Change, compare, leaves, match
 from .errors import CheckpointError, CorruptCheckpointError, HubError, UnknownFormatError, UnsafeCheckpointError
-from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
+
+if TYPE_CHECKING:
+    from . import codec
+    from .compare import Change, compare, leaves, match
+    from .tree import AttributeDict, Checkpoint, TensorRef, describe, inline, iter_leaves, path_name
+
+
+def _import_torch_side() -> None:
+    """Bind the names the verbs use from the modules that import torch (about 2 s), once, when a
+    verb runs: ``--help``, ``--version`` and argument errors never import torch."""
+    if "TensorRef" in globals():
+        return
+    from . import codec as codec_module
+    from . import compare as compare_module
+    from . import tree as tree_module
+
+    names = {"codec": codec_module}
+    names.update({n: getattr(compare_module, n) for n in ("Change", "compare", "leaves", "match")})
+    tree_names = ("AttributeDict", "Checkpoint", "TensorRef", "describe", "inline", "iter_leaves", "path_name")
+    names.update({n: getattr(tree_module, n) for n in tree_names})
+    globals().update(names)
+
+
+def _with_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A verb's body, run after `_import_torch_side`."""
+
+    def verb(args: argparse.Namespace) -> int:
+        _import_torch_side()
+        return run(args)
+
+    verb.__doc__, verb.__name__ = run.__doc__, run.__name__
+    return verb
+
 
 __all__ = ["VERBS", "Verb", "main"]
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+EXIT_UNVERIFIED = 3  # verify: no problem found, but some of the file had no checksum to check
 
 
 class Found(Exception):
@@ -155,6 +189,33 @@ def _progress(args: argparse.Namespace, total: int, desc: str) -> Iterator[Calla
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False, file=sys.stderr
     ) as bar:
         yield bar.update
+
+
+@contextmanager
+def _phased_progress(args: argparse.Namespace, phases: list[tuple[int, str]]) -> Iterator[Callable[[int], None]]:
+    """One byte-count callback over passes run one after the other (``[(total, desc), ...]``): a
+    bar per pass, each with its own total; bytes past a pass's total go to the next one."""
+    totals = [total for total, _ in phases]
+    descs = [desc for _, desc in phases]
+    stack = contextlib.ExitStack()
+    bar: list[Callable[[int], None]] = []  # the open pass's bar, if any
+
+    def advance(n: int) -> None:
+        while n > 0 and totals:
+            if not bar:
+                bar.append(stack.enter_context(_progress(args, totals[0], descs[0])))
+            used = min(n, totals[0])
+            bar[0](used)
+            totals[0] -= used
+            n -= used
+            if totals[0] <= 0:  # this pass is done: close its bar, the next bytes open the next one
+                totals.pop(0)
+                descs.pop(0)
+                bar.clear()
+                stack.close()
+
+    with stack:
+        yield advance
 
 
 def _jsonable(x: Any) -> Any:
@@ -356,8 +417,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     )
     names = f" ({t['names']} names)" if t["names"] != t["tensors"] else ""
     print(f"tensors:    {t['tensors']}{names}, {format_size(t['nbytes'])}" + (f": {dtypes}" if dtypes else ""))
-    where = f" in {report['weights_key']!r}" if report["weights_key"] is not None else ""
-    print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements in all tensors)")
+    selected = bool(args.include or args.exclude)
+    in_all = "in the selected tensors" if selected else "in all tensors"
+    weights = report["weights_key"]
+    if weights is not None and not (isinstance(tree, dict) and weights in tree):
+        # the selection leaves out the weights entry: no parameter was counted, say where they are
+        print(f"parameters: none selected (the weights are in {weights!r}; {t['numel']:,} elements {in_all})")
+    else:
+        where = f" in {weights!r}" if weights is not None else ""
+        print(f"parameters: {t['parameters']:,}{where} ({t['numel']:,} elements {in_all})")
 
     def short(name: str) -> str:  # --json has the full names; a callback's state key can run to 200 characters
         return "/".join(
@@ -393,11 +461,26 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # -- convert --------------------------------------------------------------------------------------
 
 
+# The formats `--format` offers: every registered one but those only read (a test checks this list
+# against formats.writable(), which imports every format module to ask).
+_READ_ONLY = ("dcp",)
+
+
+def _writable_names() -> list[str]:
+    return [n for n in formats.names() if n not in _READ_ONLY]
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="any checkpoint safeckpt reads (file, directory or hf://repo/file)")
     p.add_argument("dst", help="where to write; the format comes from --format, else the extension")
     # names only: importing every format module to list the writable ones would slow every command
-    p.add_argument("--format", metavar="NAME", help="output format, where writable: " + ", ".join(formats.names()))
+    writable = _writable_names()
+    p.add_argument(
+        "--format",
+        metavar="NAME",
+        choices=writable,
+        help="output format (default: from DST's extension): " + ", ".join(writable),
+    )
     p.add_argument(
         "--max-shard-size", metavar="SIZE", help="write a sharded directory with shards of at most SIZE (e.g. 5GB)"
     )
@@ -414,16 +497,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         formats.get(args.format)  # unknown name -> ValueError listing the known ones (exit 2)
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
     dst = Path(args.dst)
-    if (dst.exists() or dst.is_symlink()) and not args.force:
+    if (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
         raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
-    if args.format is None and max_shard is None:
-        # Without --format the safe formats are written; a .pt name would then hold a .safeckpt file.
-        owners = [n for n in formats.names() if dst.suffix.lower() in formats.get(n).EXTENSIONS]
-        if owners and not {"safeckpt", "safetensors"} & set(owners):
-            raise Usage(
-                f"{dst}: the {dst.suffix} extension means format {owners[0]!r}, which is written only when asked: "
-                f"pass --format {owners[0]}, or name the output .safetensors or .safeckpt"
-            )
+    from .api import check_name
+
+    try:  # the naming rule of safeckpt.save/convert, checked before the source is read
+        check_name(dst, args.format, max_shard)
+    except ValueError as e:
+        raise Usage(str(e)) from None
     ckpt = _open(args.src, args)
     tree = ckpt.tree
     key = None
@@ -443,22 +524,26 @@ def _run_convert(args: argparse.Namespace) -> int:
                 f"{args.src}: no tensor matches --include {args.include} --exclude {args.exclude}; see the paths with `safeckpt inspect {args.src}`"
             )
         tree = {} if pruned is _DROP else pruned
-    # the writer reads each distinct tensor once; verification compares every name (tied ones too)
-    total = sum(r.nbytes for r in _unique(tree).values())
-    total += 0 if args.no_verify else sum(x.nbytes for _, x in iter_leaves(tree) if isinstance(x, TensorRef))
+    # the writer reads each distinct tensor once; verification compares every name (tied ones too):
+    # two bars, each the size of its own pass, not one bar twice the file
+    phases = [(sum(r.nbytes for r in _unique(tree).values()), "converting")]
+    if not args.no_verify:
+        phases.append((sum(x.nbytes for _, x in iter_leaves(tree) if isinstance(x, TensorRef)), "verifying"))
     tensor_filter = (lambda name, ref: keep(name)) if keep is not None else None
-    with _progress(args, total, "converting") as bar:
+    with _phased_progress(args, phases) as bar:
         try:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
-                allow=args.allow, verify=not args.no_verify, progress=bar,
+                allow=args.allow, verify=not args.no_verify, overwrite=args.force, progress=bar,
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
     out = safeckpt.open(written)
+    # the destination as the user typed it (relative stays relative), unless the writer chose another path
+    shown = args.dst if Path(written).absolute() == Path(args.dst).absolute() else str(written)
     result = {
         "src": args.src,
-        "dst": str(written),
+        "dst": shown,
         "format": out.format,
         "tensors": len(_unique(out.tree)),
         "nbytes": out.nbytes,
@@ -474,7 +559,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             else "not verified (--no-verify)"
         )
         print(
-            f"wrote {written} ({out.format}, {result['tensors']} tensors, {format_size(result['file_bytes'])}); {check}"
+            f"wrote {shown} ({out.format}, {result['tensors']} tensors, {format_size(result['file_bytes'])}); {check}"
         )
     return EXIT_OK
 
@@ -524,15 +609,16 @@ def _run_verify(args: argparse.Namespace) -> int:
                 bar(ref.nbytes)
         report["tensors_read"] = len(refs) - failed
     check = fmt.verify  # the format's own checks: checksums, zip CRCs, ...
-    if check is None:
-        report["checks"] = "none"
-    else:
+    found: list[str] = []
+    if check is not None:
         try:
             found = list(check(local))
         except CheckpointError as e:
             found = [str(e)]
         problems.extend(found)
-        report["checks"] = "failed" if found else "ok"
+    # what had a checksum to check: a file without any is unverified, never "ok"
+    report["checksums"] = _checks.regions(fmt.NAME, local, found)
+    report["checks"] = _checks.summary(report["checksums"], found)
     if globals_report is not None:
         try:
             report["globals"] = [{"name": str(g), "allowed": bool(ok)} for g, ok in globals_report(local)]
@@ -547,6 +633,8 @@ def _run_verify(args: argparse.Namespace) -> int:
                 )
     report["problems"] = problems = list(dict.fromkeys(problems))  # a format's checks may repeat the reader
     report["ok"] = not problems
+    unverified = [r for r, state in report["checksums"].items() if state == "none"]
+    report["verified"] = not problems and not unverified
     if args.json:
         _print_json(report)
     elif not args.quiet:
@@ -554,7 +642,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"  structure  {report['structure']}")
         if "tensors_read" in report:
             print(f"  tensors    {report['tensors_read']} of {report['tensors']} read")
-        print(f"  checks     {'none in this format' if report['checks'] == 'none' else report['checks']}")
+        print("  checksums  " + ", ".join(f"{r} {state}" for r, state in report["checksums"].items()))
         if report.get("globals") is not None:
             refused = sum(not g["allowed"] for g in report["globals"])
             print(f"  globals    {len(report['globals']) - refused} allowed, {refused} refused")
@@ -564,9 +652,19 @@ def _run_verify(args: argparse.Namespace) -> int:
             print(f"{len(problems)} problem{'s' * (len(problems) != 1)}:")
             for p in problems:
                 print(f"  {p}")
+        elif unverified:
+            what = " and ".join("tensor data" if r == "data" else r for r in unverified)
+            print(
+                f"NOT VERIFIED: no problem found, but the {what} could not be verified: the file stores no "
+                f"checksum for {'it' if len(unverified) == 1 else 'them'}, so damage there would go unnoticed "
+                "(only the structure was checked); compare with the source's published hash, or convert it "
+                "to .safeckpt, which records checksums"
+            )
         else:
-            print("ok")
-    return EXIT_OK if not problems else EXIT_FOUND
+            print("ok: the structure is sound and every checksum matches")
+    if problems:
+        return EXIT_FOUND
+    return EXIT_UNVERIFIED if unverified else EXIT_OK
 
 
 # -- diff -----------------------------------------------------------------------------------------
@@ -704,15 +802,18 @@ by_dtype: {dtype: {tensors, nbytes, numel}}}; tied and shared: lists of path gro
 metadata, info, lightning (null unless a Trainer checkpoint) and weights_key (the entry
 holding a wrapped checkpoint's weights, or null). Non-finite floats print as "nan"/"inf".""",
         add_arguments=_inspect_args,
-        run=_run_inspect,
+        run=_with_torch(_run_inspect),
     ),
     "convert": Verb(
         help="convert a checkpoint to another format, verified",
         description="""\
-Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor,
-then read the result back and check every tensor (by bytes) and every value against the source.
+Convert any checkpoint safeckpt reads into a format it writes, streaming tensor by tensor:
+first check the source's own checksums (where its format records them), then write, then read
+the result back and check every tensor (by bytes) and every value against the source.
 The output format is --format, else DST's extension: .safetensors for tensors only gives plain
-safetensors; anything else the native .safeckpt format. --max-shard-size writes a directory.
+safetensors; .safeckpt, .ckpt or no extension the native format; .pt/.pth/.bin or an extension of
+no format needs --format (torch to export, safeckpt for the native format under that name), as
+safeckpt.save does. --max-shard-size writes a directory.
 
 examples:
   safeckpt convert friend.pt friend.safetensors
@@ -724,7 +825,7 @@ exit codes: 0 written and verified; 1 the source's data is damaged or the writte
 match it; 2 bad arguments, an unreadable source, or DST exists (use --force).
 --json prints {src, dst, format, tensors, nbytes, file_bytes, verified}.""",
         add_arguments=_convert_args,
-        run=_run_convert,
+        run=_with_torch(_run_convert),
     ),
     "verify": Verb(
         help="check a checkpoint's integrity and, for pickles, its safety",
@@ -737,11 +838,20 @@ examples:
   safeckpt verify friend.pt
   safeckpt verify run.safeckpt --quiet && echo intact
 
-exit codes: 0 no problem; 1 a problem found (corrupt, or a refused global); 2 not a checkpoint.
---json prints {path, format, tensors, nbytes, structure: ok|failed|unsafe, tensors_read, checks: ok|failed|none,
-globals: [{name, allowed}] or absent, problems: [...], ok}.""",
+Checksums are reported per region: header (names, dtypes, shapes, offsets, the skeleton or
+pickle) and data (the tensor bytes), each ok, failed, or none when the file stores no checksum
+for it. Plain safetensors files from other writers and legacy torch files store none: for them
+only the structure is checked, and verify says so (exit 3) instead of calling the data ok.
+
+exit codes: 0 no problem, and every region's checksum matches; 1 a problem found (corrupt, or a
+refused global); 2 not a checkpoint; 3 no problem found, but a region had no checksum to check
+(a script that accepts files without checksums treats 3 like 0).
+--json prints {path, format, tensors, nbytes, structure: ok|failed|unsafe, tensors_read,
+checksums: {header, data: ok|failed|none}, checks: ok|failed|none|partial (all regions together),
+globals: [{name, allowed}] or absent, problems: [...], ok (no problem found), verified (ok, and no
+region unchecked)}.""",
         add_arguments=_verify_args,
-        run=_run_verify,
+        run=_with_torch(_run_verify),
     ),
     "diff": Verb(
         help="compare two checkpoints, across formats",
@@ -761,41 +871,66 @@ exit codes: 0 equal; 1 different; 2 an input cannot be read.
 changed: [{path, path_b (when b names it differently, e.g. model.w for model/w), kind: tensor|value|type,
 a, b, max_abs_diff}]}; leaves as in inspect --json.""",
         add_arguments=_diff_args,
-        run=_run_diff,
+        run=_with_torch(_run_diff),
     ),
-    "push": Verb(_hub_cli.PUSH_HELP, _hub_cli.PUSH_DESCRIPTION, _hub_cli.push_args, _hub_cli.run_push),
-    "pull": Verb(_hub_cli.PULL_HELP, _hub_cli.PULL_DESCRIPTION, _hub_cli.pull_args, _hub_cli.run_pull),
+    "push": Verb(_hub_cli.PUSH_HELP, _hub_cli.PUSH_DESCRIPTION, _hub_cli.push_args, _with_torch(_hub_cli.run_push)),
+    "pull": Verb(_hub_cli.PULL_HELP, _hub_cli.PULL_DESCRIPTION, _hub_cli.pull_args, _with_torch(_hub_cli.run_pull)),
 }
+
+
+_JSON_ERRORS = [False]  # set by `main` when the command line asks for --json: errors go to stdout as JSON too
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, like every other error, and where to look
+        if _JSON_ERRORS[0]:
+            _print_error_json(message, None, f"see `{self.prog} --help`")
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every verb in `VERBS`."""
-    common = _Parser(add_help=False)
-    # SUPPRESS: a flag given before the verb is not reset by the verb's own default
-    common.add_argument(
+def _print_error_json(error: str, path: str | None, hint: str | None) -> None:
+    """An error as the one JSON object a ``--json`` caller parses from stdout."""
+    print(json.dumps({"error": error, "path": path, "hint": hint}, ensure_ascii=False), flush=True)
+
+
+def _error_fields(e: BaseException, line: str) -> tuple[str, str | None, str | None]:
+    """(error, path, hint) of an error line from `_fix`: the hint is what follows its first '; '."""
+    path = getattr(e, "safeckpt_path", None)
+    if path is None and isinstance(e, OSError) and e.filename is not None:
+        path = e.filename
+    error, _, hint = line.partition("; ")
+    return error, None if path is None else str(path), hint or None
+
+
+def _global_flags() -> _Parser:
+    """``-q``/``--debug``, accepted before and after the verb. SUPPRESS: a flag given before the
+    verb is not reset by the verb's default. A fresh parser each call: ``parents=`` shares action
+    objects, so one copy for the top parser and one for the verbs keeps the top's ``set_defaults``
+    from becoming the verbs' default (which silently dropped ``safeckpt -q verify``)."""
+    flags = _Parser(add_help=False)
+    flags.add_argument(
         "-q",
         "--quiet",
         action="store_true",
         default=argparse.SUPPRESS,
         help="no progress bar and no report (--json still prints); errors still go to stderr; the exit code tells",
     )
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
+    flags.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb in `VERBS`."""
     parser = _Parser(
         prog="safeckpt",
         description="Inspect, convert, verify and compare checkpoints (torch .pt/.ckpt, safetensors, sharded and DCP directories, .safeckpt) without running pickle.",
-        epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input.\nRun `safeckpt VERB --help` for a verb's options and examples.",
+        epilog="exit codes: 0 ok, 1 problem or difference found, 2 usage error or unreadable input,\n3 (verify) no problem found but data without checksums could not be verified.\nRun `safeckpt VERB --help` for a verb's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
+        parents=[_global_flags()],
     )
     parser.add_argument("--version", action="version", version=f"safeckpt {safeckpt.__version__}")
-    parser.set_defaults(quiet=False, debug=False)
+    parser.set_defaults(quiet=False, debug=False)  # on the top parser's own copy of the flags (see _global_flags)
+    common = _global_flags()
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for name, verb in VERBS.items():
         p = sub.add_parser(
@@ -817,6 +952,7 @@ def _fix(e: BaseException) -> str:
         where = where or e.filename
         msg = f"{e.filename}: {e.strerror.lower()}" if isinstance(e, (FileNotFoundError, PermissionError)) else msg
     msg = msg.replace("pass max_shard_size=", "pass --max-shard-size").rstrip(".")  # the API's words, in the CLI's
+    msg = msg.replace('format="torch"', "--format torch").replace('format="safeckpt"', "--format safeckpt")
     if isinstance(e, HubError):
         pass  # already names the repo and the fix
     elif isinstance(e, FileNotFoundError):
@@ -853,26 +989,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["verify", "run.safeckpt", "--quiet"])
         0
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.verb is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _JSON_ERRORS[0] = "--json" in argv
+    verb = "safeckpt"
+    try:  # Ctrl-C anywhere (the torch import included) is one line and 130, never a traceback
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, an argument error: the code, for callers in-process too
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+        if args.verb is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        verb = f"safeckpt {args.verb}"
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _JSON_ERRORS[0] = False
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        _import_torch_side()
         with codec.keep_unregistered():  # the command imports no user code: registered types stay data
             code = VERBS[args.verb].run(args)
         sys.stdout.flush()
         return code
-    except KeyboardInterrupt:
-        print(f"safeckpt {args.verb}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        print(f"safeckpt {args.verb}: error: {_fix(e)}", file=sys.stderr)
+        line = _fix(e)
+        if getattr(args, "json", False):
+            _print_error_json(*_error_fields(e, line))
+        print(f"safeckpt {args.verb}: error: {line}", file=sys.stderr)
         return EXIT_FOUND if isinstance(e, Found) else EXIT_USAGE
 
 

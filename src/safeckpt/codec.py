@@ -35,7 +35,7 @@ from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointErr
 from .tree import AttributeDict, TensorRef, map_leaves
 from .user_types import Unregistered
 
-__all__ = ["Ext", "decode", "encode", "keep_unregistered", "where"]
+__all__ = ["Ext", "decode", "encode", "keep_unregistered", "refuse_unbuilt", "where"]
 
 
 class Ext:
@@ -82,8 +82,9 @@ _KEEP_UNREGISTERED: ContextVar[bool] = ContextVar("safeckpt_keep_unregistered", 
 
 @contextlib.contextmanager
 def keep_unregistered() -> Iterator[None]:
-    """Decode a registered type this process has not registered (or cannot rebuild) as an
-    `Unregistered` value instead of raising: for tools that read any file and import no user code.
+    """Let `Unregistered` values (a registered type this process has not registered, or cannot
+    rebuild; decoding always keeps them as such records) through `refuse_unbuilt` too: for tools
+    that read any file, import no user code and write such values back unchanged.
 
     Example:
         >>> with keep_unregistered():
@@ -325,14 +326,30 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
         raise CorruptCheckpointError(f"{source}: the skeleton is nested too deeply") from None
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
         raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({e})") from None
-    if pending and not _KEEP_UNREGISTERED.get():
-        raise _unbuilt(tree, source)
+    # A value this process cannot build stays an inert `Unregistered` record (name and data, nothing
+    # imported): the rest of the file loads, and the error comes where that value is used
+    # (`refuse_unbuilt`, or the record's own attribute access).
     return tree
 
 
-def _unbuilt(tree: Any, source: str) -> CheckpointError:
+def refuse_unbuilt(tree: Any, source: str, prefix: tuple[Any, ...] = ()) -> None:
+    """Raise the error naming the path and the fix if ``tree`` holds a registered-type value this
+    process could not build (an `Unregistered` record); nothing under `keep_unregistered`.
+
+    Called where a value is put to use (loaded into the caller's state), not where a file is read.
+
+    Example:
+        >>> refuse_unbuilt(safeckpt.open("run.safeckpt")["hparams"], "run.safeckpt", ("hparams",))
+        Traceback (most recent call last):
+        UnsafeCheckpointError: run.safeckpt: state['hparams']['cfg'] is a value of registered type ...
+    """
+    if not _KEEP_UNREGISTERED.get() and _first_unregistered(tree, prefix) is not None:
+        raise _unbuilt(tree, source, prefix)
+
+
+def _unbuilt(tree: Any, source: str, prefix: tuple[Any, ...] = ()) -> CheckpointError:
     """The error for the first registered-type value that could not be rebuilt, at its path."""
-    path, value = _first_unbuilt(tree)
+    path, value = _first_unbuilt(tree, prefix)
     name, data = value.name, value.data
     if value.error is None:
         return UnsafeCheckpointError(
@@ -350,9 +367,9 @@ def _unbuilt(tree: Any, source: str) -> CheckpointError:
     )
 
 
-def _first_unbuilt(tree: Any) -> tuple[tuple[Any, ...], Unregistered]:
+def _first_unbuilt(tree: Any, prefix: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], Unregistered]:
     """Path and value of the first `Unregistered` that is a cause, not merely holding one."""
-    found = _first_unregistered(tree, ())
+    found = _first_unregistered(tree, prefix)
     assert found is not None
     while found[1].error is None and user_types.entry_for_name(found[1].name) is not None:
         inner = _first_unregistered(found[1].data, found[0])

@@ -448,8 +448,13 @@ def pull_from_hub(
     allow_patterns: str | list[str] | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    ignore_patterns: str | list[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Download a repo (or one file of it) at a revision into the Hub cache, or into ``local_dir``.
+
+    ``allow_patterns``/``ignore_patterns`` select files of a whole-repo download (globs, as
+    ``huggingface_hub.snapshot_download``); ``cache_dir`` replaces the Hub cache for this call.
 
     A revision already in the cache is not downloaded again; with ``HF_HUB_OFFLINE=1`` the cached
     copy is returned without any request. Pulled files are ordinary checkpoints: open or load them
@@ -467,7 +472,7 @@ def pull_from_hub(
     what = f"pull {repo_id}" + (f"@{revision}" if revision else "") + (f"/{filename}" if filename else "")
     common = {
         "revision": revision,
-        "cache_dir": hub.cache,
+        "cache_dir": hub.cache if cache_dir is None else cache_dir,
         "local_dir": local_dir,
         "endpoint": hub.endpoint,
         "token": hub.token,
@@ -476,7 +481,9 @@ def pull_from_hub(
     with _errors(what, hub, repo_id, revision, filename):
         if filename is not None:
             return Path(hf.hf_hub_download(repo_id, filename, **common))
-        return Path(hf.snapshot_download(repo_id, allow_patterns=allow_patterns, **common))
+        return Path(
+            hf.snapshot_download(repo_id, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, **common)
+        )
 
 
 # -- push ------------------------------------------------------------------------------------------

@@ -97,7 +97,9 @@ class SafeCheckpointIO(CheckpointIO):
                 " to define how you'd like to use `storage_options`."
             )
         try:
-            save(_local(path), checkpoint, max_shard_size=self.max_shard_size)
+            # the plugin is the native writer by choice: Lightning's names (any extension) hold the native format
+            native = "safeckpt" if self.max_shard_size is None else None
+            save(_local(path), checkpoint, format=native, max_shard_size=self.max_shard_size)
         except TypeError as e:
             raise _unstorable(e, checkpoint, path) from e
 

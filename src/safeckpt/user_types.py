@@ -268,10 +268,13 @@ def _map(data: Any, cls: type) -> dict[str, Any]:
 
 
 class Unregistered:
-    """A stored value of a registered type that this process cannot rebuild, kept as the file has it.
+    """A stored value of a registered type that this process cannot rebuild, kept as the file has it:
+    an inert record (its name and data; nothing imported, nothing constructed).
 
-    Loading raises instead of returning one; tools that must read any file (the ``safeckpt``
-    command) see these. Saving one writes it back unchanged, so converting a file needs no class.
+    Every other key, tensor and module of the file loads; `safeckpt.open` and `safeckpt.load`
+    without a state show the record, loading it into a state raises naming its path and the fix,
+    and using it (any attribute of the class it stands for) raises naming the fix. Saving one
+    writes it back unchanged, so converting a file needs no class.
 
     Example:
         >>> with codec.keep_unregistered():
@@ -284,6 +287,35 @@ class Unregistered:
     def __init__(self, name: str, data: Any, error: BaseException | None = None) -> None:
         self.name, self.data, self.error = name, data, error
 
+    def __getattr__(self, attr: str) -> Any:
+        # only names that are not .name/.data/.error get here: the use of the value the class would have built
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(f"{self!r:.120} has no attribute {attr!r}: {self.why()}")
+
+    def why(self) -> str:
+        """Why this value is a record, and the fix.
+
+        Example:
+            >>> safeckpt.load("run.safeckpt")["cfg"].why()
+            "a stored value of registered type 'myproj.Config', which this process has not registered ..."
+        """
+        if self.error is None and entry_for_name(self.name) is not None:
+            inner = _first_record(self.data)  # registered, but holding a value that could not be built
+            if inner is not None:
+                return f"it holds {inner.why()}"
+        if self.error is None:
+            return (
+                f"a stored value of registered type {self.name!r}, which this process has not registered, kept as "
+                f"an inert record (.name, .data); nothing was imported or run. Call "
+                f"safeckpt.register_type({self.name}) before loading (import the module that registers it)"
+            )
+        return (
+            f"a stored {self.name!r} that the registered class could not rebuild ({type(self.error).__name__}: "
+            f"{self.error}), kept as an inert record (.name, .data); register the class with a from_data that "
+            "accepts the stored data"
+        )
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Unregistered) and self.name == other.name and _same_data(self.data, other.data)
 
@@ -295,6 +327,20 @@ class Unregistered:
         if type(data) is dict and all(type(k) is str and k.isidentifier() for k in data):
             return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in data.items())})"
         return f"{self.name}({data!r})"
+
+
+def _first_record(data: Any) -> Unregistered | None:
+    """The first `Unregistered` inside stored data (dicts, lists, tuples), if any."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Unregistered):
+            return node
+        if isinstance(node, dict):
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, (list, tuple)):
+            stack.extend(reversed(node))
+    return None
 
 
 def _same_data(a: Any, b: Any) -> bool:

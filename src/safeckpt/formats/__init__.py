@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..tree import Checkpoint
 
 __all__ = [
+    "BUILTIN",
     "HEAD_BYTES",
     "Format",
     "detect",
@@ -120,7 +121,8 @@ _table: dict[str, Format | tuple[str, Kind]] = {
     "dcp": ("safeckpt.formats.dcp", "dir"),
     "torch": ("safeckpt.formats.torch_pickle", "file"),
 }
-_BUILTIN = frozenset(_table)
+# the formats safeckpt ships (they cannot be unregistered)
+BUILTIN: frozenset[str] = frozenset(_table)
 
 
 def _load(name: str) -> Format:
@@ -193,7 +195,7 @@ def unregister_format(name: str) -> None:
     Example:
         >>> unregister_format("npz")
     """
-    if name in _BUILTIN:
+    if name in BUILTIN:
         raise ValueError(f"{name!r} is a built-in format and cannot be removed")
     if name not in _table:
         raise KeyError(f"no format named {name!r} is registered")
