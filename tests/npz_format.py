@@ -78,7 +78,10 @@ def verify(path: Path) -> list[str]:
     return [] if bad is None else [f"{path}: entry {bad} fails its CRC"]
 
 
-FORMAT = Format("npz", (".npz",), "file", sniff=sniff, read=read, write=write, verify=verify)
+# zip stores a CRC-32 of each array (its .npy header and data): verify checks both regions
+FORMAT = Format(
+    "npz", (".npz",), "file", sniff=sniff, read=read, write=write, verify=verify, checksummed=frozenset({"header", "data"})
+)
 
 
 def register() -> None:

@@ -76,7 +76,7 @@ def test_an_outside_format_round_trips_through_open_convert_and_the_cli(
     src = tmp_path / "w.safetensors"
     save_file(SD, src)
 
-    out = safeckpt.convert(src, tmp_path / "w.npz", format="npz", verify=True)  # read back by content
+    out = safeckpt.convert(src, tmp_path / "w.npz", verify=True)  # the plugin's extension picks it
     with np.load(out, allow_pickle=False) as z:  # the real consumer of the format reads what we wrote
         assert sorted(z.files) == sorted(SD)
         for k, v in SD.items():
@@ -99,7 +99,8 @@ def test_an_outside_format_round_trips_through_open_convert_and_the_cli(
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "npz"
     assert cli.main(["verify", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["format"] == "npz"
+    verified = json.loads(capsys.readouterr().out)
+    assert verified["format"] == "npz" and verified["checksums"] == {"header": "ok", "data": "ok"}
     assert cli.main(["convert", str(out), str(tmp_path / "cli.safeckpt")]) == 0
     assert torch.equal(safeckpt.load(tmp_path / "cli.safeckpt")["l1.weight"], SD["l1.weight"])
 

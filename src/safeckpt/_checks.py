@@ -46,8 +46,12 @@ def regions(fmt_name: str, path: Path, problems: list[str]) -> dict[str, str]:
             return _torch(path, problems)
     except (CheckpointError, OSError, ValueError):
         pass  # unreadable structure: nothing can be said to be verified
-    # dcp (tensor bytes stored raw, the metadata a pickle) and anything unknown: no checksums
-    return dict.fromkeys(REGIONS, NONE)
+    # dcp (tensor bytes stored raw, the metadata a pickle): no checksums; a registered format says
+    # which regions its own verify covers by checksum (`Format.checksummed`)
+    from . import formats
+
+    covered = formats.get(fmt_name).checksummed if fmt_name in formats.names() else frozenset()
+    return {r: (FAILED if problems else OK) if r in covered else NONE for r in REGIONS}
 
 
 def summary(found: dict[str, str], problems: Iterable[str]) -> str:

@@ -59,6 +59,8 @@ class Format:
         write: ``write(ckpt, path, **options) -> Path``, or ``None`` if read-only.
         write_options: the keyword options ``write`` takes; any other is a ``TypeError``.
         verify: ``verify(path) -> list[str]``, the format's own integrity checks (problems found).
+        checksummed: the regions (``"header"``, ``"data"``) ``verify`` checks against stored checksums
+            in every file of this format; ``safeckpt verify`` reports the others as not verified.
         globals_report: for pickle-based formats, ``globals_report(path, allow=()) -> [(name, allowed)]``.
 
     Example:
@@ -74,6 +76,7 @@ class Format:
     write: Callable[..., Path] | None = None
     write_options: frozenset[str] = frozenset()
     verify: Callable[[Path], list[str]] | None = None
+    checksummed: frozenset[str] = frozenset()
     globals_report: Callable[..., list[tuple[str, bool]]] | None = None
 
     @property
