@@ -1,0 +1,96 @@
+"""Hostile inputs, round 2 (issue 18): files whose cost is the attack. Each class is refused with a
+`CheckpointError` naming the file (not run slowly to the end, not a crash in another exception
+type), and the legitimate neighbours of each class (big-int keys, tuple keys, ...) still read.
+The limits are the resource model's: ``formats/resource-model.md``."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import pickle
+from pathlib import Path
+
+import msgpack
+import pytest
+from make_cost_attacks import COST, NATIVE_VALUES, SMALL, native_value
+
+import safeckpt
+from safeckpt import _budget
+from safeckpt.errors import CheckpointError, CorruptCheckpointError
+
+FLOODS = [n for n in SMALL if "flood" in n and not n.startswith("n_")]
+
+
+def test_cost_corpus_is_what_the_generator_writes() -> None:
+    for name, make in SMALL.items():
+        assert (COST / name).read_bytes() == make(), f"{name} is stale: run tests/attacks/make_cost_attacks.py"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", FLOODS)
+def test_hash_flood_is_refused(name: str) -> None:
+    path = COST / name
+    with pytest.raises(CorruptCheckpointError) as info:
+        safeckpt.open(path).to_python()
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "hash" in msg or "memo index" in msg, msg
+
+
+def _pickle_file(tmp_path: Path, obj: object) -> Path:
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    return path
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {2**70 + i: i for i in range(500)},  # big int keys that do not collide
+        {(i, -1, -2, float(i)): i for i in range(500)},  # tuple keys, -1/-2 share a hash
+        {i: {(-1,) * 3: 1, (-2,) * 3: 2} for i in range(100)},
+        {frozenset({2**64 + i}) for i in range(200)},
+        {0: {"step": 3, "exp_avg": [1.0]}, "param_groups": [{"params": [0], "betas": (0.9, 0.999)}]},
+    ],
+    ids=["bigint-keys", "tuple-keys", "minus-one-two", "frozensets", "optimizer"],
+)
+def test_keys_that_round_trip_today_still_do(tmp_path: Path, obj: object) -> None:
+    assert safeckpt.open(_pickle_file(tmp_path, obj)).to_python() == obj
+    native_path = safeckpt.save(tmp_path / "ok.safeckpt", {"v": obj})
+    assert safeckpt.open(native_path).to_python() == {"v": obj}
+
+
+def test_colliding_keys_up_to_the_limit_read(tmp_path: Path) -> None:
+    keys = [1 + i * (2**61 - 1) for i in range(_budget.MAX_SHARED_HASH)]
+    obj = {k: None for k in keys}
+    assert safeckpt.open(_pickle_file(tmp_path, obj)).to_python() == obj
+    assert safeckpt.open(safeckpt.save(tmp_path / "ok.safeckpt", {"v": obj})).to_python() == {"v": obj}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_VALUES))
+def test_native_ext_values_are_validated(name: str) -> None:
+    path = COST / f"n_{name}.safeckpt"
+    with pytest.raises(CheckpointError) as info:
+        tree = safeckpt.open(path).to_python()
+        repr(tree)  # what we return must print
+    msg = str(info.value)
+    assert str(path) in msg and "()" not in msg, msg
+
+
+def test_native_values_the_pickle_side_accepts_still_read(tmp_path: Path) -> None:
+    ok = {
+        "ns": argparse.Namespace(lr=0.1, name="x"),
+        "big": -(2**5000),
+        "cx": complex(1, 2),
+        "ba": bytearray(b"xy"),
+    }
+    out = safeckpt.open(safeckpt.save(tmp_path / "ok.safeckpt", ok)).to_python()
+    assert out == ok and repr(out)
+
+
+def test_windows_path_reads_as_its_pure_flavour(tmp_path: Path) -> None:
+    """A WindowsPath cannot exist on Linux (constructing one raised NotImplementedError from open())."""
+    path = tmp_path / "w.safeckpt"
+    path.write_bytes(native_value(msgpack.ExtType(14, msgpack.packb(["WindowsPath", "C:\\x"]))))
+    value = safeckpt.open(path)["v"]
+    assert isinstance(value, pathlib.PurePath) and str(value) == "C:\\x"
