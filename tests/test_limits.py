@@ -334,18 +334,15 @@ def test_dcp_metadata_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         safeckpt.open(root)
 
 
-def test_dcp_chunk_overlap_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checking that a tensor's chunks do not overlap compares interleaved pairs; a layout needing
-    more than MAX_OVERLAP_CHECKS comparisons for one tensor is refused rather than checked for hours."""
+def test_dcp_chunk_overlap_check_is_exact_without_a_pair_budget() -> None:
+    """DCP and safeckpt-sharded share one O(n log n) tiling check (formats/_tiling.py): a grid
+    tiling passes however interleaved, an overlap with the same total volume is named."""
     where = types.SimpleNamespace(bad=lambda what: CorruptCheckpointError(f"ckpt/.metadata: {what}"))
-    grid = [dcp.Chunk((i, j), (1, 1)) for i in range(3) for j in range(3)]  # 3 rows x 3 pairs each
-    monkeypatch.setattr(dcp, "MAX_OVERLAP_CHECKS", 9)
-    dcp._no_overlaps(where, "w", grid)
-    monkeypatch.setattr(dcp, "MAX_OVERLAP_CHECKS", 8)
-    with pytest.raises(
-        CorruptCheckpointError, match=r"ckpt/.metadata: tensor 'w' has too many interleaved chunks to check \(9\)"
-    ):
-        dcp._no_overlaps(where, "w", grid)
+    grid = [dcp.Chunk((i, j), (1, 1)) for i in range(30) for j in range(30)]
+    dcp._no_overlaps(where, "w", grid, (30, 30))
+    grid[-1] = dcp.Chunk((0, 0), (1, 1))
+    with pytest.raises(CorruptCheckpointError, match=r"ckpt/.metadata: tensor 'w': chunks at \[0, 0\] and \[0, 0\] overlap"):
+        dcp._no_overlaps(where, "w", grid, (30, 30))
 
 
 def test_save_refuses_ext_nesting_reading_would_refuse(tmp_path: Path) -> None:

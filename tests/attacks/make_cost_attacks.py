@@ -164,10 +164,13 @@ def stride0_view(numel: int = 2**31) -> bytes:
 # -- safeckpt-sharded -------------------------------------------------------------------------------
 
 
-def sharded_tiling_index(n: int) -> dict[str, object]:
-    """A safeckpt-sharded index whose one tensor is tiled by n chunks (the O(n**2) check)."""
-    chunks = [{"file": "s.safetensors", "key": f"c{i}", "offsets": [i], "lengths": [1]} for i in range(n)]
-    return {"n": n, "chunks": chunks}
+def tiled_chunks(n: int, start: int) -> list[dict[str, object]]:
+    """n one-element chunks tiling a (1, n) float tensor stored from byte ``start`` of shard 0.
+    All share their first offset: a check sorted by it compares every pair (O(n**2))."""
+    return [
+        {"file": 0, "key": "w", "offsets": [0, i], "sizes": [1, 1], "bytes": [start + 4 * i, start + 4 * i + 4]}
+        for i in range(n)
+    ]
 
 
 SMALL: dict[str, Callable[[], bytes]] = {
