@@ -184,7 +184,7 @@ def test_pickle_integer_size(tmp_path: Path) -> None:
     path = _pickle_file(tmp_path, pickle.dumps({"n": big * 256}, protocol=2))
     with pytest.raises(
         CorruptCheckpointError,
-        match=rf"{path}: malformed pickle at byte \d+: an integer of {_pickle.MAX_LONG_BYTES + 1} bytes \(limit {_pickle.MAX_LONG_BYTES}\)"
+        match=rf"{path}: malformed pickle at byte \d+: an integer of {_pickle.MAX_LONG_BYTES + 1} bytes \(limit {_pickle.MAX_LONG_BYTES}\)",
     ):
         safeckpt.open(path)
 
@@ -341,7 +341,9 @@ def test_dcp_chunk_overlap_check_is_exact_without_a_pair_budget() -> None:
     grid = [dcp.Chunk((i, j), (1, 1)) for i in range(30) for j in range(30)]
     dcp._no_overlaps(where, "w", grid, (30, 30))
     grid[-1] = dcp.Chunk((0, 0), (1, 1))
-    with pytest.raises(CorruptCheckpointError, match=r"ckpt/.metadata: tensor 'w': chunks at \[0, 0\] and \[0, 0\] overlap"):
+    with pytest.raises(
+        CorruptCheckpointError, match=r"ckpt/.metadata: tensor 'w': chunks at \[0, 0\] and \[0, 0\] overlap"
+    ):
         dcp._no_overlaps(where, "w", grid, (30, 30))
 
 

@@ -36,7 +36,7 @@ def tiling_error(shape: Sequence[int], boxes: Sequence[Box]) -> str | None:
         'its chunks do not cover its shape [4] exactly'
     """
     for o, s in boxes:
-        if len(o) != len(shape) or len(s) != len(shape) or any(a + b > d for a, b, d in zip(o, s, shape)):
+        if len(o) != len(shape) or len(s) != len(shape) or any(a + b > d for a, b, d in zip(o, s, shape, strict=False)):
             return f"chunk at {list(o)} of {list(s)} lies outside {list(shape)}"
     solid = [(tuple(o), tuple(s)) for o, s in boxes if all(s)]
     if sum(math.prod(s) for _, s in solid) != math.prod(shape):
@@ -58,7 +58,7 @@ def _corner_sums(boxes: Sequence[Box], split: list[int]) -> list[tuple[tuple[int
     for o, s in boxes:
         ends = [(o[i], o[i] + s[i]) for i in split]
         for pick in itertools.product((0, 1), repeat=len(split)):
-            corners.append((tuple(e[p] for e, p in zip(ends, pick)), -1 if sum(pick) % 2 else 1))
+            corners.append((tuple(e[p] for e, p in zip(ends, pick, strict=True)), -1 if sum(pick) % 2 else 1))
     corners.sort()
     out: list[tuple[tuple[int, ...], int]] = []
     for point, sign in corners:
@@ -83,6 +83,6 @@ def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> str | None
             budget -= 1
             if budget < 0:
                 return None
-            if all(a < c + d and c < a + b for a, b, c, d in zip(o, s, p, q)):
+            if all(a < c + d and c < a + b for a, b, c, d in zip(o, s, p, q, strict=True)):
                 return f"chunks at {list(o)} and {list(p)} overlap"
     return None

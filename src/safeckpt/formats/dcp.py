@@ -30,8 +30,8 @@ from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointEr
 from ..tree import Checkpoint, TensorRef, path_name
 from . import _safetensors as st
 from . import _zip, torch_pickle
-from ._tiling import tiling_error
 from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
+from ._tiling import tiling_error
 
 NAME = "dcp"
 EXTENSIONS: tuple[str, ...] = ()
