@@ -32,10 +32,11 @@ __all__ = [
 MAX_SHARED_HASH = 64
 # an int must print: Python refuses str() of ints over 4300 decimal digits (about 1785 bytes)
 MAX_INT_BYTES = 1780
-# a tensor view may address at most this many times the bytes of its storage, plus VIEW_ALLOWANCE
+# a file's expanded views (more elements than stored bytes) may together take at most this many
+# times the file's size once loaded, plus VIEW_ALLOWANCE
 # (a stride-0 view of 2**31 elements over 4 bytes would otherwise become 8 GiB on convert)
 MAX_VIEW_EXPANSION = 16
-VIEW_ALLOWANCE = 1 << 20
+VIEW_ALLOWANCE = 64 << 20
 _P = sys.hash_info.modulus  # 2**61 - 1 on 64-bit builds
 
 

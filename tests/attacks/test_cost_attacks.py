@@ -113,3 +113,24 @@ def test_sharded_tiling_check_is_not_quadratic(tmp_path: Path) -> None:
     path.write_bytes(msgpack.packb(index, use_bin_type=True))
     with pytest.raises(CorruptCheckpointError, match=r"tensor 'w': chunks at \[0, 0\] and \[0, 0\] overlap"):
         safeckpt_sharded.read_index(root)
+
+
+@pytest.mark.timeout(60)
+def test_stride0_view_past_the_budget_is_refused(tmp_path: Path) -> None:
+    """2**31 floats over a 4-byte storage: convert used to write 8 GiB from a 960-byte file."""
+    path = COST / "c07_stride0_view.pt"
+    for entry in (lambda: safeckpt.open(path), lambda: safeckpt.convert(path, tmp_path / "out.safeckpt")):
+        with pytest.raises(
+            CorruptCheckpointError, match=r"w: an expanded view of \[2147483648\] .* more than the limit"
+        ):
+            entry()
+    assert not (tmp_path / "out.safeckpt").exists()
+
+
+def test_small_expanded_views_still_read(tmp_path: Path) -> None:
+    """torch.expand views within the allowance read as torch.load reads them."""
+    state = {"mask": torch.ones(1).expand(1024, 1024), "w": torch.arange(4.0)}
+    path = tmp_path / "ok.pt"
+    torch.save(state, path)
+    out = safeckpt.load(path)
+    assert torch.equal(out["mask"], state["mask"]) and torch.equal(out["w"], state["w"])

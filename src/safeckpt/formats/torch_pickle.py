@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
@@ -570,6 +571,7 @@ class _Tree:
         self.budget = budget
         self.active: set[int] = set()
         self.refs: dict[tuple[int, tuple[Any, ...]], TensorRef] = {}
+        self.expanded = 0  # bytes the file's expanded views add once loaded
 
     def err(self, path: tuple[Any, ...], what: str) -> CorruptCheckpointError:
         where = "/".join(map(str, path)) or "the root"
@@ -644,6 +646,7 @@ class _Tree:
         if isinstance(obj, Storage):  # a bare storage: read it as the 1-D tensor of its elements
             obj = TensorSpec(obj, 0, (obj.numel,), (1,), obj.dtype)
         s = obj.storage
+        self._check_expansion(obj, path)
         view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
         return TensorRef(
             path_name(path),
@@ -657,6 +660,23 @@ class _Tree:
             parameter=obj.parameter,
             span=self._span(obj),
         )
+
+    def _check_expansion(self, spec: TensorSpec, path: tuple[Any, ...]) -> None:
+        """Views that address more bytes than they store (stride 0: torch.expand) cost memory once
+        loaded or converted: all of a file's together may exceed its size at most by the resource
+        model's bound (a 2**31-element view of 4 bytes was 8 GiB from a 384-byte file)."""
+        logical = math.prod(spec.size) * spec.dtype.itemsize
+        if logical <= spec.storage.nbytes:
+            return
+        self.expanded += logical - spec.storage.nbytes
+        bound = MAX_VIEW_EXPANSION * self.reader.size + VIEW_ALLOWANCE
+        if self.expanded > bound:
+            raise self.err(
+                path,
+                f"an expanded view of {list(spec.size)} ({logical} bytes) over a storage of {spec.storage.nbytes} "
+                f"bytes: the file's views would take {self.expanded} bytes once loaded, more than the limit of "
+                f"{bound} (formats/resource-model.md); re-save the tensor contiguous (t.contiguous()) if it is real",
+            )
 
     def _span(self, spec: TensorSpec) -> Span | None:
         """Where the tensor's bytes lie as they are, if they do (contiguous, little-endian, no
