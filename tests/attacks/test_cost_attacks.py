@@ -6,6 +6,7 @@ The limits are the resource model's: ``formats/resource-model.md``."""
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import pickle
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from make_cost_attacks import COST, NATIVE_VALUES, SMALL, native_value, tiled_chunks
 
 import safeckpt
-from safeckpt import _budget
+from safeckpt import _budget, hub
 from safeckpt.errors import CheckpointError, CorruptCheckpointError
 from safeckpt.formats import safeckpt_sharded
 
@@ -134,3 +135,53 @@ def test_small_expanded_views_still_read(tmp_path: Path) -> None:
     torch.save(state, path)
     out = safeckpt.load(path)
     assert torch.equal(out["mask"], state["mask"]) and torch.equal(out["w"], state["w"])
+
+
+def _shard(root: Path) -> Path:
+    return next(p for p in root.iterdir() if p.name.endswith(".safetensors"))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["symlink-out", "fifo"])
+def test_sharded_shard_named_by_the_index_is_a_plain_file_inside(tmp_path: Path, how: str) -> None:
+    """One rule for every directory format (_fs.member_problem): the safeckpt-sharded reader used to
+    follow a shard symlink out of its directory and to hang opening a FIFO."""
+    root = safeckpt.save(tmp_path / "d", {"w": torch.arange(4.0)}, format="safeckpt-sharded")
+    shard = _shard(root)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    if how == "fifo":
+        os.mkfifo(shard)
+    else:
+        shard.symlink_to(outside)
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint directory|not a regular file") as info:
+        safeckpt.load(root)
+    assert str(shard) in str(info.value)
+
+
+def test_sharded_shard_symlink_inside_the_directory_still_reads(tmp_path: Path) -> None:
+    root = safeckpt.save(tmp_path / "d", {"w": torch.arange(4.0)}, format="safeckpt-sharded")
+    shard = _shard(root)
+    (root / "real.bin").write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to("real.bin")
+    assert torch.equal(safeckpt.load(root)["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["hf://me/run@..%2F..%2F..%2Fetc/passwd", "hf://me/run@%2Fetc/x", "hf://me/run@.hidden/x", "hf://me/run@a%00b/x"],
+)
+def test_hf_revision_is_a_ref_name_not_a_path(uri: str) -> None:
+    with pytest.raises(ValueError, match="is not a branch, tag or commit name"):
+        hub.parse_uri(uri)
+    with pytest.raises((ValueError, CheckpointError)):
+        safeckpt.open(uri)
+
+
+@pytest.mark.parametrize(
+    "rev", ["main", "v1.0", "refs%2Fpr%2F3", "0123456789abcdef0123456789abcdef01234567", "my-branch/sub"]
+)
+def test_hf_revisions_that_name_refs_still_parse(rev: str) -> None:
+    assert hub.parse_uri(f"hf://me/run@{rev}/x.safeckpt").revision

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._fs import MappedFile
+from .._fs import MappedFile, member_problem
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import Checkpoint, TensorRef, path_name
 from . import _safetensors as st
@@ -387,7 +387,7 @@ class _Dir:
                     "directory; safeckpt reads only files next to .metadata (the file was crafted or damaged)"
                 )
             target = self.path / name
-            if os.path.dirname(os.path.realpath(target)) != self._real or not target.is_file():
+            if member_problem(self.path, name) is not None:  # the rule every directory format shares
                 raise self.bad(
                     f"the storage entry of {fqn!r} points to {name!r}, which is missing or not a regular file in "
                     f"{self.path} (copy every .distcp file of the checkpoint)"

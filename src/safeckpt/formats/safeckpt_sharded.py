@@ -26,7 +26,7 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, naming, write_all
+from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
@@ -157,6 +157,11 @@ class _Shard:
 
     @functools.cached_property
     def header(self) -> st.Header:
+        problem = member_problem(self.path.parent, self.path.name)
+        if problem == "does not exist":
+            raise self._missing()
+        if problem is not None:  # a symlink out of the directory, a FIFO (which would hang open())
+            raise CorruptCheckpointError(f"{self.path}: the shard {problem}; refusing to read it")
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, IsADirectoryError):
