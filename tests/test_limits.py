@@ -284,10 +284,13 @@ def test_tensor_dims(tmp_path: Path) -> None:
 
 
 def test_tensor_elements(tmp_path: Path) -> None:
-    """An expanded (stride-0) view may have more elements than its storage, up to 2**62; its
-    bytes are never materialized by reading."""
-    ok = _torch_file(tmp_path / "ok.pt", (2**31, 2**31), (0, 0))
-    assert safeckpt.open(ok).tensors()["t"].load().shape == (2**31, 2**31)
+    """An expanded (stride-0) view may have more elements than its storage within the resource
+    model's bound (formats/resource-model.md: 16x the file + 64 MiB once loaded), never past 2**62."""
+    ok = _torch_file(tmp_path / "ok.pt", (1024, 1024), (0, 0))
+    assert safeckpt.open(ok).tensors()["t"].load().shape == (1024, 1024)
+    big = _torch_file(tmp_path / "big.pt", (2**31, 2**31), (0, 0))
+    with pytest.raises(CorruptCheckpointError, match=rf"{big}: t: an expanded view of \[2147483648, 2147483648\]"):
+        safeckpt.open(big)
     path = _torch_file(tmp_path / "elements.pt", (2**31, 2**31 + 1), (0, 0))
     with pytest.raises(CorruptCheckpointError, match=rf"{path} \(data.pkl\): .*beyond 4611686018427387904 elements"):
         safeckpt.open(path)

@@ -23,7 +23,7 @@ import msgpack
 HERE = Path(__file__).resolve().parent
 COST = HERE / "cost"
 sys.path.insert(0, str(HERE))
-from make_attacks import P2, P4, STOP, glob, num, state_dict, storage_pid, tensor_v2, torch_zip  # noqa: E402
+from make_attacks import P2, P4, STOP, benign_zip, glob, num, state_dict, storage_pid, tensor_v2, torch_zip  # noqa: E402
 
 P61 = 2**61 - 1  # CPython's int hash is x mod P61: 1, 1 + P61, 1 + 2*P61... all hash alike
 
@@ -173,6 +173,27 @@ def tiled_chunks(n: int, start: int) -> list[dict[str, object]]:
     ]
 
 
+# -- zip differentials: structures torch's reader (miniz) and ours could resolve differently ----------
+
+
+def zip_two_eocd() -> bytes:
+    """A second end-of-central-directory record hidden in the first one's comment."""
+    data = benign_zip()
+    eocd = data[-22:]
+    assert eocd[:4] == b"PK\x05\x06" and eocd[-2:] == b"\x00\x00"
+    return data[:-22] + eocd[:-2] + struct.pack("<H", 22) + eocd
+
+
+def zip_central_directory_slack(gap: int = 46, count_it: bool = True) -> bytes:
+    """Bytes between the central directory and its end record (counted in its size, or not)."""
+    data = benign_zip()
+    eocd = bytearray(data[-22:])
+    if count_it:
+        (size,) = struct.unpack_from("<I", eocd, 12)
+        struct.pack_into("<I", eocd, 12, size + gap)
+    return data[:-22] + b"\x00" * gap + bytes(eocd)
+
+
 SMALL: dict[str, Callable[[], bytes]] = {
     "c01_pickle_dict_flood.pkl": lambda: pickle_dict_flood(500),
     "c02_pickle_set_flood.pkl": lambda: pickle_set_flood(500),
@@ -181,6 +202,9 @@ SMALL: dict[str, Callable[[], bytes]] = {
     "c05_pickle_memo_key_flood.pkl": lambda: pickle_memo_key_flood(500),
     "c06_native_key_flood.safeckpt": lambda: native_key_flood(500),
     "c07_stride0_view.pt": stride0_view,
+    "z01_two_eocd.pt": zip_two_eocd,
+    "z02_central_directory_slack.pt": zip_central_directory_slack,
+    "z03_central_directory_gap.pt": lambda: zip_central_directory_slack(10, count_it=False),
     **{f"n_{name}.safeckpt": (lambda v=v: native_value(v)) for name, v in NATIVE_VALUES.items()},
 }
 

@@ -185,3 +185,18 @@ def test_hf_revision_is_a_ref_name_not_a_path(uri: str) -> None:
 )
 def test_hf_revisions_that_name_refs_still_parse(rev: str) -> None:
     assert hub.parse_uri(f"hf://me/run@{rev}/x.safeckpt").revision
+
+
+@pytest.mark.parametrize(
+    "name, cause",
+    [
+        ("z01_two_eocd.pt", "more than one end-of-central-directory record"),
+        ("z02_central_directory_slack.pt", r"the central directory holds 46 bytes after its \d+ entries"),
+        ("z03_central_directory_gap.pt", "does not end at its end record"),
+    ],
+)
+def test_zip_structures_readers_could_resolve_differently_are_refused(name: str, cause: str) -> None:
+    path = COST / name
+    with pytest.raises(CorruptCheckpointError, match=cause) as info:
+        safeckpt.open(path)
+    assert str(path) in str(info.value)
