@@ -64,6 +64,11 @@ def pickle_empty_set_flood(n: int) -> bytes:
     return P4 + b"](" + b"\x8f" * n + b"e" + STOP
 
 
+def pickle_empty_frozenset_flood(n: int) -> bytes:
+    """Two bytes (MARK, FROZENSET) per empty frozenset."""
+    return P4 + b"](" + b"(\x91" * n + b"e" + STOP
+
+
 def pickle_memo_flood(n: int) -> bytes:
     """One empty dict memoized n times (MEMOIZE), then fetched n times: the memo grows per byte."""
     return P4 + b"](}" + b"\x94" * n + b"e" + STOP

@@ -10,11 +10,21 @@ import os
 import pathlib
 import pickle
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 import torch
-from make_cost_attacks import COST, NATIVE_VALUES, SMALL, native_value, tiled_chunks
+from make_cost_attacks import (
+    COST,
+    NATIVE_VALUES,
+    SMALL,
+    native_value,
+    pickle_empty_frozenset_flood,
+    pickle_empty_set_flood,
+    safetensors_many_dims,
+    tiled_chunks,
+)
 
 import safeckpt
 from safeckpt import _budget, hub
@@ -200,3 +210,22 @@ def test_zip_structures_readers_could_resolve_differently_are_refused(name: str,
     with pytest.raises(CorruptCheckpointError, match=cause) as info:
         safeckpt.open(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("make", [pickle_empty_set_flood, pickle_empty_frozenset_flood], ids=["EMPTY_SET", "FROZENSET"])
+def test_set_flood_is_refused_by_a_byte_budget(tmp_path: Path, make: Any) -> None:
+    """One opcode byte per 216-byte set: 1 MB of pickle was 450 MB and 19 s; now the VM charges bytes built."""
+    path = tmp_path / "flood.pkl"
+    path.write_bytes(make(2_000_000))
+    with pytest.raises(CorruptCheckpointError, match="bytes of objects per byte of input"):
+        safeckpt.open(path).to_python()
+
+
+def test_safetensors_shape_of_many_dims_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dims.safetensors"
+    path.write_bytes(safetensors_many_dims(500_000))
+    with pytest.raises(CorruptCheckpointError, match=r"has 500000 dimensions \(limit 64"):
+        safeckpt.open(path)
+    path.write_bytes(safetensors_many_dims(64))
+    assert safeckpt.open(path).tensors()["t"].shape == (1,) * 63 + (0,)

@@ -55,6 +55,9 @@ MAX_LONG_BYTES = MAX_INT_BYTES  # LONG1/LONG4 payload: larger ints cannot even b
 MAX_MEMO_INDEX = 1 << 32  # text PUT/GET indices: a huge one costs quadratic parsing and floods the memo's hash
 MAX_KEY_ITEMS = 1024  # elements in a tuple/frozenset used as a dict key or set member (hashing cost)
 HIGHEST_PROTOCOL = 5
+ALLOC_PER_BYTE = 64  # bytes of objects the VM may build per byte of pickle, beyond ALLOC_ALLOWANCE
+ALLOC_ALLOWANCE = 64 << 20
+_SET_BYTES = 216  # sys.getsizeof(set()): built from one opcode byte
 
 _NO_VALUE: Any = object()
 
@@ -560,6 +563,9 @@ class _VM:
         self.memo: dict[int, Any] = {}
         self.buildable: dict[int, tuple[Any, Callable[[Any, Any], Any]]] = {}
         self.guards: dict[int, tuple[Any, KeyGuard]] = {}  # per dict/set that got collidable keys
+        # bytes the VM may allocate for objects bigger than the opcode bytes that make them (an
+        # empty set is 216 bytes from one opcode byte): the resource model's constant x input + allowance
+        self.alloc_left = ALLOC_PER_BYTE * self.n + ALLOC_ALLOWANCE
         self.proto = 0
         self.base = 0  # where this pickle starts in its file (for messages)
 
@@ -623,6 +629,14 @@ class _VM:
             _guard_keys(keys, entry[1])
         except CorruptCheckpointError as e:
             raise self.err(str(e)) from None
+
+    def charge(self, nbytes: int) -> None:
+        self.alloc_left -= nbytes
+        if self.alloc_left < 0:
+            raise self.err(
+                f"the pickle builds more than {ALLOC_PER_BYTE} bytes of objects per byte of input "
+                "(an amplification flood, formats/resource-model.md)"
+            )
 
     def memo_put(self, idx: int) -> None:
         if len(self.memo) >= MAX_MEMO and idx not in self.memo:
@@ -974,8 +988,14 @@ def _additems(vm: _VM) -> None:
     target.update(items)
 
 
+def _empty_set(vm: _VM) -> None:
+    vm.charge(_SET_BYTES)
+    vm.stack.append(set())
+
+
 def _frozenset_op(vm: _VM) -> None:
     items = vm.pop_mark()
+    vm.charge(_SET_BYTES)
     try:
         _guard_keys(items)
     except CorruptCheckpointError as e:
@@ -1013,7 +1033,7 @@ _OPS: dict[int, Callable[[_VM], object]] = {
     0x5D: lambda vm: vm.stack.append([]),
     0x6C: lambda vm: vm.stack.append(vm.pop_mark()),  # LIST
     0x64: _dict,
-    0x8F: lambda vm: vm.stack.append(set()),
+    0x8F: _empty_set,
     0x90: _additems,
     0x91: _frozenset_op,
     0x61: _append,
