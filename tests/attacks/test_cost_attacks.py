@@ -229,3 +229,21 @@ def test_safetensors_shape_of_many_dims_is_refused(tmp_path: Path) -> None:
         safeckpt.open(path)
     path.write_bytes(safetensors_many_dims(64))
     assert safeckpt.open(path).tensors()["t"].shape == (1,) * 63 + (0,)
+
+
+@pytest.mark.parametrize(
+    "pkl", [b"\x80\x02cmy-mod\nThi ng\n)R.", b"\x80\x02\x8c\x03a.b\x8c\x00\x93)R."], ids=["dash-space", "empty-name"]
+)
+def test_verify_reports_odd_global_names_without_crashing(
+    tmp_path: Path, pkl: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify fed refused names back as allow= patterns; names allow= cannot take crashed it (exit 2)."""
+    from safeckpt import cli
+
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(pkl)
+    assert cli.main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "refers to globals safeckpt does not allow" in out
+    with pytest.raises(CheckpointError, match="cannot name a real class"):
+        safeckpt.open(path)

@@ -533,6 +533,8 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
             "saved as torch.save(model.state_dict()); or, if you trust the file, read its tensors as inert records "
             f"by passing allow={real!r} to safeckpt.open (see formats/torch.md)."
         )
+    elif any(not _GLOBAL_NAME.match(n) for n in real):
+        msg += " A name that is not a dotted Python identifier cannot name a real class: the file was crafted."
     elif real and not opcodes:
         msg += (
             " If you trust this file and these classes only hold data, read them as inert records: pass "

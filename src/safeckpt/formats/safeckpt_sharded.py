@@ -290,7 +290,9 @@ def read_index(root: Path) -> dict[str, Any]:
             "without an index are what an interrupted save leaves: save again, or open another checkpoint)"
         ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{path}: the index is not valid msgpack ({e}); the file is damaged") from None
+        raise CorruptCheckpointError(
+            f"{path}: the index is not valid msgpack ({codec._detail(e)}); the file is damaged"
+        ) from None
 
     def need(ok: bool, what: str) -> None:
         if not ok:

@@ -806,7 +806,8 @@ def verify(path: Path) -> list[str]:
         refused = [n for n, ok in globals_report(path) if not ok]
         if refused:
             problems.append(f"{path}: refers to globals safeckpt does not allow: {', '.join(refused)}")
-            if any(_pickle.is_denied(n) or n.startswith("<") for n in refused):
+            # only names allow= takes can be fed back to read the rest as inert data
+            if any(_pickle.is_denied(n) or not _pickle._GLOBAL_NAME.match(n) for n in refused):
                 return problems
         reader, _ = _load(path, tuple(refused))
         if reader.info.get("container") == "zip":
