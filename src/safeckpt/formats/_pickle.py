@@ -58,6 +58,7 @@ HIGHEST_PROTOCOL = 5
 ALLOC_PER_BYTE = 64  # bytes of objects the VM may build per byte of pickle, beyond ALLOC_ALLOWANCE
 ALLOC_ALLOWANCE = 64 << 20
 _SET_BYTES = 216  # sys.getsizeof(set()): built from one opcode byte
+_MEMO_ENTRY_BYTES = 64
 
 _NO_VALUE: Any = object()
 
@@ -643,6 +644,8 @@ class _VM:
     def memo_put(self, idx: int) -> None:
         if len(self.memo) >= MAX_MEMO and idx not in self.memo:
             raise self.err(f"more than {MAX_MEMO} memo entries")
+        if idx not in self.memo:
+            self.charge(_MEMO_ENTRY_BYTES)  # MEMOIZE: one byte for a dict slot and an int
         self.memo[idx] = self.top()
 
     def memo_get(self, idx: int) -> None:
