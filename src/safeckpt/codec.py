@@ -151,6 +151,11 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         if _INT64_MIN <= obj <= _UINT64_MAX:
             return obj
         n = (obj.bit_length() + 8) // 8
+        if n > MAX_INT_BYTES:  # refused at save as at load: it could not even be printed
+            raise TypeError(
+                f"{where(path)} is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
+                "(about 4300 decimal digits, the most Python prints); store it as bytes or a string"
+            )
         return _ext(Ext.BIGINT, obj.to_bytes(n, "big", signed=True))
     if cls is list:
         return [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)]

@@ -247,3 +247,10 @@ def test_verify_reports_odd_global_names_without_crashing(
     assert "REFUSED" in out and "refers to globals safeckpt does not allow" in out
     with pytest.raises(CheckpointError, match="cannot name a real class"):
         safeckpt.open(path)
+
+
+def test_int_size_is_refused_at_save_as_at_load(tmp_path: Path) -> None:
+    ok = {"n": -(2 ** (8 * _budget.MAX_INT_BYTES - 9))}
+    assert safeckpt.load(safeckpt.save(tmp_path / "ok.safeckpt", ok)) == ok
+    with pytest.raises(TypeError, match=r"state\['n'\] is an int of 1781 bytes"):
+        safeckpt.save(tmp_path / "big.safeckpt", {"n": 2 ** (8 * _budget.MAX_INT_BYTES)})
