@@ -27,3 +27,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
     total = sum(s["inputs"] for s in stats.values())
     tr.write_line(f"{'total':<18}{total:>8}  (worker restarts: {max(s.get('restarts', 0) for s in stats.values())})")
+    tr.write_sep("-", "fuzz cost per input byte (resource model: formats/resource-model.md)")
+    tr.write_line(
+        f"{'reader':<18}{'worst CPU s/MB':>15}{'(input B)':>11}{'worst peak B/B':>16}{'(input B)':>11}{'max CPU s':>10}{'max peak MiB':>13}"
+    )
+    for reader, s in stats.items():
+        if "cpu_max" not in s:
+            continue
+        tr.write_line(
+            f"{reader:<18}{s['cpu_per_mb']:>15.2f}{s['cpu_per_mb_size']:>11}{s['peak_per_byte']:>16.1f}"
+            f"{s['peak_per_byte_size']:>11}{s['cpu_max']:>10.2f}{s['peak_max'] / 2**20:>13.1f}"
+        )

@@ -15,12 +15,19 @@ format's ``verify``; when detection picks another format, the reader under test 
 directly. The oracle: each call returns or raises a `safeckpt.CheckpointError`. Anything else is an
 escape: another exception type, a worker that dies (a signal: SIGSEGV, SIGBUS), one that does not
 answer within `TIMEOUT` seconds (killed and restarted), or an input whose peak resident memory
-grows by more than its file size plus `SLACK` bytes. Memory is measured as the growth of the
+grows by more than `MEM_PER_BYTE` times its file size plus `SLACK` bytes. Memory is measured as the growth of the
 worker's high-water mark (``VmHWM``, reset before each input through ``/proc/self/clear_refs``); the
 file's own pages count too, which is why the bound is file size plus a fixed slack. The worker also
 runs under ``RLIMIT_AS`` = its warmed-up address space + 1 GiB, so an allocation sized from a
 declared length fails at once (``MemoryError``/``RuntimeError``: an escape) even when its pages are
 never touched.
+
+The cost oracle (the resource model, ``formats/resource-model.md``): each input's CPU time must
+stay within `CPU_FIXED` seconds plus `CPU_PER_MB` per MB of input, else it is an escape too (a
+quadratic check, a hash flood); the harness records the worst CPU time and peak memory per input
+byte it met, printed in pytest's terminal summary. Structure-aware generators aim at the costly
+classes: colliding dict/set keys, empty-set and memo floods, expanded (stride-0) views, wide and deep
+headers and skeletons, and shards replaced by a FIFO or a symlink out of the directory (`SPECIAL`).
 
 The worker is this file run as a script (``python tests/fuzzing.py --worker``).
 """
@@ -51,6 +58,11 @@ from typing import Any
 
 TIMEOUT = float(os.environ.get("SAFECKPT_FUZZ_TIMEOUT", "20"))
 SLACK = 64 << 20
+MEM_PER_BYTE = 64  # the resource model's constant: peak memory <= MEM_PER_BYTE x input + SLACK
+RATIO_MIN_SIZE = 64 << 10  # per-byte costs are reported for inputs this large (fixed costs swamp smaller ones)
+CPU_FIXED = float(os.environ.get("SAFECKPT_FUZZ_CPU_FIXED", "5"))  # seconds any input may take
+_P61 = 2**61 - 1  # CPython's int hash modulus: 1, 1 + _P61, ... all hash alike
+CPU_PER_MB = 20.0  # and per MB of input: O(n log n) readers take well under a second per MB
 AS_HEADROOM = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -89,7 +101,7 @@ def _kinds(name: str, data: bytes) -> tuple[str, ...]:
     elif name.endswith(".msgpack"):
         kinds.append("msgpack")
     elif len(data) >= 10 and data[8:9] == b"{":
-        kinds.append("st_header")
+        kinds += ["st_header", "st_wide"]
         if b'"safeckpt.skeleton"' in data[: 8 + struct.unpack("<Q", data[:8])[0]]:
             kinds.append("skeleton")
     return tuple(kinds)
@@ -118,6 +130,8 @@ def seed_files(reader: str, root: Path, weights: dict[str, int] | None = None) -
         rel = "" if f == root else f.relative_to(root).as_posix()
         data = f.read_bytes()
         kinds = _kinds(f.name, data)
+        if rel and f.name.endswith((".safetensors", ".distcp", ".bin")):  # a file an index names
+            kinds += ("special",)
         seed = Seed(reader, root, rel, data, kinds, _zip_members(data) if "zip" in kinds else None)
         out += [seed] * (weights or {}).get(f.name, 1)
     return out
@@ -341,6 +355,29 @@ def _with_header(draw: Draw, header: Any, rest: bytes) -> bytes:
     return struct.pack("<Q", n) + text + rest
 
 
+def m_st_wide(draw: Draw, data: bytes, seed: Seed, others: list[Seed]) -> bytes:
+    """Wide or deep safetensors headers: many zero-size entries, a shape of many dimensions."""
+    parsed = _header(data)
+    if parsed is None:
+        return data
+    header, rest = parsed
+    s = _st()
+    n = draw(s.sampled_from([65, 1000, 20_000, 200_000]))
+    if draw(s.booleans()):
+        header.update({f"w{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n)})
+    else:
+        header["w"] = {"dtype": "F32", "shape": [1] * (n - 1) + [0], "data_offsets": [0, 0]}
+    return _with_header(draw, header, rest)
+
+
+def m_special(draw: Draw, data: bytes, seed: Seed, others: list[Seed]) -> bytes:
+    """A file named by an index replaced by a FIFO or a symlink out of the directory (`materialize`)."""
+    return draw(_st().sampled_from(SPECIAL))
+
+
+SPECIAL = [b"<safeckpt-fuzz:fifo>", b"<safeckpt-fuzz:symlink-out>"]
+
+
 def m_st_header(draw: Draw, data: bytes, seed: Seed, others: list[Seed]) -> bytes:
     parsed = _header(data)
     if parsed is None:
@@ -384,7 +421,19 @@ def _nested_exts(levels: int) -> bytes:
     return payload
 
 
-MSGPACK_BOMBS += [_nested_exts(65), _nested_exts(400)]
+def _colliding_map(n: int) -> bytes:
+    """A map whose keys are BIGINT exts congruent modulo 2**61-1 (hash flooding the skeleton)."""
+    import msgpack
+
+    keys = [(1 + i * _P61).to_bytes(9, "big", signed=True) for i in range(1, n + 1)]
+    return msgpack.packb({msgpack.ExtType(5, msgpack.packb(k)): None for k in keys}, use_bin_type=True)
+
+
+MSGPACK_BOMBS += [_nested_exts(65), _nested_exts(400), _colliding_map(300)]
+MSGPACK_BOMBS += [
+    b"\xc7\x05\x10\xce\x3b\x9a\xca\x00",  # BYTEARRAY ext of the int 10**9 (not bytes)
+    b"\xc7\x0e\x08\x81\xab_get_kwargs\x01",  # Namespace attribute shadowing a method
+]
 
 
 def mutate_msgpack(draw: Draw, data: bytes, others: list[bytes]) -> bytes:
@@ -568,6 +617,28 @@ PICKLE_SNIPPETS = [
 ]
 
 
+def _long1(n: int) -> bytes:
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+# costly classes (issue 18): each pushes one value, like the snippets above
+COST_SNIPPETS = [
+    b"}(" + b"".join(_long1(1 + i * _P61) + b"N" for i in range(1, 400)) + b"u",  # colliding dict keys
+    b"\x8f(" + b"".join(_long1(1 + i * _P61) for i in range(1, 400)) + b"\x90",  # colliding set members
+    b"(" + b"".join(_long1(1 + i * _P61) for i in range(1, 400)) + b"\x91",  # colliding frozenset
+    b"](" + b"\x8f" * 50_000 + b"e",  # empty-set flood
+    b"](" + b"(\x91" * 30_000 + b"e",  # empty-frozenset flood
+    b"}" + b"\x94" * 50_000,  # memo flood
+    b"N" + b"".join(b"p" + str(1 + i * _P61).encode() + b"\n" for i in range(1, 200)),  # memo index flood
+    b"(X\x07\x00\x00\x00storage"  # a stride-0 view of 2**31 floats over a one-element storage
+    + b"ctorch\nFloatStorage\n"
+    + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00(J\x00\x00\x00\x80t(K\x00t\x89"
+    + b"ccollections\nOrderedDict\n)R\x87ctorch._utils\n_rebuild_tensor_v2\n",
+]
+PICKLE_SNIPPETS += COST_SNIPPETS
+
+
 def pickle_spans(data: bytes, start: int) -> list[tuple[int, int]]:
     """(start, end) of each opcode of the pickles from ``start`` on, as far as they parse (never run)."""
     spans: list[tuple[int, int]] = []
@@ -643,6 +714,8 @@ STRUCTURED = {
     "json": m_json,
     "zip": m_zip,
     "pickle": m_pickle,
+    "st_wide": m_st_wide,
+    "special": m_special,
 }
 
 
@@ -683,7 +756,17 @@ def materialize(seed: Seed, data: bytes, scratch: Path) -> Path:
         return out
     out = scratch / seed.root.name
     shutil.copytree(seed.root, out)
-    (out / seed.target).write_bytes(data)
+    target = out / seed.target
+    if data in SPECIAL:
+        target.unlink()
+        if data == SPECIAL[0]:
+            os.mkfifo(target)
+        else:
+            outside = scratch / "outside"
+            outside.write_bytes((seed.root / seed.target).read_bytes())
+            target.symlink_to(outside)
+        return out
+    target.write_bytes(data)
     return out
 
 
@@ -692,6 +775,8 @@ class Result:
     status: str  # "value", "error" (a CheckpointError) or "escape"
     detail: str = ""
     peak: int = 0
+    cpu: float = 0.0  # CPU seconds the worker spent on the input
+    size: int = 0  # bytes of input (all files of a directory)
 
 
 class Worker:
@@ -749,7 +834,25 @@ class Worker:
             self.restarts += 1
             name = signal.Signals(-code).name if code < 0 else f"exit {code}"
             return Result("escape", f"crash: the worker died ({name})")
-        return Result(answer["status"], answer.get("detail", ""), answer.get("peak", 0))
+        return Result(
+            answer["status"],
+            answer.get("detail", ""),
+            answer.get("peak", 0),
+            answer.get("cpu", 0.0),
+            answer.get("size", 0),
+        )
+
+
+def record_cost(stats: dict[str, Any], result: Result) -> None:
+    """Keep the worst CPU seconds per MB and peak bytes per byte of input (the summary prints them)."""
+    size = max(result.size, 1)
+    for key, value in (("cpu_per_mb", result.cpu * 1e6 / size), ("peak_per_byte", result.peak / size)):
+        stats.setdefault(key, 0.0)
+        stats.setdefault(key + "_size", 0)
+        if result.size >= RATIO_MIN_SIZE and value > stats[key]:
+            stats[key], stats[key + "_size"] = value, result.size
+    stats["cpu_max"] = max(stats.get("cpu_max", 0.0), result.cpu)
+    stats["peak_max"] = max(stats.get("peak_max", 0), result.peak)
 
 
 # -- the worker side -------------------------------------------------------------------------------
@@ -829,6 +932,10 @@ def _selftest(what: str, path: Path) -> tuple[list[str], bool]:
             time.sleep(3600)
         elif what == "crash":
             os.kill(os.getpid(), sig.SIGSEGV)
+        elif what == "spin":  # a quadratic check: CPU time past the model's bound for a small input
+            end = time.process_time() + CPU_FIXED + 1
+            while time.process_time() < end:
+                pass
 
     escapes: list[str] = []
     try:
@@ -838,7 +945,7 @@ def _selftest(what: str, path: Path) -> tuple[list[str], bool]:
     return escapes, not escapes
 
 
-SELFTESTS = ("raise", "touch", "lazy", "hang", "crash")
+SELFTESTS = ("raise", "touch", "lazy", "hang", "crash", "spin")
 
 
 def worker() -> None:
@@ -868,16 +975,27 @@ def worker() -> None:
         path = Path(req["path"])
         Path("/proc/self/clear_refs").write_text("5")
         before = _status()["VmRSS"]
+        cpu = time.process_time()
         if req.get("selftest"):
             escapes, opened = _selftest(req["selftest"], path)
         else:
             escapes, opened = exercise(path, req["reader"])
+        cpu = time.process_time() - cpu
         peak = _status()["VmHWM"] - before
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-        if not escapes and peak > size + SLACK:
+        size = _input_size(path)
+        if not escapes and peak > MEM_PER_BYTE * size + SLACK:
             escapes.append(f"peak memory grew by {peak} bytes for an input of {size} bytes")
+        if not escapes and cpu > CPU_FIXED + CPU_PER_MB * size / 1e6:
+            escapes.append(f"cost: {cpu:.1f} CPU seconds for an input of {size} bytes (resource model)")
         status = "escape" if escapes else "value" if opened else "error"
-        out.write(json.dumps({"status": status, "detail": "\n".join(escapes), "peak": peak}) + "\n")
+        answer = {"status": status, "detail": "\n".join(escapes), "peak": peak, "cpu": cpu, "size": size}
+        out.write(json.dumps(answer) + "\n")
+
+
+def _input_size(path: Path) -> int:
+    if not path.is_dir():
+        return path.stat().st_size if path.is_file() else 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

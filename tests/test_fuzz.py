@@ -4,8 +4,10 @@ The harness (`fuzzing.py`) mutates shipped fixtures and files written here by sa
 safetensors, with hypothesis drawing the mutations (generic byte-level ones plus ones that know
 safetensors headers, the msgpack skeleton, zip records, pickle opcodes and index files). Each input
 runs in a worker subprocess with a per-input timeout, so an escape is any other exception type, a
-crash (signal), a hang, or peak memory growth beyond the input's size plus 64 MiB (the worker also
-runs under an address-space limit so a huge lazy allocation fails loudly).
+crash (signal), a hang, peak memory growth beyond 64 times the input's size plus 64 MiB (the worker also
+runs under an address-space limit so a huge lazy allocation fails loudly), or CPU time past the
+resource model's bound (the cost oracle: 5 s plus 20 s per MB). The summary also prints the worst
+CPU time and peak memory per input byte met ("fuzz cost per input byte").
 
 Time: ``SAFECKPT_FUZZ_SECONDS`` (default 60) is split evenly between the six readers; the count of
 inputs each reader ran is printed in the terminal summary ("fuzz inputs per reader"). For a long
@@ -86,6 +88,7 @@ def test_fuzz_reader(reader: str, seeds: dict[str, list[fuzzing.Seed]], worker: 
         result = worker.run(path, reader)
         stats["inputs"] += 1
         stats[result.status] += 1
+        fuzzing.record_cost(stats, result)
         if result.status == "escape":
             escapes.append(result.detail)
             kept = _keep(reader, seed, data, int(stats["inputs"]))
@@ -122,13 +125,28 @@ def test_corpus_replays_without_escape(case: Path, worker: fuzzing.Worker) -> No
         ("lazy", "RuntimeError"),  # torch's allocator fails under RLIMIT_AS
         ("hang", "hang: no answer within 3 s"),
         ("crash", "crash: the worker died (SIGSEGV)"),
+        ("spin", "cost: "),
     ],
 )
 def test_oracle_catches(misbehaviour: str, caught_as: str, worker: fuzzing.Worker) -> None:
     """The harness's own check: each kind of escape a reader could have is reported as one, and
     the worker comes back for the next input."""
     small = Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "empty.safetensors"
-    result = worker.run(small, "safetensors", timeout=3.0, selftest=misbehaviour)
+    result = worker.run(small, "safetensors", timeout=3.0 if misbehaviour != "spin" else 30.0, selftest=misbehaviour)
     assert result.status == "escape"
     assert caught_as in result.detail
     assert worker.run(small, "safetensors").status == "value"
+
+
+def test_cost_generators_build_what_they_name(seeds: dict[str, list[fuzzing.Seed]], tmp_path: Path) -> None:
+    """The costly-class generators produce their class: flood snippets parse as pickles that push one
+    value, and a special shard becomes a FIFO or a symlink out of the directory."""
+    import pickletools
+
+    for snippet in fuzzing.COST_SNIPPETS:
+        ops = [op.name for op, _, _ in pickletools.genops(b"\x80\x04" + snippet + b".")]
+        assert ops[-1] == "STOP"
+    shard = next(s for s in seeds["safeckpt-sharded"] if "special" in s.kinds)
+    fifo = fuzzing.materialize(shard, fuzzing.SPECIAL[0], tmp_path / "a") / shard.target
+    link = fuzzing.materialize(shard, fuzzing.SPECIAL[1], tmp_path / "b") / shard.target
+    assert fifo.is_fifo() and link.is_symlink() and link.resolve().parent == tmp_path / "b"

@@ -8,10 +8,11 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import BinaryIO
 
 import torch
@@ -331,3 +332,61 @@ def copy_span(out: BinaryIO, span: Span, nbytes: int) -> bool:
             os.ftruncate(out.fileno(), start)
             return False
     return True
+
+
+# -- files named by an index or a URI --------------------------------------------------------------
+
+
+def bad_member_name(name: object) -> bool:
+    """True unless ``name`` is a bare file name: no separator, no drive, not ``.``/``..``, no NUL.
+
+    Example:
+        >>> bad_member_name("shard-1.safetensors"), bad_member_name("../x"), bad_member_name("C:x")
+        (False, True, True)
+    """
+    return (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in "/\\\0")
+        or bool(PureWindowsPath(name).drive)
+        or os.path.isabs(name)
+    )
+
+
+def member_problem(directory: Path, name: str, *, cache_blobs: bool = False) -> str | None:
+    """Why ``directory / name`` is not a file a checkpoint's index may name, or None if it is.
+
+    The one rule every directory format and the Hub cache follow: a bare name (no ``..`` once
+    decoded), a regular file (a FIFO would hang the reader, a device would never end), and no
+    symlink out of ``directory`` -- except, with ``cache_blobs``, into the ``blobs/`` of the
+    Hugging Face cache repo whose snapshot ``directory`` is.
+
+    Example:
+        >>> member_problem(Path("ckpt"), "../secret")
+        'is not a bare file name'
+    """
+    if bad_member_name(name):
+        return "is not a bare file name"
+    path = directory / name
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    real = Path(os.path.realpath(path))
+    if real.parent != Path(os.path.realpath(directory)) and not (cache_blobs and _cache_blob(directory, real)):
+        return f"is a symlink to {real}, outside the checkpoint directory"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    return None
+
+
+def _cache_blob(directory: Path, real: Path) -> bool:
+    """Is ``real`` a blob of the HF cache repo whose snapshot ``directory`` is (or is inside)?"""
+    root = Path(os.path.realpath(directory))
+    for snap in (root, *root.parents):
+        repo = snap.parent.parent
+        if snap.parent.name == "snapshots" and repo.name.split("--")[0] in ("models", "datasets", "spaces"):
+            return real.parent == repo / "blobs"
+    return False

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import user_types
+from ._budget import MAX_INT_BYTES, HashFloodError, KeyGuard
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .tree import AttributeDict, TensorRef, map_leaves
 from .user_types import Unregistered
@@ -151,6 +152,11 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         if _INT64_MIN <= obj <= _UINT64_MAX:
             return obj
         n = (obj.bit_length() + 8) // 8
+        if n > MAX_INT_BYTES:  # refused at save as at load: it could not even be printed
+            raise TypeError(
+                f"{where(path)} is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
+                "(about 4300 decimal digits, the most Python prints); store it as bytes or a string"
+            )
         return _ext(Ext.BIGINT, obj.to_bytes(n, "big", signed=True))
     if cls is list:
         return [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)]
@@ -266,6 +272,9 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
     """
 
     pending: list[Unregistered] = []  # user values not rebuilt, in the order they were met
+    # ext values are the only skeleton values whose hashes a file can make collide (map keys, set
+    # members); one guard over the whole file bounds what any map or set built from them costs
+    keys = KeyGuard()
     loaded: dict[int, Any] = {}
     ext_depth = [0]
 
@@ -286,7 +295,18 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
             return _user(value, inner_pending=len(pending) > before)
         if code not in _BUILD:
             raise CorruptCheckpointError(f"{source}: unknown msgpack ext type {code} in the skeleton")
-        return _BUILD[code](value)
+        try:
+            built = _BUILD[code](value)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, NotImplementedError) as e:
+            raise CorruptCheckpointError(
+                f"{source}: malformed {_EXT_NAMES.get(code, code)} value in the skeleton ({_detail(e)})"
+            ) from None
+        if code in _HASHABLE_EXTS:
+            try:
+                keys.add(built)
+            except HashFloodError as e:
+                raise CorruptCheckpointError(f"{source}: the skeleton's map keys or set members: {e}") from None
+        return built
 
     def _user(value: Any, inner_pending: bool) -> Any:
         if not (type(value) is list and len(value) == 2 and type(value[0]) is str):
@@ -324,8 +344,10 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
         raise
     except RecursionError:
         raise CorruptCheckpointError(f"{source}: the skeleton is nested too deeply") from None
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
-        raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever msgpack or a constructor raises: only CheckpointErrors leave a reader
+        raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({_detail(e)})") from None
     # A value this process cannot build stays an inert `Unregistered` record (name and data, nothing
     # imported): the rest of the file loads, and the error comes where that value is used
     # (`refuse_unbuilt`, or the record's own attribute access).
@@ -398,58 +420,146 @@ def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, 
     return None
 
 
-def _ordered(value: list[Any]) -> OrderedDict[Any, Any]:
-    items, meta = value
-    out = OrderedDict(items)
+def _detail(e: BaseException) -> str:
+    """An exception as text that is never empty (``KeyError()`` has no message)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _list(value: Any, n: int | None = None) -> list[Any]:
+    _need(type(value) is list and (n is None or len(value) == n), f"expected a list{'' if n is None else f' of {n}'}")
+    return value  # type: ignore[no-any-return]
+
+
+def _map(value: Any) -> dict[Any, Any]:
+    _need(type(value) is dict, f"expected a map, got {type(value).__name__}")
+    return value  # type: ignore[no-any-return]
+
+
+def _bigint(raw: Any) -> int:
+    _need(type(raw) is bytes and 0 < len(raw) <= MAX_INT_BYTES, f"an integer of 1 to {MAX_INT_BYTES} bytes")
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def _ordered(value: Any) -> OrderedDict[Any, Any]:
+    items, meta = _list(value, 2)
+    out = OrderedDict(_map(items))
     if meta is not None:
         out._metadata = meta  # type: ignore[attr-defined]
     return out
 
 
-def _np_scalar(value: list[Any]) -> Any:
-    dt, raw = value
-    return np.frombuffer(raw, dtype=_np_dtype(dt), count=1)[0]
+def _namespace(value: Any) -> argparse.Namespace:
+    # an attribute may not shadow one of Namespace's own (its repr calls _get_kwargs)
+    attrs = _map(value)
+    _need(
+        all(type(k) is str and not hasattr(argparse.Namespace, k) for k in attrs),
+        "Namespace attribute names must be strings that are not Namespace's own",
+    )
+    return argparse.Namespace(**attrs)
 
 
-def _np_array(value: list[Any]) -> Any:
-    dt, shape, raw = value
+def _size(value: Any) -> torch.Size:
+    _need(all(type(d) is int and 0 <= d < 1 << 63 for d in _list(value)), "torch.Size takes non-negative ints")
+    return torch.Size(value)
+
+
+def _device(value: Any) -> torch.device:
+    from .formats._pickle import _device as checked_device
+
+    _need(type(value) is str, "a device is a string")
+    try:
+        return checked_device(value)
+    except CorruptCheckpointError as e:
+        raise ValueError(str(e)) from None
+
+
+def _complex(value: Any) -> complex:
+    real, imag = _list(value, 2)
+    _need(type(real) in (int, float) and type(imag) in (int, float), "complex takes two numbers")
+    return complex(real, imag)
+
+
+def _np_checked(arr: np.ndarray) -> np.ndarray:
+    # numpy stores str_ data as UTF-32 code units; one past U+10FFFF makes the value unprintable
+    if arr.dtype.kind == "U" and arr.size:
+        units = arr.view(arr.dtype.byteorder.replace("=", "").replace("|", "") + "u4")
+        _need(int(units.max()) < 0x110000, "a numpy string holds an invalid code point")
+    return arr
+
+
+def _np_scalar(value: Any) -> Any:
+    dt, raw = _list(value, 2)
     dtype = _np_dtype(dt)
+    _need(type(raw) is bytes and len(raw) == dtype.itemsize, f"a numpy {dtype} scalar needs {dtype.itemsize} bytes")
+    return _np_checked(np.frombuffer(raw, dtype=dtype, count=1))[0]
+
+
+def _np_array(value: Any) -> Any:
+    dt, shape, raw = _list(value, 3)
+    dtype = _np_dtype(dt)
+    _need(all(type(d) is int and d >= 0 for d in _list(shape)) and len(shape) <= 32, "bad numpy shape")
+    _need(type(raw) is bytes, "numpy data must be bytes")
     if math.prod(shape) * dtype.itemsize != len(raw):
         raise ValueError(f"numpy array of shape {shape} and dtype {dt} needs {math.prod(shape) * dtype.itemsize} bytes")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    return _np_checked(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
 
 
-def _np_dtype(spec: str) -> np.dtype:
+def _np_dtype(spec: Any) -> np.dtype:
+    _need(type(spec) is str and len(spec) <= 16, "a numpy dtype is a short string")
     dtype = np.dtype(spec)
-    if dtype.hasobject or dtype.fields is not None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biufcSUmM":
         raise ValueError(f"numpy dtype {spec!r} is not allowed")
+    _need(dtype.itemsize > 0, f"numpy dtype {spec!r} has no size")
     return dtype
 
 
-def _path(value: list[Any]) -> Any:
-    name, text = value
-    return _PATH_TYPES[name](text)
+# a path made on another OS becomes its pure flavour here (a WindowsPath cannot exist on Linux)
+_HERE_PATH = type(pathlib.Path())
 
 
-def _dtype(name: str) -> torch.dtype:
+def _path(value: Any) -> Any:
+    name, text = _list(value, 2)
+    _need(type(name) is str and name in _PATH_TYPES and type(text) is str, "a path is [class name, text]")
+    cls = _PATH_TYPES[name]
+    if cls in (pathlib.PosixPath, pathlib.WindowsPath) and cls is not _HERE_PATH:
+        cls = pathlib.PurePosixPath if cls is pathlib.PosixPath else pathlib.PureWindowsPath
+    return cls(text)
+
+
+def _dtype(name: Any) -> torch.dtype:
+    _need(type(name) is str and name in _DTYPES, f"unknown torch dtype {name!r:.40}")
     return _DTYPES[name]
 
 
+def _bytes(value: Any) -> bytes:
+    _need(type(value) is bytes, "expected bytes")
+    return value  # type: ignore[no-any-return]
+
+
 _BUILD: dict[int, Callable[[Any], Any]] = {
-    Ext.TUPLE: tuple,
-    Ext.SET: set,
-    Ext.FROZENSET: frozenset,
-    Ext.BIGINT: lambda b: int.from_bytes(b, "big", signed=True),
+    Ext.TUPLE: lambda v: tuple(_list(v)),
+    Ext.SET: lambda v: set(_list(v)),
+    Ext.FROZENSET: lambda v: frozenset(_list(v)),
+    Ext.BIGINT: _bigint,
     Ext.ORDERED_DICT: _ordered,
-    Ext.ATTRIBUTE_DICT: AttributeDict,
-    Ext.NAMESPACE: lambda m: argparse.Namespace(**m),
-    Ext.SIZE: torch.Size,
+    Ext.ATTRIBUTE_DICT: lambda v: AttributeDict(_map(v)),
+    Ext.NAMESPACE: _namespace,
+    Ext.SIZE: _size,
     Ext.DTYPE: _dtype,
-    Ext.DEVICE: torch.device,
+    Ext.DEVICE: _device,
     Ext.NP_SCALAR: _np_scalar,
     Ext.NP_ARRAY: _np_array,
     Ext.PATH: _path,
-    Ext.COMPLEX: lambda v: complex(*v),
-    Ext.BYTEARRAY: bytearray,
-    Ext.COUNTER: Counter,
+    Ext.COMPLEX: _complex,
+    Ext.BYTEARRAY: lambda v: bytearray(_bytes(v)),
+    Ext.COUNTER: lambda v: Counter(_map(v)),
 }
+_EXT_NAMES = {v: k.lower() for k, v in vars(Ext).items() if isinstance(v, int)}
+# ext values that can be dict keys or set members
+_HASHABLE_EXTS = {Ext.TUPLE, Ext.FROZENSET, Ext.BIGINT, Ext.SIZE, Ext.COMPLEX, Ext.NP_SCALAR}

@@ -151,9 +151,34 @@ def parse_uri(uri: str) -> HubPath:
     if revision == "refs" and len(rest) >= 2 and rest[0] in ("pr", "convert"):
         revision, rest = "/".join(["refs", *rest[:2]]), rest[2:]
     revision = unquote(revision)
+    if revision and not is_revision(revision):
+        raise ValueError(
+            f"{uri}: {revision!r} is not a branch, tag or commit name (revisions name refs, never paths: "
+            "no '..', no leading '/' or '.', no control characters)"
+        )
     if any(p in (".", "..") for p in rest) or not name:
         raise ValueError(f"{uri}: '.' and '..' are not allowed in an hf:// path")
     return HubPath(f"{parts[0]}/{name}", revision or None, "/".join(p for p in rest if p), repo_type)
+
+
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|@\{|\.\.|//")
+
+
+def is_revision(rev: str) -> bool:
+    """A git ref or commit name as ``git check-ref-format`` accepts them: it is used as a path
+    component of the cache (``refs/<rev>``), so it must never climb out of it.
+
+    Example:
+        >>> is_revision("v1.0"), is_revision("refs/pr/3"), is_revision("../../etc")
+        (True, True, False)
+    """
+    return (
+        0 < len(rev) <= 255
+        and not _REF_BAD.search(rev)
+        and not rev.startswith(("/", "-"))
+        and not rev.endswith(("/", ".", ".lock"))
+        and not any(part.startswith(".") for part in rev.split("/"))
+    )
 
 
 def resolve(uri: str, *, token: str | None = None, endpoint: str | None = None) -> Path:
@@ -189,8 +214,13 @@ def _commit(loc: HubPath, hub: _Hub) -> str:
                 f"{loc}: revision {rev!r} of {loc.repo_id} is not in the local cache ({hub.cache}) and HF_HUB_OFFLINE=1; "
                 "load it once online, or unset HF_HUB_OFFLINE"
             )
-        return ref.read_text().strip()
+        sha = ref.read_text().strip()
+        if not HEX40.fullmatch(sha):  # it becomes a path component of the cache
+            raise HubNotFoundError(f"{loc}: the cached ref {ref} does not hold a commit hash; delete it")
+        return sha
     sha = hub.api().repo_info(loc.repo_id, repo_type=loc.repo_type, revision=rev).sha
+    if not isinstance(sha, str) or not HEX40.fullmatch(sha):  # the server's answer becomes a cache path too
+        raise HubNotFoundError(f"{loc}: the Hub answered {sha!r:.60} for revision {rev!r}, not a commit hash")
     # record the ref as hf_hub_download does, so the same revision resolves offline later
     ref.parent.mkdir(parents=True, exist_ok=True)
     if not ref.is_file() or ref.read_text() != sha:

@@ -177,7 +177,7 @@ RUNTIME: list[Case] = [
     Case("r02_index_over_limit", "corrupt", r"an index is a JSON file of at most 64 MiB"),
     Case("r03_shard_is_a_fifo", "corrupt", r"is not a regular file"),
     Case("r04_symlink_to_dev_zero", "corrupt", r"is a symlink to /dev/zero, outside the checkpoint directory"),
-    Case("r05_million_dim_shape", "corrupt", r"spans more than 2\*\*63-1 elements"),
+    Case("r05_million_dim_shape", "corrupt", r"has 1000000 dimensions \(limit 64"),
 ]
 
 GOOD = {"a": t("F32", [2], 0, 8)}

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._budget import MAX_INT_BYTES, HashFloodError, KeyGuard, collidable
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict
 
@@ -50,9 +51,14 @@ __all__ = [
 
 MAX_MEMO = 1 << 22  # memo entries (each costs at least one byte of input)
 MAX_MARK_DEPTH = 10_000  # open MARKs
-MAX_LONG_BYTES = 4096  # LONG1/LONG4 payload: a 32768-bit integer is already absurd in a checkpoint
+MAX_LONG_BYTES = MAX_INT_BYTES  # LONG1/LONG4 payload: larger ints cannot even be printed (4300 digits)
+MAX_MEMO_INDEX = 1 << 32  # text PUT/GET indices: a huge one costs quadratic parsing and floods the memo's hash
 MAX_KEY_ITEMS = 1024  # elements in a tuple/frozenset used as a dict key or set member (hashing cost)
 HIGHEST_PROTOCOL = 5
+ALLOC_PER_BYTE = 64  # bytes of objects the VM may build per byte of pickle, beyond ALLOC_ALLOWANCE
+ALLOC_ALLOWANCE = 64 << 20
+_SET_BYTES = 216  # sys.getsizeof(set()): built from one opcode byte
+_MEMO_ENTRY_BYTES = 64
 
 _NO_VALUE: Any = object()
 
@@ -222,11 +228,21 @@ def _check_key(obj: Any) -> None:
         raise _bad(f"a {type(obj).__name__} cannot be a dict key or set member")
 
 
+def _guard_keys(keys: Iterable[Any], guard: KeyGuard | None = None) -> None:
+    """Refuse keys that are not plain data, cost much to hash, or flood one hash value."""
+    guard = guard or KeyGuard()
+    try:
+        for k in keys:
+            _check_key(k)
+            guard.add(k)
+    except HashFloodError as e:
+        raise _bad(f"a dict or set: {e}") from None
+
+
 def _set(items: Any = ()) -> set[Any]:
     if not isinstance(items, (list, tuple, set, frozenset)):
         raise _bad(f"set() of a {type(items).__name__}")
-    for x in items:
-        _check_key(x)
+    _guard_keys(items)
     return set(items)
 
 
@@ -243,8 +259,7 @@ def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
 def _ordered_dict(items: Any = ()) -> collections.OrderedDict[Any, Any]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items):
         raise _bad("OrderedDict() takes a list of (key, value) pairs")
-    for k, _ in items:
-        _check_key(k)
+    _guard_keys(k for k, _ in items)
     return collections.OrderedDict(items)
 
 
@@ -262,8 +277,7 @@ def _ordered_dict_build(obj: collections.OrderedDict[Any, Any], state: Any) -> A
 def _counter(items: Any = None) -> collections.Counter[Any]:
     if items is not None and not isinstance(items, dict):
         raise _bad("Counter() takes a dict")
-    for k in items or ():
-        _check_key(k)
+    _guard_keys(items or ())
     return collections.Counter(items or {})
 
 
@@ -520,6 +534,8 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
             "saved as torch.save(model.state_dict()); or, if you trust the file, read its tensors as inert records "
             f"by passing allow={real!r} to safeckpt.open (see formats/torch.md)."
         )
+    elif any(not _GLOBAL_NAME.match(n) for n in real):
+        msg += " A name that is not a dotted Python identifier cannot name a real class: the file was crafted."
     elif real and not opcodes:
         msg += (
             " If you trust this file and these classes only hold data, read them as inert records: pass "
@@ -549,6 +565,10 @@ class _VM:
         self.marks: list[int] = []
         self.memo: dict[int, Any] = {}
         self.buildable: dict[int, tuple[Any, Callable[[Any, Any], Any]]] = {}
+        self.guards: dict[int, tuple[Any, KeyGuard]] = {}  # per dict/set that got collidable keys
+        # bytes the VM may allocate for objects bigger than the opcode bytes that make them (an
+        # empty set is 216 bytes from one opcode byte): the resource model's constant x input + allowance
+        self.alloc_left = ALLOC_PER_BYTE * self.n + ALLOC_ALLOWANCE
         self.proto = 0
         self.base = 0  # where this pickle starts in its file (for messages)
 
@@ -599,9 +619,33 @@ class _VM:
         del self.stack[at:]
         return items
 
+    def guard(self, target: Any, keys: list[Any]) -> None:
+        """Check keys added to a dict or set that already exists (SETITEMS, ADDITEMS), across calls."""
+        if not any(collidable(k) for k in keys):
+            for k in keys:
+                _check_key(k)
+            return
+        entry = self.guards.get(id(target))
+        if entry is None or entry[0] is not target:
+            entry = self.guards[id(target)] = (target, KeyGuard())
+        try:
+            _guard_keys(keys, entry[1])
+        except CorruptCheckpointError as e:
+            raise self.err(str(e)) from None
+
+    def charge(self, nbytes: int) -> None:
+        self.alloc_left -= nbytes
+        if self.alloc_left < 0:
+            raise self.err(
+                f"the pickle builds more than {ALLOC_PER_BYTE} bytes of objects per byte of input "
+                "(an amplification flood, formats/resource-model.md)"
+            )
+
     def memo_put(self, idx: int) -> None:
         if len(self.memo) >= MAX_MEMO and idx not in self.memo:
             raise self.err(f"more than {MAX_MEMO} memo entries")
+        if idx not in self.memo:
+            self.charge(_MEMO_ENTRY_BYTES)  # MEMOIZE: one byte for a dict slot and an int
         self.memo[idx] = self.top()
 
     def memo_get(self, idx: int) -> None:
@@ -676,8 +720,8 @@ class _VM:
                 f"{self.source}: the pickle sets items on a {type(target).__name__} (SETITEM), which is not a dict"
             )
         try:
+            self.guard(target, items[0::2])
             for i in range(0, len(items), 2):
-                _check_key(items[i])
                 target[items[i]] = items[i + 1]
         except CorruptCheckpointError as e:
             raise self.err(str(e)) from None
@@ -848,12 +892,19 @@ def _string_text(vm: _VM) -> None:
     vm.stack.append(codecs.escape_decode(s[1:-1])[0].decode("utf-8"))
 
 
+def _memo_index(vm: _VM) -> int:
+    line = vm.line()
+    if len(line) > 10 or not line.strip().isdigit() or int(line) >= MAX_MEMO_INDEX:
+        raise vm.err(f"a memo index must be an integer below {MAX_MEMO_INDEX}, got {line[:20]!r}")
+    return int(line)
+
+
 def _get_text(vm: _VM) -> None:
-    vm.memo_get(int(vm.line()))
+    vm.memo_get(_memo_index(vm))
 
 
 def _put_text(vm: _VM) -> None:
-    vm.memo_put(int(vm.line()))
+    vm.memo_put(_memo_index(vm))
 
 
 def _global(vm: _VM) -> None:
@@ -936,7 +987,25 @@ def _additems(vm: _VM) -> None:
     target = vm.top()
     if type(target) is not set:
         raise UnsafeCheckpointError(f"{vm.source}: the pickle adds set items to a {type(target).__name__} (ADDITEMS)")
-    target.update(_set(items))
+    if not isinstance(items, list):
+        raise vm.err("ADDITEMS without items")
+    vm.guard(target, items)
+    target.update(items)
+
+
+def _empty_set(vm: _VM) -> None:
+    vm.charge(_SET_BYTES)
+    vm.stack.append(set())
+
+
+def _frozenset_op(vm: _VM) -> None:
+    items = vm.pop_mark()
+    vm.charge(_SET_BYTES)
+    try:
+        _guard_keys(items)
+    except CorruptCheckpointError as e:
+        raise vm.err(str(e)) from None
+    vm.stack.append(frozenset(items))
 
 
 def _utf8(b: bytes) -> str:
@@ -969,9 +1038,9 @@ _OPS: dict[int, Callable[[_VM], object]] = {
     0x5D: lambda vm: vm.stack.append([]),
     0x6C: lambda vm: vm.stack.append(vm.pop_mark()),  # LIST
     0x64: _dict,
-    0x8F: lambda vm: vm.stack.append(set()),
+    0x8F: _empty_set,
     0x90: _additems,
-    0x91: lambda vm: vm.stack.append(_frozenset(vm.pop_mark())),
+    0x91: _frozenset_op,
     0x61: _append,
     0x65: _appends,
     0x73: _setitem,
@@ -1096,10 +1165,14 @@ def _scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[
                     value = first.decode("raw_unicode_escape")
                 elif op == 0x53:
                     value = first.decode("raw_unicode_escape")[1:-1]
-                elif op == 0x67:
-                    value = memo.get(int(first))
-                elif op == 0x70:
-                    memo[int(first)] = stack[-1] if stack else None
+                elif op == 0x67 or op == 0x70:
+                    # an index the VM refuses (too large to hash cheaply) is not recorded here
+                    if len(first) > 10 or not first.strip().isdigit() or int(first) >= MAX_MEMO_INDEX:
+                        pass
+                    elif op == 0x67:
+                        value = memo.get(int(first))
+                    else:
+                        memo[int(first)] = stack[-1] if stack else None
             elif op == 0x94:
                 memo[len(memo)] = stack[-1] if stack else None
             elif op == 0x32:

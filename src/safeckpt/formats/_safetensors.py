@@ -23,6 +23,7 @@ from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_by
 from ..errors import CorruptCheckpointError
 
 MAX_HEADER = 100_000_000
+MAX_DIMS = 64  # a shape of millions of dims costs a TensorRef, strides and messages per dim
 MAGIC_MIN = 8 + 2  # length prefix + "{}"
 # CRC-32 of the length prefix and the whole header (padding included) with this field's own 8 hex
 # digits read as "00000000": covers every name, dtype, shape, offset, metadata value and the other
@@ -190,6 +191,8 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"tensor {name!r} has unknown dtype {_short(code)}; known: {', '.join([*DTYPES, *BITS])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")
+    if len(shape) > MAX_DIMS:
+        raise bad(f"tensor {name!r} has {len(shape)} dimensions (limit {MAX_DIMS}, as torch files)")
     span = 1  # even with no elements, torch must compute strides: the product of the other dims must fit an int64
     for d in shape:
         span *= d or 1

@@ -133,11 +133,18 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
     if eocd < 0:
         raise err("no end-of-central-directory record at its end (truncated, or data appended)")
     eocd_at = tail_from - start + eocd  # relative to the archive
+    # torch's reader (miniz) takes the last signature it finds scanning back from the end; two
+    # records (one hidden in the other's comment, say) could send it and us to different directories
+    if tail.find(EOCD, eocd + 4) >= 0:
+        raise err("more than one end-of-central-directory record (readers could disagree on which counts)")
     disk, cd_disk, n_disk, n_total, cd_size, cd_offset, _ = _u("<HHHHIIH", tail, eocd + 4)
     zip64 = False
-    if 0xFFFF in (n_disk, n_total) or 0xFFFFFFFF in (cd_size, cd_offset):
+    loc = eocd_at - 20
+    # torch's reader uses the zip64 records whenever their locator is there (torch writes them even
+    # for small archives), so we do too, and require the classic record to agree with them
+    has_locator = loc >= 0 and bytes(view[start + loc : start + loc + 4]) == LOCATOR64
+    if has_locator or 0xFFFF in (n_disk, n_total) or 0xFFFFFFFF in (cd_size, cd_offset):
         zip64 = True
-        loc = eocd_at - 20
         if loc < 0 or bytes(view[start + loc : start + loc + 4]) != LOCATOR64:
             raise err("a zip64 archive without its zip64 locator")
         _, eocd64_at, total_disks = _u("<IQI", view, start + loc + 4)
@@ -145,15 +152,24 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
             raise err("bad zip64 locator")
         if bytes(view[start + eocd64_at : start + eocd64_at + 4]) != EOCD64:
             raise err("the zip64 end-of-central-directory record is missing")
+        short = (n_disk, n_total, cd_size, cd_offset)
         _, _, _, disk, cd_disk, n_disk, n_total, cd_size, cd_offset = _u("<QHHIIQQQQ", view, start + eocd64_at + 4)
+        if any(
+            v not in (0xFFFF, 0xFFFFFFFF, w) for v, w in zip(short, (n_disk, n_total, cd_size, cd_offset), strict=True)
+        ):
+            raise err("the zip64 end record disagrees with the classic one (readers could take either)")
         cd_end_limit = eocd64_at
     else:
         cd_end_limit = eocd_at
     if disk or cd_disk or n_disk != n_total:
         raise err("multi-disk archives are not torch archives")
-    if cd_offset + cd_size > cd_end_limit:
+    between = bytes(view[start + min(cd_offset + cd_size, cd_end_limit) : start + cd_end_limit])
+    if EOCD in between or EOCD64 in between:
+        raise err("more than one end-of-central-directory record (readers could disagree on which counts)")
+    if cd_offset + cd_size != cd_end_limit:
+        # bytes between the directory and its end record are what another reader could take for entries
         raise err(
-            f"the central directory [{cd_offset}, {cd_offset + cd_size}) runs past its end record at {cd_end_limit}"
+            f"the central directory [{cd_offset}, {cd_offset + cd_size}) does not end at its end record at {cd_end_limit}"
         )
     if n_total * _CENTRAL_SIZE > cd_size:
         raise err(f"{n_total} entries cannot fit in a central directory of {cd_size} bytes")
@@ -219,6 +235,8 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
         spans.append((local_at, data_at + usize, name))
         rel = name[len(prefix) + 1 :]
         records[rel] = Record(rel, start + data_at, usize, crc)
+    if pos != cd_end:
+        raise err(f"the central directory holds {cd_end - pos} bytes after its {n_total} entries")
     spans.sort()
     for (_, a_end, a_name), (b_start, _, b_name) in itertools.pairwise(spans):
         if b_start < a_end:

@@ -25,19 +25,19 @@ from typing import Any
 
 import torch
 
-from .._fs import MappedFile
+from .._fs import MappedFile, member_problem
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import Checkpoint, TensorRef, path_name
 from . import Format, _zip, torch_pickle
 from . import _safetensors as st
 from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
+from ._tiling import tiling_error
 
 NAME = "dcp"
 EXTENSIONS: tuple[str, ...] = ()
 METADATA = ".metadata"
 FABRIC_META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 MAX_METADATA = 1 << 30
-MAX_OVERLAP_CHECKS = 5_000_000  # chunk pairs compared per tensor before the layout is refused as absurd
 
 _MD = "torch.distributed.checkpoint.metadata."
 _FS = "torch.distributed.checkpoint.filesystem."
@@ -387,7 +387,7 @@ class _Dir:
                     "directory; safeckpt reads only files next to .metadata (the file was crafted or damaged)"
                 )
             target = self.path / name
-            if os.path.dirname(os.path.realpath(target)) != self._real or not target.is_file():
+            if member_problem(self.path, name) is not None:  # the rule every directory format shares
                 raise self.bad(
                     f"the storage entry of {fqn!r} points to {name!r}, which is missing or not a regular file in "
                     f"{self.path} (copy every .distcp file of the checkpoint)"
@@ -517,33 +517,17 @@ def _check_chunks(d: _Dir, fqn: str, item: TensorItem, meta: Metadata) -> None:
             f"the chunks of tensor {fqn!r} cover {total} elements of its {item.numel}: they do not tile it "
             "(a gap, or chunks overlapping)"
         )
-    _no_overlaps(d, fqn, boxes)
+    _no_overlaps(d, fqn, boxes, tuple(item.size))
 
 
-def _no_overlaps(d: _Dir, fqn: str, boxes: list[Chunk]) -> None:
+def _no_overlaps(d: _Dir, fqn: str, boxes: list[Chunk], shape: tuple[int, ...]) -> None:
     if len(boxes) < 2:
         return
-    nd = len(boxes[0].offsets)
-    if nd == 0:
+    if not shape:
         raise d.bad(f"scalar tensor {fqn!r} has {len(boxes)} chunks")
-    # sweep along the dimension with the most distinct starts: sharded layouts then compare few pairs
-    axis = max(range(nd), key=lambda i: len({c.offsets[i] for c in boxes}))
-    boxes = sorted(boxes, key=lambda c: c.offsets[axis])
-    budget = MAX_OVERLAP_CHECKS
-    for i, a in enumerate(boxes):
-        end = a.offsets[axis] + a.sizes[axis]
-        for j in range(i + 1, len(boxes)):
-            b = boxes[j]
-            if b.offsets[axis] >= end:
-                break
-            budget -= 1
-            if budget < 0:
-                raise d.bad(f"tensor {fqn!r} has too many interleaved chunks to check ({len(boxes)})")
-            if all(
-                bo < ao + asz and ao < bo + bsz
-                for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
-            ):
-                raise d.bad(f"chunks {list(a.offsets)} and {list(b.offsets)} of tensor {fqn!r} overlap")
+    error = tiling_error(shape, [(c.offsets, c.sizes) for c in boxes])  # O(n log n), shared with safeckpt-sharded
+    if error is not None:
+        raise d.bad(f"tensor {fqn!r}: {error}")
 
 
 # -- the tree: planner_data paths, as torch's set_element rebuilds them ----------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, write_all
+from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, member_problem, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
 from ..tree import Checkpoint
@@ -240,27 +240,12 @@ def _shard_file(layout: Layout, name: str) -> Path:
 
 def _checked_file(directory: Path, name: str, where: str) -> Path:
     """``directory / name`` if it is a regular file that stays in ``directory`` (or in the same
-    Hugging Face cache repo, whose snapshots are symlinks into ``blobs/``)."""
-    path = directory / name
-    info = _stat(path, where)
-    real = Path(os.path.realpath(path))
-    if real.parent != Path(os.path.realpath(directory)) and not _cache_blob(directory, real):
-        raise CorruptCheckpointError(
-            f"{where} is a symlink to {real}, outside the checkpoint directory; refusing to follow it"
-        )
-    if not stat.S_ISREG(info.st_mode):
-        raise CorruptCheckpointError(f"{where} is not a regular file")
-    return path
-
-
-def _cache_blob(directory: Path, real: Path) -> bool:
-    """Is ``real`` a blob of the HF cache repo whose snapshot ``directory`` is (or is inside)?"""
-    root = Path(os.path.realpath(directory))
-    for snap in (root, *root.parents):
-        repo = snap.parent.parent
-        if snap.parent.name == "snapshots" and repo.name.split("--")[0] in ("models", "datasets", "spaces"):
-            return real.parent == repo / "blobs"
-    return False
+    Hugging Face cache repo, whose snapshots are symlinks into ``blobs/``): `_fs.member_problem`."""
+    _stat(directory / name, where)  # a missing shard keeps its own message
+    problem = member_problem(directory, name, cache_blobs=True)
+    if problem is not None:
+        raise CorruptCheckpointError(f"{where} {problem}; refusing to follow it")
+    return directory / name
 
 
 def _warn_unindexed(layout: Layout, used: set[str]) -> None:

@@ -26,12 +26,13 @@ import msgpack
 import torch
 
 from .. import codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, naming, write_all
+from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import Format
 from . import _safetensors as st
+from ._tiling import tiling_error
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
 
 NAME = "safeckpt-sharded"
@@ -157,6 +158,11 @@ class _Shard:
 
     @functools.cached_property
     def header(self) -> st.Header:
+        problem = member_problem(self.path.parent, self.path.name)
+        if problem == "does not exist":
+            raise self._missing()
+        if problem is not None:  # a symlink out of the directory, a FIFO (which would hang open())
+            raise CorruptCheckpointError(f"{self.path}: the shard {problem}; refusing to read it")
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, IsADirectoryError):
@@ -285,7 +291,9 @@ def read_index(root: Path) -> dict[str, Any]:
             "without an index are what an interrupted save leaves: save again, or open another checkpoint)"
         ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{path}: the index is not valid msgpack ({e}); the file is damaged") from None
+        raise CorruptCheckpointError(
+            f"{path}: the index is not valid msgpack ({codec._detail(e)}); the file is damaged"
+        ) from None
 
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -372,26 +380,9 @@ def _check_tiling(
     boxes: list[tuple[tuple[int, ...], tuple[int, ...]]],
     need: Callable[[bool, str], None],
 ) -> None:
-    """Chunks must cover the tensor exactly: inside it, not overlapping, volumes adding up."""
-    for o, s in boxes:
-        need(
-            all(a + b <= d for a, b, d in zip(o, s, shape, strict=True)),
-            f"tensor {name!r}: chunk at {list(o)} of {list(s)} lies outside {list(shape)}",
-        )
-    solid = [(o, s) for o, s in boxes if all(s)]
-    need(
-        sum(math.prod(s) for _, s in solid) == math.prod(shape),
-        f"tensor {name!r}: its chunks do not cover its shape {list(shape)} exactly",
-    )
-    solid.sort()
-    for i, (o, s) in enumerate(solid):
-        for p, q in solid[i + 1 :]:
-            if p[0] >= o[0] + s[0]:
-                break  # sorted by the first offset: no later chunk reaches back into this one
-            need(
-                not all(a < c + d and c < a + b for a, b, c, d in zip(o, s, p, q, strict=True)),
-                f"tensor {name!r}: chunks at {list(o)} and {list(p)} overlap",
-            )
+    """Chunks must cover the tensor exactly: inside it, not overlapping, volumes adding up (O(n log n))."""
+    error = tiling_error(shape, boxes)
+    need(error is None, f"tensor {name!r}: {error}")
 
 
 def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
@@ -570,6 +571,7 @@ class _Tree:
         self.budget = budget
         self.active: set[int] = set()
         self.refs: dict[tuple[int, tuple[Any, ...]], TensorRef] = {}
+        self.expanded = 0  # bytes the file's expanded views add once loaded
 
     def err(self, path: tuple[Any, ...], what: str) -> CorruptCheckpointError:
         where = "/".join(map(str, path)) or "the root"
@@ -583,7 +585,8 @@ class _Tree:
             raise self.err(path, "nested too deeply to read") from None
 
     def _convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
-        self.budget -= 1
+        # the budget counts values of about a dict's size; a set costs four (216 bytes, not 64)
+        self.budget -= 4 if type(obj) in (set, frozenset) else 1
         if self.budget < 0:
             raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
         if len(path) > MAX_DEPTH:
@@ -644,6 +647,7 @@ class _Tree:
         if isinstance(obj, Storage):  # a bare storage: read it as the 1-D tensor of its elements
             obj = TensorSpec(obj, 0, (obj.numel,), (1,), obj.dtype)
         s = obj.storage
+        self._check_expansion(obj, path)
         view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
         return TensorRef(
             path_name(path),
@@ -657,6 +661,23 @@ class _Tree:
             parameter=obj.parameter,
             span=self._span(obj),
         )
+
+    def _check_expansion(self, spec: TensorSpec, path: tuple[Any, ...]) -> None:
+        """Views that address more bytes than they store (stride 0: torch.expand) cost memory once
+        loaded or converted: all of a file's together may exceed its size at most by the resource
+        model's bound (a 2**31-element view of 4 bytes was 8 GiB from a 384-byte file)."""
+        logical = math.prod(spec.size) * spec.dtype.itemsize
+        if logical <= spec.storage.nbytes:
+            return
+        self.expanded += logical - spec.storage.nbytes
+        bound = MAX_VIEW_EXPANSION * self.reader.size + VIEW_ALLOWANCE
+        if self.expanded > bound:
+            raise self.err(
+                path,
+                f"an expanded view of {list(spec.size)} ({logical} bytes) over a storage of {spec.storage.nbytes} "
+                f"bytes: the file's views would take {self.expanded} bytes once loaded, more than the limit of "
+                f"{bound} (formats/resource-model.md); re-save the tensor contiguous (t.contiguous()) if it is real",
+            )
 
     def _span(self, spec: TensorSpec) -> Span | None:
         """Where the tensor's bytes lie as they are, if they do (contiguous, little-endian, no
@@ -785,7 +806,8 @@ def verify(path: Path) -> list[str]:
         refused = [n for n, ok in globals_report(path) if not ok]
         if refused:
             problems.append(f"{path}: refers to globals safeckpt does not allow: {', '.join(refused)}")
-            if any(_pickle.is_denied(n) or n.startswith("<") for n in refused):
+            # only names allow= takes can be fed back to read the rest as inert data
+            if any(_pickle.is_denied(n) or not _pickle._GLOBAL_NAME.match(n) for n in refused):
                 return problems
         reader, _ = _load(path, tuple(refused))
         if reader.info.get("container") == "zip":
