@@ -341,7 +341,7 @@ def test_reshard_in_place(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "sharded_st", directory)
     before = safeckpt.load(directory)
     for limit in (300, 500, 10_000, 300):
-        safeckpt.convert(directory, directory, format="hf-sharded", max_shard_size=limit)
+        safeckpt.convert(directory, directory, format="hf-sharded", max_shard_size=limit, overwrite=True)
         assert_bits_equal(before, safeckpt.load(directory))
 
 
