@@ -315,13 +315,9 @@ class _Reader:
     def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
         """The object graph of the torch archive at ``[start, start+length)`` of the file (DCP
         segments are whole archives inside a ``.distcp``); feed it to `_Tree` for a tree."""
-        archive = _zip.parse(self.data, source=self.source, start=start, length=length)
+        archive = _zip.parse(self.data, source=self.source, start=start, length=length, skip_compressed=_script_code)
         records = archive.records
-        if "constants.pkl" in records or any(k.startswith("code/") for k in records):
-            raise UnsafeCheckpointError(
-                f"{self.source}: a TorchScript archive (it holds code/ and constants.pkl); reading it means running "
-                "TorchScript, which safeckpt refuses. Save the model's state_dict() instead"
-            )
+        script = _is_torchscript(archive)
         if "data.pkl" not in records:
             raise CorruptCheckpointError(f"{self.source}: the archive {archive.prefix + '/'!r} has no data.pkl")
         order = self._small(records.get("byteorder"))
@@ -369,7 +365,17 @@ class _Reader:
 
         data = bytes(self.data[pkl.offset : pkl.offset + pkl.size])  # the pickle alone, never the storages
         self._note_pickle(data)
-        return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
+        if not script:
+            return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
+        self.info["producer"] = "torchscript"
+        extra = _script_records(_pickle._scan(data, 0, self.source)[0])
+        obj, end, names = _pickle.load(
+            data, 0, source=f"{self.source} (data.pkl)", persistent_load=persistent_load, allow=allow, extra={**TORCH, **extra}
+        )
+        if end != len(data):
+            raise CorruptCheckpointError(f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP")
+        self.globals.extend(n for n in names if n not in extra)
+        return script_state_dict(obj, self.source)
 
     def _small(self, record: _zip.Record | None) -> str | None:
         if record is None:
@@ -509,6 +515,65 @@ class _Reader:
             return materialize(mapped, storage, spec, swap)
 
         return load
+
+
+# -- TorchScript -----------------------------------------------------------------------------------
+# A TorchScript archive (torch.jit.save) is a torch zip whose data.pkl pickles the module tree as
+# objects of its compiled classes, ``__torch__.<path>.<Class>`` (names mangled ``___torch_mangle_N``),
+# beside code/ (the compiled source, deflated by torch 2.x) and constants.pkl. We read only data.pkl:
+# every ``__torch__`` object is an inert record (never imported, built or run) and the state dict is
+# the tensors found walking the records' attributes. code/ and constants.pkl are never read.
+
+_SCRIPT_NAME = re.compile(r"__torch__(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+
+
+def _script_code(name: str) -> bool:
+    """The entries TorchScript may deflate: its compiled source and debug tables, which we never read."""
+    return name.startswith("code/") or name.endswith(".debug_pkl")
+
+
+def _is_torchscript(archive: _zip.Archive) -> bool:
+    names = [*archive.records, *archive.skipped]
+    return "constants.pkl" in names or any(n.startswith("code/") for n in names)
+
+
+def _script_records(names: Iterable[str]) -> dict[str, Handler]:
+    """An inert-record handler for each ``__torch__`` class the pickle names (mangled names included,
+    which the generic allow rule refuses for their ``__``); nothing else is admitted."""
+
+    def handler(name: str) -> Handler:
+        return Handler(call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle._inert_build)
+
+    return {n: handler(n) for n in names if _SCRIPT_NAME.match(n)}
+
+
+def script_state_dict(root: Any, source: str) -> collections.OrderedDict[str, Any]:
+    """The state dict of a TorchScript module tree as unpickled records: every tensor attribute,
+    keyed by its attribute path (``fc.weight``), submodules walked depth-first in pickle order.
+
+    Example:
+        >>> list(script_state_dict(obj, "m.pt"))[:2]
+        ['fc.weight', 'fc.bias']
+    """
+    if not (isinstance(root, Inert) and root.name.startswith("__torch__.")):
+        raise CorruptCheckpointError(f"{source}: a TorchScript archive whose data.pkl does not hold a module")
+    out: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    stack: list[tuple[str, Inert, int]] = [("", root, 0)]
+    seen: set[int] = set()
+    while stack:
+        prefix, node, depth = stack.pop()
+        if id(node) in seen or depth > MAX_DEPTH:
+            raise CorruptCheckpointError(f"{source}: the TorchScript module tree at {prefix or 'the root'!r} is cyclic or too deep")
+        seen.add(id(node))
+        state = node.state if isinstance(node.state, dict) else {}
+        subs = []
+        for k, v in state.items():
+            if isinstance(v, TensorSpec) and isinstance(k, str):
+                out[prefix + k] = v
+            elif isinstance(v, Inert) and v.name.startswith("__torch__.") and isinstance(k, str):
+                subs.append((f"{prefix}{k}.", v, depth + 1))
+        stack.extend(reversed(subs))
+    return out
 
 
 def materialize(mapped: MappedFile, storage: Storage, spec: TensorSpec, byteswap: bool = False) -> torch.Tensor:
@@ -748,8 +813,10 @@ def _scan_globals(path: Path) -> dict[str, None]:
     data = memoryview(reader.data)
     head = bytes(data[:4096])
     spans: list[tuple[int, int | None]] = []
+    script = False
     if head[:4] == _zip.LOCAL:
-        archive = _zip.parse(reader.data, source=reader.source)
+        archive = _zip.parse(reader.data, source=reader.source, skip_compressed=_script_code)
+        script = _is_torchscript(archive)
         r = archive.records.get("data.pkl")
         if r is None:
             raise CorruptCheckpointError(f"{reader.source}: the archive has no data.pkl")
@@ -762,7 +829,7 @@ def _scan_globals(path: Path) -> dict[str, None]:
         pos = start
         for _ in range(count or 1):
             found, pos = _pickle._scan(data, pos, reader.source)
-            names.update(dict.fromkeys(found))
+            names.update(dict.fromkeys(n for n in found if not (script and _SCRIPT_NAME.match(n))))
             if pos >= len(data):
                 break
     return names
