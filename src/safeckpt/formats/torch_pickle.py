@@ -30,7 +30,7 @@ import torch
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
-from . import _pickle, _zip
+from . import _omegaconf, _pickle, _zip
 from ._pickle import Global, Handler, Inert
 
 NAME = "torch"
@@ -232,6 +232,7 @@ def _torch_table() -> dict[str, Handler]:
         for name, dtype in _STORAGE_NAMES.items():
             table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
     table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
+    table.update(_omegaconf.handlers())  # Hydra configs in Lightning hyper_parameters, as plain data
     return table
 
 
@@ -666,7 +667,7 @@ class _Tree:
         if isinstance(obj, Inert):
             obj = obj.as_dict()
         elif isinstance(obj, Global):
-            if obj.name in _pickle.BASE or obj.name in TORCH:
+            if (obj.name in _pickle.BASE or obj.name in TORCH) and obj.name not in _omegaconf.CLASSES:
                 raise UnsafeCheckpointError(
                     f"{self.reader.source}: {path_name(path) or 'the root'} is the class or function {obj.name} itself, not data"
                 )
