@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -208,3 +209,71 @@ def test_type_names_are_never_called(payload: bytes, tmp_path: Path) -> None:
     path.write_bytes(payload)
     with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError)):
         safeckpt.open(path)
+
+
+# -- accelerate save_state folders ------------------------------------------------------------------
+
+
+def _fixtures_module() -> Any:
+    spec = importlib.util.spec_from_file_location("rw_fixtures", RW / "make_fixtures.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _training_objects() -> tuple[nn.Module, torch.optim.Optimizer, Any, Any]:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    return model, opt, sched, _fixtures_module().Counter()
+
+
+@pytest.mark.parametrize("folder", ["accelerate_state", "accelerate_state_bin"])
+def test_accelerate_folder_resumes_in_one_call(folder: str) -> None:
+    d = RW / folder
+    ckpt = safeckpt.open(d)
+    assert ckpt.format == "accelerate"
+    assert list(ckpt.tree) == ["model", "optimizer", "scheduler", "random_states", "custom_checkpoint_0"]
+    model, opt, sched, counter = _training_objects()
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "custom_checkpoint_0": counter}
+    rest = safeckpt.load(d, state)
+    assert list(rest) == ["random_states"]
+    model_file = d / ("model.safetensors" if folder == "accelerate_state" else "pytorch_model.bin")
+    want_model = (
+        safetensors.torch.load_file(str(model_file))
+        if model_file.suffix == ".safetensors"
+        else torch.load(model_file, weights_only=True)
+    )
+    assert_bits_equal(_sorted(model.state_dict()), _sorted(want_model))
+    assert_bits_equal(opt.state_dict(), torch.load(d / "optimizer.bin", weights_only=True))
+    assert sched.state_dict() == torch.load(d / "scheduler.bin", weights_only=True)
+    assert counter.state_dict() == torch.load(d / "custom_checkpoint_0.pkl", weights_only=True)
+    rng = rest["random_states"]  # torch.load(weights_only=True) refuses this file (numpy's RNG state)
+    assert rng["step"] == 0 and rng["numpy_random_seed"][0] == "MT19937" and rng["torch_manual_seed"].dtype == torch.uint8
+
+
+def _sorted(sd: Any) -> dict[str, Any]:
+    return {k: sd[k] for k in sorted(sd)}
+
+
+def test_accelerate_folder_against_accelerate_load_state() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    ref = acc.prepare(*_training_objects()[:3])
+    counter_ref = _fixtures_module().Counter()
+    acc.register_for_checkpointing(counter_ref)
+    acc.load_state(str(RW / "accelerate_state"))
+    model, opt, sched, counter = _training_objects()
+    safeckpt.load(RW / "accelerate_state", {"model": model, "optimizer": opt, "scheduler": sched, "custom_checkpoint_0": counter})
+    assert_bits_equal(_sorted(model.state_dict()), _sorted(ref[0].state_dict()))
+    assert_bits_equal(opt.state_dict(), ref[1].optimizer.state_dict())
+    assert sched.state_dict()["last_epoch"] == ref[2].scheduler.state_dict()["last_epoch"]
+    assert counter.state_dict() == counter_ref.state_dict()
+
+
+def test_a_lone_model_safetensors_is_still_hf(tmp_path: Path) -> None:
+    shutil.copy(RW / "accelerate_state" / "model.safetensors", tmp_path)
+    assert safeckpt.open(tmp_path).format == "hf-sharded"

@@ -32,6 +32,7 @@ _FORMATS: dict[str, tuple[str, str]] = {
     "safeckpt": ("safeckpt.formats.safeckpt", "file"),
     "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any"),
     "safetensors": ("safeckpt.formats.safetensors_file", "file"),
+    "accelerate": ("safeckpt.formats.accelerate", "dir"),  # before hf-sharded: it holds a model.safetensors too
     "hf-sharded": ("safeckpt.formats.hf_sharded", "any"),
     "dcp": ("safeckpt.formats.dcp", "dir"),
     "torch": ("safeckpt.formats.torch_pickle", "file"),
