@@ -277,3 +277,18 @@ def test_accelerate_folder_against_accelerate_load_state() -> None:
 def test_a_lone_model_safetensors_is_still_hf(tmp_path: Path) -> None:
     shutil.copy(RW / "accelerate_state" / "model.safetensors", tmp_path)
     assert safeckpt.open(tmp_path).format == "hf-sharded"
+
+
+# -- legacy (torch < 1.6) files: unaligned storages are copied once, shared by their views ----------
+
+
+def test_legacy_views_share_their_storage_like_torch_load() -> None:
+    path = RW / "legacy_shared.pt"  # storages at unaligned offsets (checked when it was made)
+    got = safeckpt.load(path)
+    want = torch.load(path, weights_only=True)
+    assert_bits_equal(got, want)
+    sd = got["state"]
+    base = sd["rnn.flat"].untyped_storage().data_ptr()
+    assert all(sd[f"rnn.weight_l{i}"].untyped_storage().data_ptr() == base for i in range(4))
+    assert sd["rnn.weight_l1"].data_ptr() == base + 16 * 32 * 4  # a view, as torch.load gives
+    assert sd["head.weight"].untyped_storage().data_ptr() != base

@@ -18,8 +18,9 @@ import os
 import pathlib
 import re
 import struct
+import weakref
 from argparse import Namespace
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,8 @@ class _Reader:
         self.storages: dict[str, Storage] = {}
         self.info: dict[str, Any] = {}
         self.globals: list[str] = []  # every global the file's pickles name
+        # storages copied to align them, shared by their views while any is alive
+        self.copies: weakref.WeakValueDictionary[Any, torch.Tensor] = weakref.WeakValueDictionary()
 
     # zip ------------------------------------------------------------------------------------------
     def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
@@ -501,19 +504,20 @@ class _Reader:
 
     # tensors ----------------------------------------------------------------------------------
     def tensor_loader(self, spec: TensorSpec) -> Any:
-        mapped, swap, storage, path, stamp = (
+        mapped, swap, storage, path, stamp, copies = (
             self.mapped,
             self.byteorder != "little",
             spec.storage,
             self.path,
             self.stamp,
+            self.copies,
         )
 
         def load() -> torch.Tensor:
             st = os.stat(path)  # pages past a truncated file's end would fault (SIGBUS), not raise
             if (st.st_size, st.st_mtime_ns) != stamp:
                 raise CorruptCheckpointError(f"{path}: the file changed after it was opened; open it again")
-            return materialize(mapped, storage, spec, swap)
+            return materialize(mapped, storage, spec, swap, copies)
 
         return load
 
@@ -577,25 +581,43 @@ def script_state_dict(root: Any, source: str) -> collections.OrderedDict[str, An
     return out
 
 
-def materialize(mapped: MappedFile, storage: Storage, spec: TensorSpec, byteswap: bool = False) -> torch.Tensor:
+def materialize(
+    mapped: MappedFile,
+    storage: Storage,
+    spec: TensorSpec,
+    byteswap: bool = False,
+    copies: MutableMapping[Any, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The tensor ``spec`` describes, over ``storage``'s bytes in the map (copied only when the bytes
-    are misaligned for the dtype or stored big-endian).
+    are misaligned for the dtype or stored big-endian). A copied storage is kept in ``copies``
+    (weakly, by the caller) so its other views share it, as torch's do, instead of copying it again.
 
     Example:
         >>> t = materialize(MappedFile(path), storage, TensorSpec(storage, 0, (2, 3), (3, 1), torch.float32))
     """
     item = spec.dtype.itemsize
     count = storage.nbytes // item
-    if count == 0:
+    key = (storage.offset, storage.nbytes, spec.dtype)
+    base = copies.get(key) if copies is not None else None
+    if base is not None:
+        pass
+    elif count == 0:
         base = torch.empty(0, dtype=spec.dtype)
     else:
-        raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
+        copied = bool(storage.offset % item) or (byteswap and item > 1)
         if storage.offset % item:
-            raw = raw.clone()
+            # legacy files put storages at unaligned offsets: copy once per storage, with one
+            # memcpy (numpy's; torch's clone splits it across threads, slow on a loaded machine)
+            aligned = np.frombuffer(mapped.map, dtype=np.uint8, count=count * item, offset=storage.offset).copy()
+            raw = torch.from_numpy(aligned)
+        else:
+            raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
         if byteswap and item > 1:
             unit = item // 2 if spec.dtype.is_complex else item
             raw = raw.view(-1, unit).flip(-1).reshape(-1)
         base = raw.view(spec.dtype)
+        if copied and copies is not None:
+            copies[key] = base
     t = base.as_strided(spec.size, spec.stride, spec.offset)
     if spec.conj:
         t = t.conj()
