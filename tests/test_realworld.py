@@ -68,7 +68,7 @@ def test_two_pickled_singles_are_ambiguous(tmp_path: Path) -> None:
 
 
 def test_other_bin_names_are_not_a_model_directory(tmp_path: Path) -> None:
-    shutil.copy(RW / "bin_peft" / "adapter_model.bin", tmp_path / "optimizer.bin")
+    shutil.copy(RW / "bin_peft" / "adapter_model.bin", tmp_path / "training_args.bin")
     with pytest.raises(UnknownFormatError):
         safeckpt.open(tmp_path)
 
