@@ -292,3 +292,54 @@ def test_legacy_views_share_their_storage_like_torch_load() -> None:
     assert all(sd[f"rnn.weight_l{i}"].untyped_storage().data_ptr() == base for i in range(4))
     assert sd["rnn.weight_l1"].data_ptr() == base + 16 * 32 * 4  # a view, as torch.load gives
     assert sd["head.weight"].untyped_storage().data_ptr() != base
+
+
+# -- sparse tensors ------------------------------------------------------------------------------------
+
+SPARSE = RW / "sparse.pt"
+
+
+def _sparse_parts(t: torch.Tensor) -> dict[str, Any]:
+    if t.layout == torch.strided:
+        return {"dense": t}
+    if t.layout == torch.sparse_coo:
+        return {"layout": str(t.layout), "size": t.shape, "indices": t._indices(), "values": t._values(), "c": t.is_coalesced()}
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return {"layout": str(t.layout), "size": t.shape, "a": t.crow_indices(), "b": t.col_indices(), "values": t.values()}
+    return {"layout": str(t.layout), "size": t.shape, "a": t.ccol_indices(), "b": t.row_indices(), "values": t.values()}
+
+
+def _assert_sparse_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for k in want:
+        assert_bits_equal(_sparse_parts(got[k]), _sparse_parts(want[k]), k)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_tensors_read_like_torch_load() -> None:
+    want = torch.load(SPARSE, weights_only=True)
+    refs = safeckpt.open(SPARSE).tensors()
+    assert refs["coo"].layout == "sparse_coo" and refs["coo"].shape == (2, 3)
+    _assert_sparse_equal(safeckpt.load(SPARSE), want)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_tensors_are_stored_natively(tmp_path: Path) -> None:
+    want = torch.load(SPARSE, weights_only=True)
+    out = safeckpt.convert(SPARSE, tmp_path / "s.safeckpt")
+    _assert_sparse_equal(safeckpt.load(out), want)
+    names = set(safetensors.torch.load_file(str(out)))  # a valid safetensors file: the components, dense
+    assert {"coo/indices", "coo/values", "csr/crow_indices", "csr/col_indices", "csr/values"} <= names
+    safeckpt.save(tmp_path / "live.safeckpt", want)  # live sparse tensors, not only lazy ones
+    _assert_sparse_equal(safeckpt.load(tmp_path / "live.safeckpt"), want)
+    with pytest.raises(TypeError, match="sparse_coo tensor; safetensors holds dense tensors only"):
+        safeckpt.convert(SPARSE, tmp_path / "s.safetensors")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_indices_out_of_bounds_are_refused(tmp_path: Path) -> None:
+    bad = torch.sparse_coo_tensor(torch.tensor([[0, 9]]), torch.tensor([1.0, 2.0]), (3,), check_invariants=False)
+    torch.save({"x": bad}, tmp_path / "bad.pt")
+    ref = safeckpt.open(tmp_path / "bad.pt").tensors()["x"]
+    with pytest.raises(CorruptCheckpointError, match="invalid sparse_coo tensor"):
+        ref.load()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import sparse
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
@@ -222,6 +223,43 @@ _REBUILDERS = {
 }
 
 
+@dataclass(frozen=True)
+class SparseSpec:
+    """A sparse tensor as pickled by ``_rebuild_sparse_tensor``: layout, size, dense components."""
+
+    layout: str
+    size: tuple[int, ...]
+    components: tuple[TensorSpec, ...]
+    coalesced: bool | None
+
+
+def _get_layout(name: Any) -> torch.layout:
+    layouts = {f"torch.{k}": v for k, v in sparse.LAYOUTS.items()} | {"torch.strided": torch.strided}
+    if name not in layouts:
+        raise _bad(f"unknown tensor layout {name!r:.40}")
+    return layouts[name]
+
+
+def _rebuild_sparse(layout: Any, data: Any) -> SparseSpec:
+    """torch's ``_rebuild_sparse_tensor(layout, data)``: recorded, built only when loaded (with
+    torch's invariant checks)."""
+    if not isinstance(layout, torch.layout) or not isinstance(data, tuple):
+        raise _bad("_rebuild_sparse_tensor takes a sparse layout and a tuple")
+    name = sparse.layout_name(layout)
+    if name == "sparse_coo":
+        if len(data) not in (3, 4):
+            raise _bad("a sparse COO tensor is (indices, values, size[, is_coalesced])")
+        comps, size, coalesced = data[:2], data[2], (data[3] if len(data) == 4 else None)
+    else:
+        if len(data) != 4:
+            raise _bad(f"a {name} tensor is (compressed_indices, plain_indices, values, size)")
+        comps, size, coalesced = data[:3], data[3], None
+    name, size = sparse.check(name, size, comps, coalesced)
+    if not all(isinstance(c, TensorSpec) for c in comps):
+        raise _bad(f"a {name} tensor's components must be tensors")
+    return SparseSpec(name, size, tuple(comps), coalesced)
+
+
 def _torch_table() -> dict[str, Handler]:
     table = {name: Handler(call=fn) for name, fn in _REBUILDERS.items()}  # type: ignore[arg-type]
     table["torch._utils._rebuild_parameter"] = Handler(call=_rebuild_parameter)
@@ -233,6 +271,8 @@ def _torch_table() -> dict[str, Handler]:
         for name, dtype in _STORAGE_NAMES.items():
             table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
     table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
+    table["torch._utils._rebuild_sparse_tensor"] = Handler(call=_rebuild_sparse)
+    table["torch.serialization._get_layout"] = Handler(call=_get_layout)
     table.update(_omegaconf.handlers())  # Hydra configs in Lightning hyper_parameters, as plain data
     return table
 
@@ -678,6 +718,12 @@ class _Tree:
             raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(obj, _LEAF_TYPES) and type(obj) not in (list, tuple):
             return obj
+        if isinstance(obj, SparseSpec):
+            if not tensors:
+                raise self.err(path, "a sparse tensor where only plain values may appear")
+            names = sparse.COMPONENTS[obj.layout]
+            comps = [self.tensor(c, (*path, n)) for n, c in zip(names, obj.components, strict=True)]
+            return sparse.sparse_ref(path_name(path), self.reader.source, obj.layout, obj.size, comps, obj.coalesced)
         if isinstance(obj, (TensorSpec, Storage)):
             if not tensors:
                 raise self.err(
