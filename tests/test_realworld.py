@@ -250,7 +250,9 @@ def test_accelerate_folder_resumes_in_one_call(folder: str) -> None:
     assert sched.state_dict() == torch.load(d / "scheduler.bin", weights_only=True)
     assert counter.state_dict() == torch.load(d / "custom_checkpoint_0.pkl", weights_only=True)
     rng = rest["random_states"]  # torch.load(weights_only=True) refuses this file (numpy's RNG state)
-    assert rng["step"] == 0 and rng["numpy_random_seed"][0] == "MT19937" and rng["torch_manual_seed"].dtype == torch.uint8
+    assert (
+        rng["step"] == 0 and rng["numpy_random_seed"][0] == "MT19937" and rng["torch_manual_seed"].dtype == torch.uint8
+    )
 
 
 def _sorted(sd: Any) -> dict[str, Any]:
@@ -267,7 +269,9 @@ def test_accelerate_folder_against_accelerate_load_state() -> None:
     acc.register_for_checkpointing(counter_ref)
     acc.load_state(str(RW / "accelerate_state"))
     model, opt, sched, counter = _training_objects()
-    safeckpt.load(RW / "accelerate_state", {"model": model, "optimizer": opt, "scheduler": sched, "custom_checkpoint_0": counter})
+    safeckpt.load(
+        RW / "accelerate_state", {"model": model, "optimizer": opt, "scheduler": sched, "custom_checkpoint_0": counter}
+    )
     assert_bits_equal(_sorted(model.state_dict()), _sorted(ref[0].state_dict()))
     assert_bits_equal(opt.state_dict(), ref[1].optimizer.state_dict())
     assert sched.state_dict()["last_epoch"] == ref[2].scheduler.state_dict()["last_epoch"]
@@ -303,9 +307,21 @@ def _sparse_parts(t: torch.Tensor) -> dict[str, Any]:
     if t.layout == torch.strided:
         return {"dense": t}
     if t.layout == torch.sparse_coo:
-        return {"layout": str(t.layout), "size": t.shape, "indices": t._indices(), "values": t._values(), "c": t.is_coalesced()}
+        return {
+            "layout": str(t.layout),
+            "size": t.shape,
+            "indices": t._indices(),
+            "values": t._values(),
+            "c": t.is_coalesced(),
+        }
     if t.layout in (torch.sparse_csr, torch.sparse_bsr):
-        return {"layout": str(t.layout), "size": t.shape, "a": t.crow_indices(), "b": t.col_indices(), "values": t.values()}
+        return {
+            "layout": str(t.layout),
+            "size": t.shape,
+            "a": t.crow_indices(),
+            "b": t.col_indices(),
+            "values": t.values(),
+        }
     return {"layout": str(t.layout), "size": t.shape, "a": t.ccol_indices(), "b": t.row_indices(), "values": t.values()}
 
 

@@ -280,7 +280,9 @@ def _sparse(value: Any) -> Any:
     layout, size = sparse.check(value[0], value[1], value[2], value[3])
     comps = value[2]
     if all(isinstance(c, TensorRef) for c in comps):
-        return sparse.sparse_ref(comps[-1].name.rpartition("/")[0] or "sparse", comps[-1].source, layout, size, comps, value[3])
+        return sparse.sparse_ref(
+            comps[-1].name.rpartition("/")[0] or "sparse", comps[-1].source, layout, size, comps, value[3]
+        )
     if not all(isinstance(c, torch.Tensor) for c in comps):
         raise CorruptCheckpointError("a sparse tensor's components must be tensors")
     return sparse.build(layout, size, comps, value[3])

@@ -86,10 +86,14 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
 
 
 def _size(size: Any) -> tuple[int, ...]:
-    if not isinstance(size, (tuple, list, torch.Size)) or len(size) > MAX_DIMS or not all(
-        type(d) is int and d >= 0 for d in size
+    if (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) > MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in size)
     ):
-        raise CorruptCheckpointError(f"a sparse tensor's size must be up to {MAX_DIMS} non-negative ints, got {size!r:.80}")
+        raise CorruptCheckpointError(
+            f"a sparse tensor's size must be up to {MAX_DIMS} non-negative ints, got {size!r:.80}"
+        )
     return tuple(size)
 
 
@@ -98,7 +102,9 @@ def check(layout: Any, size: Any, components: Sequence[Any], coalesced: Any) -> 
     if not isinstance(layout, str) or layout not in COMPONENTS:
         raise CorruptCheckpointError(f"unknown sparse layout {layout!r:.40}")
     if len(components) != len(COMPONENTS[layout]):
-        raise CorruptCheckpointError(f"a {layout} tensor has {len(COMPONENTS[layout])} components, found {len(components)}")
+        raise CorruptCheckpointError(
+            f"a {layout} tensor has {len(COMPONENTS[layout])} components, found {len(components)}"
+        )
     if coalesced is not None and type(coalesced) is not bool:
         raise CorruptCheckpointError("a sparse tensor's coalesced flag must be a bool or nil")
     return layout, _size(size)
@@ -130,7 +136,9 @@ class SparseTensorRef(TensorRef):
         return sum(c.numel for c in self.components)
 
 
-def sparse_ref(name: str, source: str, layout: str, size: tuple[int, ...], comps: Sequence[TensorRef], coalesced: bool | None) -> SparseTensorRef:
+def sparse_ref(
+    name: str, source: str, layout: str, size: tuple[int, ...], comps: Sequence[TensorRef], coalesced: bool | None
+) -> SparseTensorRef:
     """A lazy sparse tensor over component references (validated with `check` first)."""
     comps = tuple(comps)
     if not all(isinstance(c, TensorRef) for c in comps):
@@ -143,6 +151,4 @@ def sparse_ref(name: str, source: str, layout: str, size: tuple[int, ...], comps
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{source}: {name}: {e}") from None
 
-    return SparseTensorRef(
-        name, values.dtype, size, source, load, layout=layout, components=comps, coalesced=coalesced
-    )
+    return SparseTensorRef(name, values.dtype, size, source, load, layout=layout, components=comps, coalesced=coalesced)

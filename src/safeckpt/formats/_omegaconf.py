@@ -109,7 +109,9 @@ def _container(kind: type) -> Any:
         if content is None or isinstance(content, str):  # None, "???" (missing) or "${...}" (interpolation)
             return content
         if not isinstance(content, kind):
-            raise CorruptCheckpointError(f"{obj.name}: its content is a {type(content).__name__}, not a {kind.__name__}")
+            raise CorruptCheckpointError(
+                f"{obj.name}: its content is a {type(content).__name__}, not a {kind.__name__}"
+            )
         return kind(content)  # the children were converted by their own BUILD
 
     return build

@@ -97,7 +97,9 @@ def read(path: Path, *, allow: tuple[str, ...] = (), **_: Any) -> Checkpoint:
             )
         files[key] = name
     if not files:
-        raise UnknownFormatError(f"{path}: no accelerate state files (random_states_0.pkl, optimizer.bin, model.safetensors)")
+        raise UnknownFormatError(
+            f"{path}: no accelerate state files (random_states_0.pkl, optimizer.bin, model.safetensors)"
+        )
     tree: dict[str, Any] = {}
     for key in sorted(files, key=_order):
         tree[key] = _read_one(path, files[key], allow).tree

@@ -182,7 +182,9 @@ def _read_single(layout: Layout, allow: tuple[str, ...]) -> Checkpoint:
 
     one: Checkpoint = get("torch").read(file, allow=allow)
     if not isinstance(one.tree, Mapping):
-        raise CorruptCheckpointError(f"{file}: a model's weights file must hold a state dict, found a {type(one.tree).__name__}")
+        raise CorruptCheckpointError(
+            f"{file}: a model's weights file must hold a state dict, found a {type(one.tree).__name__}"
+        )
     return one
 
 

@@ -414,10 +414,17 @@ class _Reader:
         self.info["producer"] = "torchscript"
         extra = _script_records(_pickle._scan(data, 0, self.source)[0])
         obj, end, names = _pickle.load(
-            data, 0, source=f"{self.source} (data.pkl)", persistent_load=persistent_load, allow=allow, extra={**TORCH, **extra}
+            data,
+            0,
+            source=f"{self.source} (data.pkl)",
+            persistent_load=persistent_load,
+            allow=allow,
+            extra={**TORCH, **extra},
         )
         if end != len(data):
-            raise CorruptCheckpointError(f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP")
+            raise CorruptCheckpointError(
+                f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP"
+            )
         self.globals.extend(n for n in names if n not in extra)
         return script_state_dict(obj, self.source)
 
@@ -587,7 +594,9 @@ def _script_records(names: Iterable[str]) -> dict[str, Handler]:
     which the generic allow rule refuses for their ``__``); nothing else is admitted."""
 
     def handler(name: str) -> Handler:
-        return Handler(call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle._inert_build)
+        return Handler(
+            call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle._inert_build
+        )
 
     return {n: handler(n) for n in names if _SCRIPT_NAME.match(n)}
 
@@ -608,7 +617,9 @@ def script_state_dict(root: Any, source: str) -> collections.OrderedDict[str, An
     while stack:
         prefix, node, depth = stack.pop()
         if id(node) in seen or depth > MAX_DEPTH:
-            raise CorruptCheckpointError(f"{source}: the TorchScript module tree at {prefix or 'the root'!r} is cyclic or too deep")
+            raise CorruptCheckpointError(
+                f"{source}: the TorchScript module tree at {prefix or 'the root'!r} is cyclic or too deep"
+            )
         seen.add(id(node))
         state = node.state if isinstance(node.state, dict) else {}
         subs = []
