@@ -1,8 +1,9 @@
 """``hf-sharded``: a Hugging Face model directory (spec: ``formats/hf-sharded.md``).
 
 Reads ``*.safetensors.index.json`` and ``*.bin.index.json`` directories (the ``.bin`` shards through
-the ``torch`` format's restricted unpickler), a directory holding a single ``model.safetensors``, and
-an index file given directly. The index is validated before any shard is touched: shard names must
+the ``torch`` format's restricted unpickler), a directory holding a single weights file (a lone
+``model.safetensors`` or other non-shard ``.safetensors``; else one of ``pytorch_model.bin``,
+``adapter_model.bin``, ``diffusion_pytorch_model.bin``), and an index file given directly. The index is validated before any shard is touched: shard names must
 be bare file names in the directory; every tensor it maps must be in that shard and in no other.
 Opening reads each shard's header only; a shard's data is mapped when one of its tensors is loaded.
 
