@@ -127,7 +127,7 @@ def test_parameters_keep_their_type_and_requires_grad(tmp_path: Path) -> None:
 
 def test_refused_dtypes_and_layouts_name_the_path(tmp_path: Path) -> None:
     q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
-    for value, match in ((q, "qint8"), (torch.ones(2).to_sparse(), "sparse"), (torch.empty(2, device="meta"), "meta")):
+    for value, match in ((q, "qint8"), (torch.empty(2, device="meta"), "meta")):  # sparse is stored: test_realworld
         with pytest.raises(TypeError, match=match) as info:
             safeckpt.save(tmp_path / "x", {"model": {"w": value}})
         assert "state['model']['w']" in str(info.value)

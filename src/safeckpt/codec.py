@@ -60,6 +60,7 @@ class Ext:
     BYTEARRAY = 16  # bytes
     COUNTER = 17  # map (collections.Counter: MultiStepLR's milestones)
     USER = 18  # [registered name, data]: a type taught with safeckpt.register_type
+    SPARSE = 19  # [layout, size, [TENSOR components], coalesced or nil] (see safeckpt.sparse)
 
 
 _PATH_TYPES: dict[str, type] = {
@@ -164,6 +165,8 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
         return _prepare_map(obj, path, tensor_name, depth)
     if cls is tuple:
         return _ext(Ext.TUPLE, [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)])
+    if _is_sparse(obj):
+        return _sparse_ext(obj, path, tensor_name)
     if isinstance(obj, torch.Tensor) or _is_tensor_ref(obj):
         if tensor_name is None:
             raise TypeError(
@@ -256,6 +259,40 @@ def _np_dtype_str(dtype: np.dtype, path: tuple[Any, ...]) -> str:
 
 def _ext(code: int, payload: Any) -> msgpack.ExtType:
     return msgpack.ExtType(code, _pack(payload))
+
+
+def _is_sparse(obj: Any) -> bool:
+    from . import sparse
+
+    return sparse.is_sparse(obj)
+
+
+def _sparse_ext(obj: Any, path: tuple[Any, ...], tensor_name: Any) -> msgpack.ExtType:
+    """A sparse tensor as its layout, size and dense components, each stored as a tensor."""
+    from . import sparse
+
+    if tensor_name is None:
+        raise TypeError(f"{where(path)} is a sparse tensor where only plain values may appear")
+    layout, size, comps, coalesced = sparse.parts(obj)
+    names = sparse.COMPONENTS[layout]
+    refs = [_ext(Ext.TENSOR, tensor_name((*path, n), c)) for n, c in zip(names, comps, strict=True)]
+    return _ext(Ext.SPARSE, [layout, list(size), refs, coalesced])
+
+
+def _sparse(value: Any) -> Any:
+    from . import sparse
+
+    if not (type(value) is list and len(value) == 4 and type(value[2]) is list):
+        raise CorruptCheckpointError(f"malformed sparse tensor {value!r:.80} in the skeleton")
+    layout, size = sparse.check(value[0], value[1], value[2], value[3])
+    comps = value[2]
+    if all(isinstance(c, TensorRef) for c in comps):
+        return sparse.sparse_ref(
+            comps[-1].name.rpartition("/")[0] or "sparse", comps[-1].source, layout, size, comps, value[3]
+        )
+    if not all(isinstance(c, torch.Tensor) for c in comps):
+        raise CorruptCheckpointError("a sparse tensor's components must be tensors")
+    return sparse.build(layout, size, comps, value[3])
 
 
 def _is_tensor_ref(obj: Any) -> bool:
@@ -559,6 +596,7 @@ _BUILD: dict[int, Callable[[Any], Any]] = {
     Ext.COMPLEX: _complex,
     Ext.BYTEARRAY: lambda v: bytearray(_bytes(v)),
     Ext.COUNTER: lambda v: Counter(_map(v)),
+    Ext.SPARSE: _sparse,
 }
 _EXT_NAMES = {v: k.lower() for k, v in vars(Ext).items() if isinstance(v, int)}
 # ext values that can be dict keys or set members

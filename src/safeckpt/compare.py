@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import sparse
 from .tree import Checkpoint, TensorRef, _is_container, path_name
 
 __all__ = ["Change", "Diff", "compare", "leaves", "match"]
@@ -193,6 +194,15 @@ def _tensors_equal(
 ) -> tuple[bool, float | None]:
     if tuple(x.shape) != tuple(y.shape):
         return False, None
+    if sparse.is_sparse(x) or sparse.is_sparse(y):  # equal layouts, then each component as a tensor
+        if not (sparse.is_sparse(x) and sparse.is_sparse(y)):
+            return False, None
+        (lx, _, cx, _), (ly, _, cy, _) = sparse.parts(x), sparse.parts(y)  # type: ignore[arg-type]
+        if lx != ly:
+            return False, None
+        results = [_tensors_equal(p, q, atol, rtol) for p, q in zip(cx, cy, strict=True)]
+        maxes = [m for _, m in results if m is not None]
+        return all(ok for ok, _ in results), (max(maxes) if len(maxes) == len(results) else None)
     a, b = _flat(x), _flat(y)
     same_bytes = a.dtype == b.dtype
     max_abs: float | None = 0.0

@@ -417,7 +417,7 @@ def _cases() -> list[tuple[Case, bytes]]:
             Entry("archive/code/__torch__.py", b"def forward(self): ...\n"),
         ],
     ).build()
-    add("m16_torchscript.pt", "unsafe", r"TorchScript archive", ts, what="a TorchScript-looking archive")
+    add("m16_torchscript.pt", "corrupt", r"TorchScript archive whose data.pkl does not hold a module", ts, what="a TorchScript-looking archive without a module")
     persid = P2 + state_dict(x=tup(uni("module"), glob("posix", "system"), uni("0"), uni("cpu"), num(1)) + b"Q") + STOP
     add(
         "m17_persid_module.pt",

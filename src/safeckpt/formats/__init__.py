@@ -120,6 +120,7 @@ _table: dict[str, Format | tuple[str, Kind]] = {
     "safeckpt": ("safeckpt.formats.safeckpt", "file"),
     "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any"),
     "safetensors": ("safeckpt.formats.safetensors_file", "file"),
+    "accelerate": ("safeckpt.formats.accelerate", "dir"),  # before hf-sharded: it holds a model.safetensors too
     "hf-sharded": ("safeckpt.formats.hf_sharded", "any"),
     "dcp": ("safeckpt.formats.dcp", "dir"),
     "torch": ("safeckpt.formats.torch_pickle", "file"),

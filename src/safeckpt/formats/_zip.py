@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,8 @@ class Archive:
     start: int
     end: int
     zip64: bool
+    # compressed entries a caller chose to leave unread (TorchScript's code/): names only, never inflated
+    skipped: tuple[str, ...] = ()
 
     def crc_problems(self, data: Any, source: str) -> list[str]:
         """Records whose recorded CRC-32 is not zero and disagrees with their bytes (torch may write 0).
@@ -91,7 +94,14 @@ def _u(fmt: str, data: Any, at: int) -> tuple[Any, ...]:
     return struct.unpack_from(fmt, data, at)
 
 
-def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) -> Archive:
+def parse(
+    data: Any,
+    *,
+    source: str,
+    start: int = 0,
+    length: int | None = None,
+    skip_compressed: Callable[[str], bool] | None = None,
+) -> Archive:
     """Validate the zip archive in ``data[start:start+length]`` and locate its records.
 
     ``data`` is any buffer over the file (an ``mmap``, ``bytes``). Offsets recorded inside the
@@ -177,6 +187,7 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
         raise err("the archive is empty")
 
     records: dict[str, Record] = {}
+    skipped: list[str] = []
     spans: list[tuple[int, int, str]] = []
     prefix = ""
     pos = cd_offset
@@ -204,18 +215,19 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
             if "/" not in name or not prefix:
                 raise err(f"the first entry {name!r} is not inside a directory (torch archives are '<name>/...')")
         _check_name(name, prefix, source)
-        if name[len(prefix) + 1 :] in records:
+        if name[len(prefix) + 1 :] in records or name[len(prefix) + 1 :] in skipped:
             raise UnsafeCheckpointError(
                 f"{source}: duplicate zip entry {name!r}: readers disagree on which copy counts, so safeckpt reads neither"
             )
         if flags & 0x1 or flags & 0x40:
             raise err(f"entry {name!r} is encrypted")
-        if method != 0:
+        skip = method != 0 and skip_compressed is not None and skip_compressed(name[len(prefix) + 1 :])
+        if method != 0 and not skip:
             raise err(
                 f"entry {name!r} is compressed (method {method}, {csize} bytes expanding to {usize}); torch writes stored "
                 "entries only, and safeckpt never inflates (a zip bomb would)"
             )
-        if csize != usize:
+        if csize != usize and not skip:
             raise err(f"stored entry {name!r} declares {usize} bytes but stores {csize}")
         if disk_start != 0:
             raise err(f"entry {name!r} starts on another disk")
@@ -230,18 +242,22 @@ def parse(data: Any, *, source: str, start: int = 0, length: int | None = None) 
                 f"{source}: entry {name!r}: the local header disagrees with the central directory (name or method)"
             )
         data_at = local_at + _LOCAL_SIZE + l_name_len + l_extra_len
-        if data_at + usize > cd_offset:
-            raise err(f"entry {name!r} ({usize} bytes at {data_at}) runs past the entries' area (ends at {cd_offset})")
-        spans.append((local_at, data_at + usize, name))
+        size = csize if skip else usize
+        if data_at + size > cd_offset:
+            raise err(f"entry {name!r} ({size} bytes at {data_at}) runs past the entries' area (ends at {cd_offset})")
+        spans.append((local_at, data_at + size, name))
         rel = name[len(prefix) + 1 :]
-        records[rel] = Record(rel, start + data_at, usize, crc)
+        if skip:
+            skipped.append(rel)
+        else:
+            records[rel] = Record(rel, start + data_at, usize, crc)
     if pos != cd_end:
         raise err(f"the central directory holds {cd_end - pos} bytes after its {n_total} entries")
     spans.sort()
     for (_, a_end, a_name), (b_start, _, b_name) in itertools.pairwise(spans):
         if b_start < a_end:
             raise err(f"entries {a_name!r} and {b_name!r} overlap")
-    return Archive(prefix, records, start, end, zip64)
+    return Archive(prefix, records, start, end, zip64, tuple(skipped))
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, local_at: int, err: Any) -> tuple[int, int, int]:

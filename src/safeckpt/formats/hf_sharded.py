@@ -1,8 +1,9 @@
 """``hf-sharded``: a Hugging Face model directory (spec: ``formats/hf-sharded.md``).
 
 Reads ``*.safetensors.index.json`` and ``*.bin.index.json`` directories (the ``.bin`` shards through
-the ``torch`` format's restricted unpickler), a directory holding a single ``model.safetensors``, and
-an index file given directly. The index is validated before any shard is touched: shard names must
+the ``torch`` format's restricted unpickler), a directory holding a single weights file (a lone
+``model.safetensors`` or other non-shard ``.safetensors``; else one of ``pytorch_model.bin``,
+``adapter_model.bin``, ``diffusion_pytorch_model.bin``), and an index file given directly. The index is validated before any shard is touched: shard names must
 be bare file names in the directory; every tensor it maps must be in that shard and in no other.
 Opening reads each shard's header only; a shard's data is mapped when one of its tensors is loaded.
 
@@ -43,6 +44,9 @@ PREFERRED = {
     ".bin.index.json": "pytorch_model.bin.index.json",
 }
 SHARD = re.compile(r".*-\d{5}-of-\d{5}\.safetensors")
+# The single pickled weights files transformers (< 5), peft and diffusers write; read only when the
+# directory has no safetensors file, the order their loaders prefer.
+PICKLED_SINGLES = ("pytorch_model.bin", "adapter_model.bin", "diffusion_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,12 @@ def _find(path: Path) -> Layout | str | None:
         if indexes:
             return f"{path}: several index files {indexes}; open the one you mean directly, e.g. {path / indexes[0]}"
     singles = [n for n in names if n.endswith(".safetensors") and not SHARD.fullmatch(n)]
+    if not singles:
+        singles = [n for n in PICKLED_SINGLES if n in names]
     if len(singles) == 1:
         return Layout(path, single=path / singles[0])
     if singles:
-        return f"{path}: several safetensors files {singles[:5]} and no index; open the file you mean directly"
+        return f"{path}: several weights files {singles[:5]} and no index; open the file you mean directly"
     return None
 
 
@@ -105,7 +111,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     if isinstance(layout, str):
         raise UnknownFormatError(layout)
     if layout.single is not None:
-        one = stf.read(_checked_file(layout.directory, layout.single.name, f"{layout.directory}: {layout.single.name}"))
+        one = _read_single(layout, allow)
         return Checkpoint(
             one.tree,
             format=NAME,
@@ -165,6 +171,23 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         info["aliases"] = aliases
     metadata = {k: v for k, v in metadata.items() if k not in aliases}
     return Checkpoint(tree, format=NAME, path=layout.directory, metadata=metadata, info=info)
+
+
+def _read_single(layout: Layout, allow: Iterable[str]) -> Checkpoint:
+    """The one weights file of a single-file directory: safetensors, or a ``.bin`` read by the
+    ``torch`` format's restricted unpickler (which must hold a state dict, like a ``.bin`` shard)."""
+    assert layout.single is not None
+    file = _checked_file(layout.directory, layout.single.name, f"{layout.directory}: {layout.single.name}")
+    if file.name.endswith(".safetensors"):
+        return stf.read(file)
+    from . import get
+
+    one: Checkpoint = get("torch").read(file, allow=allow)
+    if not isinstance(one.tree, Mapping):
+        raise CorruptCheckpointError(
+            f"{file}: a model's weights file must hold a state dict, found a {type(one.tree).__name__}"
+        )
+    return one
 
 
 def read_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:

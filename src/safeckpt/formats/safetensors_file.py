@@ -194,6 +194,13 @@ def _flat_name(keys: tuple[Any, ...], path: Path) -> str:
 
 def _check_tensor(x: torch.Tensor | TensorRef, name: str, path: Path) -> None:
     where = f"{path}: tensor {name!r}"
+    from ..sparse import SparseTensorRef
+
+    if isinstance(x, SparseTensorRef):  # read lazily from a .pt file
+        raise TypeError(
+            f"{where} is a {x.layout} tensor; safetensors holds dense tensors only: convert to a .safeckpt file, "
+            "which stores it natively, or save x.to_dense()"
+        )
     if isinstance(x, torch.Tensor):
         if x.device.type == "meta":
             raise TypeError(f"{where} is a meta tensor: it has no data to save")

@@ -19,7 +19,7 @@ import pathlib
 import re
 import struct
 from argparse import Namespace
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import sparse
 from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
-from . import Format, _pickle, _zip
+from . import Format, _omegaconf, _pickle, _zip
 from ._pickle import Global, Handler, Inert
 
 NAME = "torch"
@@ -222,6 +223,43 @@ _REBUILDERS = {
 }
 
 
+@dataclass(frozen=True)
+class SparseSpec:
+    """A sparse tensor as pickled by ``_rebuild_sparse_tensor``: layout, size, dense components."""
+
+    layout: str
+    size: tuple[int, ...]
+    components: tuple[TensorSpec, ...]
+    coalesced: bool | None
+
+
+def _get_layout(name: Any) -> torch.layout:
+    layouts = {f"torch.{k}": v for k, v in sparse.LAYOUTS.items()} | {"torch.strided": torch.strided}
+    if name not in layouts:
+        raise _bad(f"unknown tensor layout {name!r:.40}")
+    return layouts[name]
+
+
+def _rebuild_sparse(layout: Any, data: Any) -> SparseSpec:
+    """torch's ``_rebuild_sparse_tensor(layout, data)``: recorded, built only when loaded (with
+    torch's invariant checks)."""
+    if not isinstance(layout, torch.layout) or not isinstance(data, tuple):
+        raise _bad("_rebuild_sparse_tensor takes a sparse layout and a tuple")
+    name = sparse.layout_name(layout)
+    if name == "sparse_coo":
+        if len(data) not in (3, 4):
+            raise _bad("a sparse COO tensor is (indices, values, size[, is_coalesced])")
+        comps, size, coalesced = data[:2], data[2], (data[3] if len(data) == 4 else None)
+    else:
+        if len(data) != 4:
+            raise _bad(f"a {name} tensor is (compressed_indices, plain_indices, values, size)")
+        comps, size, coalesced = data[:3], data[3], None
+    name, size = sparse.check(name, size, comps, coalesced)
+    if not all(isinstance(c, TensorSpec) for c in comps):
+        raise _bad(f"a {name} tensor's components must be tensors")
+    return SparseSpec(name, size, tuple(comps), coalesced)
+
+
 def _torch_table() -> dict[str, Handler]:
     table = {name: Handler(call=fn) for name, fn in _REBUILDERS.items()}  # type: ignore[arg-type]
     table["torch._utils._rebuild_parameter"] = Handler(call=_rebuild_parameter)
@@ -233,6 +271,9 @@ def _torch_table() -> dict[str, Handler]:
         for name, dtype in _STORAGE_NAMES.items():
             table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
     table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
+    table["torch._utils._rebuild_sparse_tensor"] = Handler(call=_rebuild_sparse)
+    table["torch.serialization._get_layout"] = Handler(call=_get_layout)
+    table.update(_omegaconf.handlers())  # Hydra configs in Lightning hyper_parameters, as plain data
     return table
 
 
@@ -311,18 +352,18 @@ class _Reader:
         self.storages: dict[str, Storage] = {}
         self.info: dict[str, Any] = {}
         self.globals: list[str] = []  # every global the file's pickles name
+        # storages copied to align them, shared by all their views: held while the checkpoint is (at
+        # most the file's size; a weak map lost them as soon as a view was re-wrapped, by detach or
+        # Parameter, and then copied each storage once per view)
+        self.copies: dict[Any, torch.Tensor] = {}
 
     # zip ------------------------------------------------------------------------------------------
     def read_zip(self, allow: Iterable[str], start: int = 0, length: int | None = None) -> Any:
         """The object graph of the torch archive at ``[start, start+length)`` of the file (DCP
         segments are whole archives inside a ``.distcp``); feed it to `_Tree` for a tree."""
-        archive = _zip.parse(self.data, source=self.source, start=start, length=length)
+        archive = _zip.parse(self.data, source=self.source, start=start, length=length, skip_compressed=_script_code)
         records = archive.records
-        if "constants.pkl" in records or any(k.startswith("code/") for k in records):
-            raise UnsafeCheckpointError(
-                f"{self.source}: a TorchScript archive (it holds code/ and constants.pkl); reading it means running "
-                "TorchScript, which safeckpt refuses. Save the model's state_dict() instead"
-            )
+        script = _is_torchscript(archive)
         if "data.pkl" not in records:
             raise CorruptCheckpointError(f"{self.source}: the archive {archive.prefix + '/'!r} has no data.pkl")
         order = self._small(records.get("byteorder"))
@@ -370,7 +411,24 @@ class _Reader:
 
         data = bytes(self.data[pkl.offset : pkl.offset + pkl.size])  # the pickle alone, never the storages
         self._note_pickle(data)
-        return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
+        if not script:
+            return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
+        self.info["producer"] = "torchscript"
+        extra = _script_records(_pickle._scan(data, 0, self.source)[0])
+        obj, end, names = _pickle.load(
+            data,
+            0,
+            source=f"{self.source} (data.pkl)",
+            persistent_load=persistent_load,
+            allow=allow,
+            extra={**TORCH, **extra},
+        )
+        if end != len(data):
+            raise CorruptCheckpointError(
+                f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP"
+            )
+        self.globals.extend(n for n in names if n not in extra)
+        return script_state_dict(obj, self.source)
 
     def _small(self, record: _zip.Record | None) -> str | None:
         if record is None:
@@ -495,42 +553,124 @@ class _Reader:
 
     # tensors ----------------------------------------------------------------------------------
     def tensor_loader(self, spec: TensorSpec) -> Any:
-        mapped, swap, storage, path, stamp = (
+        mapped, swap, storage, path, stamp, copies = (
             self.mapped,
             self.byteorder != "little",
             spec.storage,
             self.path,
             self.stamp,
+            self.copies,
         )
 
         def load() -> torch.Tensor:
             st = os.stat(path)  # pages past a truncated file's end would fault (SIGBUS), not raise
             if (st.st_size, st.st_mtime_ns) != stamp:
                 raise CorruptCheckpointError(f"{path}: the file changed after it was opened; open it again")
-            return materialize(mapped, storage, spec, swap)
+            return materialize(mapped, storage, spec, swap, copies)
 
         return load
 
 
-def materialize(mapped: MappedFile, storage: Storage, spec: TensorSpec, byteswap: bool = False) -> torch.Tensor:
+# -- TorchScript -----------------------------------------------------------------------------------
+# A TorchScript archive (torch.jit.save) is a torch zip whose data.pkl pickles the module tree as
+# objects of its compiled classes, ``__torch__.<path>.<Class>`` (names mangled ``___torch_mangle_N``),
+# beside code/ (the compiled source, deflated by torch 2.x) and constants.pkl. We read only data.pkl:
+# every ``__torch__`` object is an inert record (never imported, built or run) and the state dict is
+# the tensors found walking the records' attributes. code/ and constants.pkl are never read.
+
+_SCRIPT_NAME = re.compile(r"__torch__(\.[A-Za-z_][A-Za-z0-9_]*)+\Z")
+
+
+def _script_code(name: str) -> bool:
+    """The entries TorchScript may deflate: its compiled source and debug tables, which we never read."""
+    return name.startswith("code/") or name.endswith(".debug_pkl")
+
+
+def _is_torchscript(archive: _zip.Archive) -> bool:
+    names = [*archive.records, *archive.skipped]
+    return "constants.pkl" in names or any(n.startswith("code/") for n in names)
+
+
+def _script_records(names: Iterable[str]) -> dict[str, Handler]:
+    """An inert-record handler for each ``__torch__`` class the pickle names (mangled names included,
+    which the generic allow rule refuses for their ``__``); nothing else is admitted."""
+
+    def handler(name: str) -> Handler:
+        return Handler(
+            call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle._inert_build
+        )
+
+    return {n: handler(n) for n in names if _SCRIPT_NAME.match(n)}
+
+
+def script_state_dict(root: Any, source: str) -> collections.OrderedDict[str, Any]:
+    """The state dict of a TorchScript module tree as unpickled records: every tensor attribute,
+    keyed by its attribute path (``fc.weight``), submodules walked depth-first in pickle order.
+
+    Example:
+        >>> list(script_state_dict(obj, "m.pt"))[:2]
+        ['fc.weight', 'fc.bias']
+    """
+    if not (isinstance(root, Inert) and root.name.startswith("__torch__.")):
+        raise CorruptCheckpointError(f"{source}: a TorchScript archive whose data.pkl does not hold a module")
+    out: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    stack: list[tuple[str, Inert, int]] = [("", root, 0)]
+    seen: set[int] = set()
+    while stack:
+        prefix, node, depth = stack.pop()
+        if id(node) in seen or depth > MAX_DEPTH:
+            raise CorruptCheckpointError(
+                f"{source}: the TorchScript module tree at {prefix or 'the root'!r} is cyclic or too deep"
+            )
+        seen.add(id(node))
+        state = node.state if isinstance(node.state, dict) else {}
+        subs = []
+        for k, v in state.items():
+            if isinstance(v, TensorSpec) and isinstance(k, str):
+                out[prefix + k] = v
+            elif isinstance(v, Inert) and v.name.startswith("__torch__.") and isinstance(k, str):
+                subs.append((f"{prefix}{k}.", v, depth + 1))
+        stack.extend(reversed(subs))
+    return out
+
+
+def materialize(
+    mapped: MappedFile,
+    storage: Storage,
+    spec: TensorSpec,
+    byteswap: bool = False,
+    copies: MutableMapping[Any, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The tensor ``spec`` describes, over ``storage``'s bytes in the map (copied only when the bytes
-    are misaligned for the dtype or stored big-endian).
+    are misaligned for the dtype or stored big-endian). A copied storage is kept in ``copies`` (by
+    the caller) so its other views share it, as torch's do, instead of copying it again.
 
     Example:
         >>> t = materialize(MappedFile(path), storage, TensorSpec(storage, 0, (2, 3), (3, 1), torch.float32))
     """
     item = spec.dtype.itemsize
     count = storage.nbytes // item
-    if count == 0:
+    key = (storage.offset, storage.nbytes, spec.dtype)
+    base = copies.get(key) if copies is not None else None
+    if base is not None:
+        pass
+    elif count == 0:
         base = torch.empty(0, dtype=spec.dtype)
     else:
-        raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
+        copied = bool(storage.offset % item) or (byteswap and item > 1)
         if storage.offset % item:
-            raw = raw.clone()
+            # legacy files put storages at unaligned offsets: copy once per storage, with one
+            # memcpy (numpy's; torch's clone splits it across threads, slow on a loaded machine)
+            aligned = np.frombuffer(mapped.map, dtype=np.uint8, count=count * item, offset=storage.offset).copy()
+            raw = torch.from_numpy(aligned)
+        else:
+            raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
         if byteswap and item > 1:
             unit = item // 2 if spec.dtype.is_complex else item
             raw = raw.view(-1, unit).flip(-1).reshape(-1)
         base = raw.view(spec.dtype)
+        if copied and copies is not None:
+            copies[key] = base
     t = base.as_strided(spec.size, spec.stride, spec.offset)
     if spec.conj:
         t = t.conj()
@@ -593,6 +733,12 @@ class _Tree:
             raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(obj, _LEAF_TYPES) and type(obj) not in (list, tuple):
             return obj
+        if isinstance(obj, SparseSpec):
+            if not tensors:
+                raise self.err(path, "a sparse tensor where only plain values may appear")
+            names = sparse.COMPONENTS[obj.layout]
+            comps = [self.tensor(c, (*path, n)) for n, c in zip(names, obj.components, strict=True)]
+            return sparse.sparse_ref(path_name(path), self.reader.source, obj.layout, obj.size, comps, obj.coalesced)
         if isinstance(obj, (TensorSpec, Storage)):
             if not tensors:
                 raise self.err(
@@ -604,7 +750,7 @@ class _Tree:
         if isinstance(obj, Inert):
             obj = obj.as_dict()
         elif isinstance(obj, Global):
-            if obj.name in _pickle.BASE or obj.name in TORCH:
+            if (obj.name in _pickle.BASE or obj.name in TORCH) and obj.name not in _omegaconf.CLASSES:
                 raise UnsafeCheckpointError(
                     f"{self.reader.source}: {path_name(path) or 'the root'} is the class or function {obj.name} itself, not data"
                 )
@@ -769,8 +915,10 @@ def _scan_globals(path: Path) -> dict[str, None]:
     data = memoryview(reader.data)
     head = bytes(data[:4096])
     spans: list[tuple[int, int | None]] = []
+    script = False
     if head[:4] == _zip.LOCAL:
-        archive = _zip.parse(reader.data, source=reader.source)
+        archive = _zip.parse(reader.data, source=reader.source, skip_compressed=_script_code)
+        script = _is_torchscript(archive)
         r = archive.records.get("data.pkl")
         if r is None:
             raise CorruptCheckpointError(f"{reader.source}: the archive has no data.pkl")
@@ -783,7 +931,7 @@ def _scan_globals(path: Path) -> dict[str, None]:
         pos = start
         for _ in range(count or 1):
             found, pos = _pickle._scan(data, pos, reader.source)
-            names.update(dict.fromkeys(found))
+            names.update(dict.fromkeys(n for n in found if not (script and _SCRIPT_NAME.match(n))))
             if pos >= len(data):
                 break
     return names
