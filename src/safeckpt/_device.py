@@ -16,12 +16,14 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
 from .errors import CorruptCheckpointError
-from .tree import TensorRef
+
+if TYPE_CHECKING:  # the tree imports this module to load its tensors: at run time, no import back
+    from .tree import TensorRef
 
 DeviceLike = str | torch.device | int
 
@@ -152,15 +154,15 @@ class _Source:
         self.ref = ref
         self.fd: int | None = None
         self.bytes: torch.Tensor | None = None
-        span = ref.span if isinstance(ref, TensorRef) else None
+        span = None if isinstance(ref, torch.Tensor) else ref.span
         if span is not None and ref.dtype not in (torch.complex32, torch.complex128):
             key = id(span.file)
             if key not in files:  # one open (and one identity check) per file, not per tensor
                 files[key] = span.file.open()
             self.fd, self.base = files[key].fileno(), span.offset
         else:
-            t = ref.loader() if isinstance(ref, TensorRef) else ref
-            if isinstance(ref, TensorRef) and (t.dtype != ref.dtype or tuple(t.shape) != ref.shape):
+            t = ref if isinstance(ref, torch.Tensor) else ref.loader()
+            if not isinstance(ref, torch.Tensor) and (t.dtype != ref.dtype or tuple(t.shape) != ref.shape):
                 t = ref.load()  # raises the damaged-file error
             self.bytes = _flat_bytes(t.detach().cpu())
 
@@ -173,7 +175,7 @@ class _Source:
         while done < p.length:
             n = os.preadv(self.fd, [view[p.at + done : p.at + p.length]], self.base + p.offset + done)
             if n <= 0:
-                name = self.ref.name if isinstance(self.ref, TensorRef) else "?"
+                name = "?" if isinstance(self.ref, torch.Tensor) else self.ref.name
                 raise CorruptCheckpointError(f"{getattr(self.ref, 'source', '?')}: ends inside tensor {name!r}")
             done += n
 
@@ -376,21 +378,6 @@ def read_into(pairs: Sequence[tuple[TensorRef, torch.Tensor]]) -> list[tuple[Ten
     with torch.no_grad():
         stage(direct)
     return rest
-
-
-def preload(tree: Any, device: torch.device | None) -> dict[Any, torch.Tensor]:
-    """For a CUDA ``device``: every distinct tensor of ``tree`` staged in one pipeline, by alias
-    key, wrapped as its ref would load it; ``{}`` for any other device (loaded one by one)."""
-    if device is None or device.type != "cuda":
-        return {}
-    from .tree import iter_leaves
-
-    refs: dict[Any, TensorRef] = {}
-    for _, leaf in iter_leaves(tree):
-        if isinstance(leaf, TensorRef):
-            refs.setdefault(leaf.alias_key, leaf)
-    loaded = load_many(list(refs.values()), device)
-    return {k: wrap(r, t) for (k, r), t in zip(refs.items(), loaded, strict=True)}
 
 
 def wrap(ref: TensorRef, t: torch.Tensor) -> torch.Tensor:

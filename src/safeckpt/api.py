@@ -6,19 +6,17 @@ and ``objects -> state.to_saveable -> Checkpoint -> format.write -> path``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _device, codec, formats
+from . import _device, _runtime, codec, formats
 from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
@@ -26,16 +24,6 @@ PathLike = str | os.PathLike[str]
 TensorFilter = Callable[[str, TensorRef], bool]
 
 __all__ = ["convert", "load", "load_raw", "open", "save"]
-
-
-def _local(path: PathLike) -> Path:
-    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``)."""
-    text = os.fspath(path)
-    if text.startswith("hf://"):
-        from . import hub
-
-        return hub.resolve(text)
-    return Path(text)
 
 
 def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
@@ -53,21 +41,7 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
         ('torch', ['l1.weight', 'l1.bias'])
         >>> ckpt.tensors()["l1.weight"].load()   # reads just this tensor
     """
-    local = _local(path)
-    fmt = formats.detect(local)
-    with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
-        return fmt.read(local, allow=tuple(allow))
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+    return _runtime.open_local(_runtime.local(path), allow)
 
 
 def save(
@@ -101,7 +75,7 @@ def save(
         >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
         PosixPath('run/step-100.safeckpt')
     """
-    if _across_ranks(state, format):
+    if _runtime.across_ranks(state, format):
         from . import distributed
 
         return distributed.save(path, state, filter=filter, max_shard_size=max_shard_size)
@@ -112,18 +86,6 @@ def save(
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
     write, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
     return write(ckpt, Path(os.fspath(path)), **opts)
-
-
-def _across_ranks(state: Any, format: str | None = None) -> bool:
-    """In a process group, DTensor state (or an explicit ``format="safeckpt-sharded"`` on several
-    ranks) is saved and loaded collectively by `safeckpt.distributed`; anything else stays local,
-    so a rank-0-only save of replicated state keeps working."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    from . import distributed
-
-    several = torch.distributed.get_world_size() > 1
-    return (format == "safeckpt-sharded" and several) or distributed.holds_dtensors(state)
 
 
 # Names the native format takes without format=: its own, Lightning's (.ckpt: Fabric writes any
@@ -246,15 +208,15 @@ def load(
     dev = _device.merge_map_location(device, map_location)
     if assign and not state:
         raise ValueError("assign=True materializes the modules in state; pass them, e.g. load(path, {'model': model})")
-    if state and _across_ranks(state):
+    if state and _runtime.across_ranks(state):
         from . import distributed
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load(path, state, strict=strict, verify=verify)
-    local = _local(path)
+    local = _runtime.local(path)
     if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
-        _verify(local)
+        _runtime.verify(local)
     ckpt = open(local, allow=allow)
     if not state:
         return ckpt.to_python(device=dev)
@@ -409,14 +371,14 @@ def load_raw(
     """
     _named_mistakes("load_raw", path, obj)
     dev = _device.merge_map_location(device, map_location)
-    if _across_ranks(obj):
+    if _runtime.across_ranks(obj):
         from . import distributed
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
-    ckpt = open(_local(path), allow=allow)
+    ckpt = open(_runtime.local(path), allow=allow)
     tree = ckpt.tree
     if isinstance(target, nn.Module):
         sd = tree["state_dict"] if _is_trainer_checkpoint(tree) else tree
@@ -556,7 +518,7 @@ def _verify_source(ckpt: Checkpoint) -> None:
     from .errors import CorruptCheckpointError
 
     try:
-        _verify(ckpt)
+        _runtime.verify(ckpt)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(
             f"{e}; the source fails its own checksums, so nothing was written: converting it would carry the damage "
@@ -624,12 +586,3 @@ def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:
     return prune(filtered)
 
 
-def _verify(ckpt: Checkpoint | Path) -> None:
-    """Raise `CorruptCheckpointError` listing every problem the format's own checks find (checksums)."""
-    fmt = formats.get(ckpt.format) if isinstance(ckpt, Checkpoint) else formats.detect(ckpt)
-    path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
-    problems = fmt.verify(path) if fmt.verify is not None else []
-    if problems:
-        from .errors import CorruptCheckpointError
-
-        raise CorruptCheckpointError("; ".join(problems))

@@ -461,13 +461,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 # -- convert --------------------------------------------------------------------------------------
 
 
-# The formats `--format` offers: every registered one but those only read (a test checks this list
-# against formats.writable(), which imports every format module to ask).
-_READ_ONLY = ("dcp",)
-
-
 def _writable_names() -> list[str]:
-    return [n for n in formats.names() if n not in _READ_ONLY]
+    """The formats `--format` offers: the registry's writable ones (known without importing them)."""
+    return formats.writable()
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -573,10 +569,10 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .api import _local  # hf:// paths resolve to a local copy first
+    from . import _runtime
 
     try:
-        local = _local(args.path)
+        local = _runtime.local(args.path)  # hf:// paths resolve to a local copy first
         fmt = formats.detect(local)  # a missing or unrecognised file is a usage error (exit 2), not a finding
     except Exception as e:
         e.safeckpt_path = args.path  # type: ignore[attr-defined]

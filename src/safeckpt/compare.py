@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import sparse
-from .tree import Checkpoint, TensorRef, _is_container, path_name
+from .tree import Checkpoint, TensorRef, is_container, path_name
 
 __all__ = ["Change", "Diff", "compare", "leaves", "match"]
 
@@ -97,10 +97,10 @@ def leaves(tree: Any) -> dict[str, Any]:
     stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
     while stack:
         path, node = stack.pop()
-        if _is_container(node) and len(node) and (isinstance(node, dict) or not _scalars(node)):
+        if is_container(node) and len(node) and (isinstance(node, dict) or not _scalars(node)):
             items = node.items() if isinstance(node, dict) else enumerate(node)
             stack.extend(((*path, k), v) for k, v in reversed(list(items)))
-        elif path or not _is_container(node):  # an empty root has no leaves
+        elif path or not is_container(node):  # an empty root has no leaves
             name, i = path_name(path), 1
             while name in out:  # keys 0 and "0" share a path name: keep both, so neither hides
                 name, i = f"{path_name(path)}~{i}", i + 1
@@ -109,7 +109,7 @@ def leaves(tree: Any) -> dict[str, Any]:
 
 
 def _scalars(seq: list[Any] | tuple[Any, ...]) -> bool:
-    return all(not _is_container(v) and not _is_tensor(v) for v in seq)
+    return all(not is_container(v) and not _is_tensor(v) for v in seq)
 
 
 def match(la: dict[str, Any], lb: dict[str, Any]) -> list[tuple[str, str]]:

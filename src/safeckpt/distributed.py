@@ -41,37 +41,17 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
-from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from . import codec
+from . import _runtime, codec
 from . import state as st
+from ._runtime import holds_dtensors
 from ._units import parse_size
 from .errors import CorruptCheckpointError
 from .formats import safeckpt_sharded as fmt
-from .tree import Checkpoint, TensorRef, iter_leaves, path_name, unique_name
+from .tree import Checkpoint, TensorRef, path_name, unique_name
 
-__all__ = ["holds_dtensors", "load", "load_raw", "save"]
-
-
-def holds_dtensors(state: Any) -> bool:
-    """Whether ``state`` (a module, or a dict of modules, optimizers and values) holds a DTensor.
-
-    Example:
-        >>> holds_dtensors({"model": fully_shard(model)})
-        True
-    """
-    objs = state.values() if isinstance(state, Mapping) else [state]
-    for obj in map(st.unwrap, objs):
-        if isinstance(obj, nn.Module):
-            tensors: Iterable[Any] = [*obj.parameters(), *obj.buffers()]
-        elif isinstance(obj, torch.optim.Optimizer):
-            tensors = [p for g in obj.param_groups for p in g["params"]]
-        else:
-            tensors = (x for _, x in iter_leaves(obj) if isinstance(x, torch.Tensor))
-        if any(isinstance(t, DTensor) for t in tensors):
-            return True
-    return False
+__all__ = ["agree", "holds_dtensors", "load", "load_raw", "save"]
 
 
 def _owner(optimizer: torch.optim.Optimizer, modules: Iterable[nn.Module]) -> nn.Module | None:
@@ -96,7 +76,7 @@ class _OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, sd)
 
 
-def _agree(error: BaseException | None, what: str) -> None:
+def agree(error: BaseException | None, what: str) -> None:
     """Raise on every rank if any rank failed, so no rank enters a collective the others skip."""
     results: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(results, None if error is None else f"{type(error).__name__}: {error}")
@@ -158,7 +138,7 @@ def save(
         root = fmt.target_dir(root)
     except Exception as e:
         error = e
-    _agree(error, "safeckpt.save")
+    agree(error, "safeckpt.save")
     writer = _Writer(root, skeleton, declared, limit)
     dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     return root
@@ -422,13 +402,11 @@ def load(
         >>> safeckpt.distributed.load("run/step-100", {"model": model, "optimizer": opt})
         {'step': 100}
     """
-    from . import api
-
     plan, steps, tree, error = _Plan(), [], {}, None
     try:
-        ckpt = api.open(path)
+        ckpt = _runtime.open_local(_runtime.local(path))
         if verify:
-            api._verify(ckpt)
+            _runtime.verify(ckpt)
         tree = ckpt.tree
         targets = st.select(tree, state, strict, path)
         modules = [m for m in targets.values() if isinstance(m, nn.Module)]
@@ -444,7 +422,7 @@ def load(
                 steps.append(functools.partial(_assign, state, key, ckpt, tree[key]))
     except Exception as e:
         error = e
-    _agree(error, "safeckpt.load")
+    agree(error, "safeckpt.load")
     plan.run()
     for step in steps:
         step()
@@ -465,18 +443,16 @@ def load_raw(path: str | os.PathLike[str], obj: nn.Module, *, strict: bool = Tru
     Example:
         >>> safeckpt.distributed.load_raw("model.safetensors", fsdp_model)
     """
-    from . import api
-
     plan, apply, error = _Plan(), None, None
     try:
         module = st.unwrap(obj)
         if not isinstance(module, nn.Module):
             raise TypeError(f"load_raw into sharded state takes a torch.nn.Module, got {type(obj).__name__}")
-        ckpt = api.open(path)
+        ckpt = _runtime.open_local(_runtime.local(path))
         apply = _module_plan(ckpt, module, ckpt.tree, strict, str(path), plan)
     except Exception as e:
         error = e
-    _agree(error, "safeckpt.load_raw")
+    agree(error, "safeckpt.load_raw")
     plan.run()
     assert apply is not None
     apply()

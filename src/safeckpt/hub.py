@@ -595,7 +595,7 @@ class _Staged:
 
 
 def _stage(src: Any, tmp: Path, path_in_repo: str | None, max_shard_size: int | str | None) -> _Staged:
-    from . import api, formats, state
+    from . import formats, state
     from .tree import Checkpoint, TensorRef
 
     stem = "checkpoint"
@@ -605,7 +605,8 @@ def _stage(src: Any, tmp: Path, path_in_repo: str | None, max_shard_size: int | 
         tree = state.to_saveable(src, None)
     elif isinstance(src, (str, os.PathLike)):
         text = os.fspath(src)
-        tree = api.open(text).tree
+        local = resolve(text) if text.startswith("hf://") else Path(text)
+        tree = formats.detect(local).read(local).tree
         stem = (parse_uri(text).path if text.startswith("hf://") else text).rstrip("/").rsplit("/", 1)[-1].split(".")[
             0
         ] or stem

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import api
+from . import _runtime, api
 from ._fs import fsync_dir
 from .errors import CheckpointError
 from .tree import TensorRef, alias_key, map_leaves
@@ -229,7 +229,7 @@ class CheckpointManager:
             PosixPath('run/step-000000100.safeckpt')
         """
         self.wait()
-        collective = api._across_ranks(state)
+        collective = _runtime.across_ranks(state)
         error, tree, value = None, state, None
         try:
             step = _step(step)
@@ -250,9 +250,9 @@ class CheckpointManager:
         except Exception as e:
             error = e
         if collective:
-            from .distributed import _agree
+            from .distributed import agree
 
-            _agree(error, "CheckpointManager.save")  # every rank raises, none enters the save alone
+            agree(error, "CheckpointManager.save")  # every rank raises, none enters the save alone
         elif error is not None:
             raise error
         path = self.directory / _name(step, collective or max_shard_size is not None)
@@ -313,9 +313,9 @@ class CheckpointManager:
                 self._clean(step, path)
             except Exception as e:
                 error = e
-        from .distributed import _agree
+        from .distributed import agree
 
-        _agree(error, "CheckpointManager cleanup")
+        agree(error, "CheckpointManager cleanup")
 
     def _with_metric(self, state: Mapping[str, Any], metric: Any) -> tuple[Mapping[str, Any], float | None]:
         if not isinstance(state, Mapping):
@@ -454,7 +454,7 @@ class CheckpointManager:
         """
         self.wait()
         path = self.latest() if step is None else self.path(step)
-        if state and api._across_ranks(state):
+        if state and _runtime.across_ranks(state):
             box = [None if path is None else str(path)]
             torch.distributed.broadcast_object_list(box, src=0)
             path = None if box[0] is None else Path(box[0])

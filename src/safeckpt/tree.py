@@ -155,7 +155,7 @@ class TensorRef:
         return f"TensorRef({self.name!r}, {str(self.dtype).removeprefix('torch.')}, {list(self.shape)})"
 
 
-def _is_container(obj: Any) -> bool:
+def is_container(obj: Any) -> bool:
     return isinstance(obj, dict) or type(obj) in (list, tuple)
 
 
@@ -340,11 +340,18 @@ class Checkpoint:
             >>> weights = ckpt.to_python(ckpt["model"])   # just the model's entry
             >>> on_gpu = ckpt.to_python(device="cuda")
         """
-        from ._device import as_device, preload
+        from ._device import as_device, load_many, wrap
 
         root = self.tree if subtree is None else subtree
         dev = as_device(device)
-        cache: dict[Hashable, torch.Tensor] = preload(root, dev)
+        cache: dict[Hashable, torch.Tensor] = {}
+        if dev is not None and dev.type == "cuda":  # every distinct tensor staged in one pipeline
+            refs: dict[Hashable, TensorRef] = {}
+            for _, x in iter_leaves(root):
+                if isinstance(x, TensorRef):
+                    refs.setdefault(x.alias_key, x)
+            loaded = load_many(list(refs.values()), dev)
+            cache = {k: wrap(r, t) for (k, r), t in zip(refs.items(), loaded, strict=True)}
 
         def leaf(_: tuple[Any, ...], x: Any) -> Any:
             if isinstance(x, TensorRef):
@@ -379,8 +386,8 @@ def inline(x: Any, width: int = 60) -> str | None:
         return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
     if isinstance(x, torch.Tensor):
         return f"tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
-    if _is_container(x) and len(x):
-        if isinstance(x, dict) or any(_is_container(v) or isinstance(v, (TensorRef, torch.Tensor)) for v in x):
+    if is_container(x) and len(x):
+        if isinstance(x, dict) or any(is_container(v) or isinstance(v, (TensorRef, torch.Tensor)) for v in x):
             return None
         text = repr(x)
         if len(text) <= width:
@@ -436,7 +443,7 @@ def describe(tree: Any, *, title: str = "", depth: int | None = None, width: int
             else:
                 lines.append(f"{pad}{k + ':':{key_width}} {text}")
 
-    if _is_container(tree) and inline(tree, width) is None:
+    if is_container(tree) and inline(tree, width) is None:
         walk(tree, 0)
     else:
         text = inline(tree, width) or ""

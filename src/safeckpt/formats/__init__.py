@@ -114,16 +114,17 @@ class Format:
         return self.write
 
 
-# name -> a Format, or (dotted module defining FORMAT, kind) not imported yet; in sniff order. The
-# kind spares detection importing and asking modules that cannot apply.
-_table: dict[str, Format | tuple[str, Kind]] = {
-    "safeckpt": ("safeckpt.formats.safeckpt", "file"),
-    "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any"),
-    "safetensors": ("safeckpt.formats.safetensors_file", "file"),
-    "accelerate": ("safeckpt.formats.accelerate", "dir"),  # before hf-sharded: it holds a model.safetensors too
-    "hf-sharded": ("safeckpt.formats.hf_sharded", "any"),
-    "dcp": ("safeckpt.formats.dcp", "dir"),
-    "torch": ("safeckpt.formats.torch_pickle", "file"),
+# name -> a Format, or (dotted module defining FORMAT, kind, writable) not imported yet; in sniff
+# order. The kind spares detection importing and asking modules that cannot apply; "writable" lets
+# the CLI list the formats it writes without importing them (checked against the record on import).
+_table: dict[str, Format | tuple[str, Kind, bool]] = {
+    "safeckpt": ("safeckpt.formats.safeckpt", "file", True),
+    "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any", True),
+    "safetensors": ("safeckpt.formats.safetensors_file", "file", True),
+    "accelerate": ("safeckpt.formats.accelerate", "dir", False),  # before hf-sharded: it holds a model.safetensors too
+    "hf-sharded": ("safeckpt.formats.hf_sharded", "any", True),
+    "dcp": ("safeckpt.formats.dcp", "dir", False),
+    "torch": ("safeckpt.formats.torch_pickle", "file", True),
 }
 # the formats safeckpt ships (they cannot be unregistered)
 BUILTIN: frozenset[str] = frozenset(_table)
@@ -134,8 +135,8 @@ def _load(name: str) -> Format:
     if isinstance(entry, Format):
         return entry
     fmt = importlib.import_module(entry[0]).FORMAT
-    if not isinstance(fmt, Format) or fmt.name != name:
-        raise TypeError(f"{entry[0]}.FORMAT must be the Format named {name!r}")
+    if not isinstance(fmt, Format) or fmt.name != name or (fmt.write is not None) != entry[2]:
+        raise TypeError(f"{entry[0]}.FORMAT must be the Format named {name!r}, {'' if entry[2] else 'not '}writable")
     _table[name] = fmt
     return fmt
 
@@ -229,13 +230,13 @@ def get(name: str) -> Format:
 
 
 def writable() -> list[str]:
-    """Names of the formats that can be written.
+    """Names of the formats that can be written (built-in formats are not imported to tell).
 
     Example:
         >>> "dcp" in writable()
         False
     """
-    return [n for n in _table if _load(n).write is not None]
+    return [n for n, e in _table.items() if (e.write is not None if isinstance(e, Format) else e[2])]
 
 
 def detect(path: str | os.PathLike[str]) -> Format:
