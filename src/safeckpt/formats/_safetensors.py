@@ -270,6 +270,23 @@ class Item:
     span: Span | None = None  # bytes to copy file to file instead of calling `get`
 
 
+def check_storable(x: torch.Tensor | Any, where: str) -> None:
+    """Refuse, before anything is written, a tensor (or `TensorRef`) no safetensors-based file can
+    hold (meta, sparse, a dtype with no lossless encoding); ``where`` names it in the message.
+
+    Example:
+        >>> check_storable(torch.empty(2, device="meta"), "state['w']")
+        Traceback (most recent call last):
+        TypeError: state['w'] is a meta tensor: it has no data to save
+    """
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            raise TypeError(f"{where} is a meta tensor: it has no data to save")
+        if x.layout != torch.strided:
+            raise TypeError(f"{where} is a {x.layout} tensor; save x.to_dense() or its components instead")
+    stored_as(x.dtype, tuple(x.shape), where)
+
+
 def stored_as(dtype: torch.dtype, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
     """The safetensors dtype code and header shape a torch tensor is written with."""
     if dtype in AS_REAL:

@@ -17,7 +17,7 @@ import mmap
 import os
 import re
 import secrets
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ from .. import codec
 from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
+from ..tree import Checkpoint, TensorRef, iter_leaves, unique_name
 from . import Format
 from . import _safetensors as st
 from ._tiling import tiling_error
-from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
+from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, tensor_leaf_decoder, tensor_leaf_encoder
 
 NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
@@ -409,39 +409,32 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
                 if read_index(root)["generation"] != index["generation"] and attempt < 9:
                     continue  # replaced meanwhile: read the new one
             raise
-    refs: dict[str, ShardedRef] = {}
 
-    def tensor(payload: Any) -> TensorRef:
-        if not (
-            isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str) and type(payload[1]) is int
-        ):
-            raise CorruptCheckpointError(f"{root / INDEX}: malformed tensor reference {payload!r:.80} in the skeleton")
-        name, flags = payload
-        if name not in refs:
-            t = index["tensors"].get(name)
-            if t is None:
-                raise CorruptCheckpointError(
-                    f"{root / INDEX}: the skeleton refers to tensor {name!r}, which the index does not list"
-                )
-            dtype, shape = _DTYPES[t["dtype"]], tuple(t["shape"])
-            chunks = tuple(
-                Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
-                for c in t["chunks"]
+    def bind(name: str, flags: int, _: str | None) -> TensorRef:
+        t = index["tensors"].get(name)
+        if t is None:
+            raise CorruptCheckpointError(
+                f"{root / INDEX}: the skeleton refers to tensor {name!r}, which the index does not list"
             )
-            refs[name] = ShardedRef(
-                name,
-                dtype,
-                shape,
-                str(root),
-                functools.partial(_assemble, dtype, shape, chunks),
-                storage=str(root),
-                view=name,
-                requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
-                parameter=bool(flags & FLAG_PARAMETER),
-                chunks=chunks,
-            )
-        return refs[name]
+        dtype, shape = _DTYPES[t["dtype"]], tuple(t["shape"])
+        chunks = tuple(
+            Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
+            for c in t["chunks"]
+        )
+        return ShardedRef(
+            name,
+            dtype,
+            shape,
+            str(root),
+            functools.partial(_assemble, dtype, shape, chunks),
+            storage=str(root),
+            view=name,
+            requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
+            parameter=bool(flags & FLAG_PARAMETER),
+            chunks=chunks,
+        )
 
+    tensor, refs = tensor_leaf_decoder(str(root / INDEX), bind)
     tree = codec.decode(index["skeleton"], tensor, source=str(root / INDEX))
     stray = set(index["tensors"]) - set(refs)
     if stray:
@@ -610,21 +603,14 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
         PosixPath('run')
     """
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    names: dict[Hashable, str] = {}
-    used: set[str] = set()
     pieces: list[Piece] = []
     declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
-    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
-        key = alias_key(x)
-        if key not in names:
-            check_storable(x, p)
-            name = names[key] = unique_name(path_name(p) or "tensor", used)
-            declared[name] = (x.dtype, tuple(x.shape))
-            pieces.extend(_split(name, x, limit))
-        return [names[key], tensor_flags(x)]
+    def add(name: str, x: torch.Tensor | TensorRef) -> None:
+        declared[name] = (x.dtype, tuple(x.shape))
+        pieces.extend(_split(name, x, limit))
 
-    skeleton = codec.encode(ckpt.tree, payload)
+    skeleton = codec.encode(ckpt.tree, tensor_leaf_encoder(add))
     root = target_dir(path)
     try:
         with Live(root) as generation:

@@ -201,17 +201,12 @@ def _check_tensor(x: torch.Tensor | TensorRef, name: str, path: Path) -> None:
             f"{where} is a {x.layout} tensor; safetensors holds dense tensors only: convert to a .safeckpt file, "
             "which stores it natively, or save x.to_dense()"
         )
-    if isinstance(x, torch.Tensor):
-        if x.device.type == "meta":
-            raise TypeError(f"{where} is a meta tensor: it has no data to save")
-        if x.layout != torch.strided:
-            raise TypeError(f"{where} is a {x.layout} tensor; save x.to_dense() or its components instead")
-    if x.dtype in st.AS_REAL:
+    st.check_storable(x, where)
+    if x.dtype in st.AS_REAL:  # a plain file has no skeleton to record the complex dtype in
         raise TypeError(
             f"{where} has dtype {x.dtype}, which safetensors lacks; save to format 'safeckpt', which stores it "
             "losslessly, or save torch.view_as_real(x) under another name"
         )
-    st.stored_as(x.dtype, tuple(x.shape), where)
 
 
 def carried_metadata(metadata: Mapping[str, str], p: Plan) -> dict[str, str]:
