@@ -29,6 +29,8 @@ MAGIC_MIN = 8 + 2  # length prefix + "{}"
 # digits read as "00000000": covers every name, dtype, shape, offset, metadata value and the other
 # checksums, which the per-tensor CRCs cannot (formats/safeckpt.md §2)
 KEY_HEADER_CRC = "safeckpt.header_crc32"
+# the metadata key of the per-tensor CRC-32s every safeckpt writer records (`write(checksum_key=...)`)
+KEY_CRC = "safeckpt.crc32"
 
 # safetensors dtype code -> torch dtype (F4 counts 4-bit elements: torch's last dim is halved)
 DTYPES: dict[str, torch.dtype] = {

@@ -355,7 +355,7 @@ def write(
             target = name if name not in live else f".{name.removesuffix('.safetensors')}.{token}.safetensors"
             kept = {it.name for it in items}
             meta = {"format": "pt", **(extra if n == 1 else {}), **{d: k for d, k in plan.aliases.items() if k in kept}}
-            st.write(directory / target, items, meta, checksum_key=stf.KEY_CRC)
+            st.write(directory / target, items, meta, checksum_key=st.KEY_CRC)
             on_disk.append(target)
             committed = n == 1 and target == base and not index.exists()  # replacing the lone file is the commit
         index_meta = {"total_size": sum(_nbytes(it) for it in plan.items), **extra, **plan.aliases}

@@ -27,7 +27,7 @@ from . import _safetensors as st
 NAME = "safeckpt"
 EXTENSIONS = (".safeckpt",)
 VERSION = "1"
-KEY_VERSION, KEY_SKELETON, KEY_CRC = "safeckpt.version", "safeckpt.skeleton", "safeckpt.crc32"
+KEY_VERSION, KEY_SKELETON = "safeckpt.version", "safeckpt.skeleton"
 FLAG_PARAMETER, FLAG_REQUIRES_GRAD = 1, 2
 
 
@@ -61,7 +61,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         skeleton = base64.b64decode(meta[KEY_SKELETON], validate=True)
     except (binascii.Error, ValueError):
         raise CorruptCheckpointError(f"{path}: the skeleton in the header is not valid base64") from None
-    crcs = st.checksums(header, KEY_CRC) or {}
+    crcs = st.checksums(header, st.KEY_CRC) or {}
 
     def bind(name: str, flags: int, real_of: str | None) -> TensorRef:
         entry = header.entries.get(name)
@@ -118,7 +118,7 @@ def write(ckpt: Checkpoint, path: Path) -> Path:
     skeleton = codec.encode(ckpt.tree, tensor_leaf_encoder(add, complex_dtype=True))
     meta = {KEY_VERSION: VERSION, "format": "pt", KEY_SKELETON: base64.b64encode(skeleton).decode("ascii")}
     meta.update({k: v for k, v in ckpt.metadata.items() if not k.startswith("safeckpt.") and k != "format"})
-    return st.write(path, items, meta, checksum_key=KEY_CRC)
+    return st.write(path, items, meta, checksum_key=st.KEY_CRC)
 
 
 def _getter(x: torch.Tensor | TensorRef) -> Any:
@@ -213,7 +213,7 @@ def verify(path: Path) -> list[str]:
                         paths.setdefault(x.name, []).append(codec.where(p))
         return f"the data of {', '.join(paths[name])}" if name in paths else "its data"
 
-    problems = st.verify_file(path, KEY_CRC, required=True, describe=describe)
+    problems = st.verify_file(path, st.KEY_CRC, required=True, describe=describe)
     if not problems:
         try:
             read(path)  # the skeleton decodes and binds every tensor

@@ -39,7 +39,7 @@ NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
 VERSION = 1
 INDEX = "safeckpt-index.msgpack"
-KEY_GENERATION, KEY_CRC = "safeckpt.generation", "safeckpt.crc32"
+KEY_GENERATION = "safeckpt.generation"
 # the index's last key: the CRC-32 of the whole index file with this value read as "00000000"
 KEY_INDEX_CRC = "crc32"
 _CRC_TAIL = b"\xa5crc32\xa8"  # msgpack fixstr "crc32", then the fixstr header of 8 hex digits
@@ -500,7 +500,7 @@ def write_shards(
         used: set[str] = set()
         keys = [unique_name(chunk_key(p.name, p.offsets, p.sizes, p.shape), used) for p in group]
         items = [st.Item(k, p.dtype, p.sizes, p.get) for k, p in zip(keys, group, strict=True)]
-        st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=KEY_CRC)
+        st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=st.KEY_CRC)
         header = st.read_header(root / name)
         record = {"name": name, "size": header.size}
         for k, p in zip(keys, group, strict=True):
@@ -707,7 +707,7 @@ def verify(path: Path) -> list[str]:
             problems.append(str(e))
             continue
         describe = functools.partial(lambda name, key: chunks.get((name, key), "its data"), f["name"])
-        problems.extend(st.verify_file(shard.path, KEY_CRC, required=True, describe=describe))
+        problems.extend(st.verify_file(shard.path, st.KEY_CRC, required=True, describe=describe))
     return problems
 
 
