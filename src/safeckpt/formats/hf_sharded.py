@@ -15,7 +15,6 @@ directory level: new shards first, the index last, the old set's files removed o
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from .. import _shapes
 from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, member_problem, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
@@ -414,7 +414,7 @@ def split(items: list[st.Item], limit: int) -> list[list[st.Item]]:
 
 
 def _nbytes(it: st.Item) -> int:
-    return math.prod(it.shape) * it.dtype.itemsize
+    return _shapes.nbytes(it.dtype, it.shape)
 
 
 def _live_files(index: Path) -> set[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import mmap
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 import msgpack
 import torch
 
-from .. import codec
+from .. import _shapes, codec
 from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -328,7 +327,7 @@ def read_index(root: Path) -> dict[str, Any]:
         )
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
-        need(_span_ok(shape), f"tensor {name!r} has shape {shape!r}, which spans more than 2**63-1 elements (limit)")
+        need(_shapes.fits_int64(shape), f"tensor {name!r} has shape {shape!r}, which spans more than 2**63-1 elements (limit)")
         chunks = t.get("chunks")
         need(
             isinstance(chunks, list) and (len(chunks) > 0 or 0 in shape),
@@ -347,10 +346,10 @@ def read_index(root: Path) -> dict[str, Any]:
             )
             ok = ok and isinstance(c.get("bytes"), list) and len(c["bytes"]) == 2 and all(_nat(x) for x in c["bytes"])
             need(ok, f"tensor {name!r} has a malformed chunk {c!r:.120}")
-            nbytes = math.prod(c["sizes"]) * _DTYPES[t["dtype"]].itemsize
+            size = _shapes.nbytes(_DTYPES[t["dtype"]], c["sizes"])
             need(
-                c["bytes"][1] - c["bytes"][0] == nbytes,
-                f"tensor {name!r}: chunk {c['key']!r} spans {c['bytes']} for {nbytes} bytes of data",
+                c["bytes"][1] - c["bytes"][0] == size,
+                f"tensor {name!r}: chunk {c['key']!r} spans {c['bytes']} for {size} bytes of data",
             )
         _check_tiling(name, tuple(shape), [(tuple(c["offsets"]), tuple(c["sizes"])) for c in chunks], need)
     return index
@@ -358,16 +357,6 @@ def read_index(root: Path) -> dict[str, Any]:
 
 def _nat(x: Any) -> bool:
     return type(x) is int and x >= 0
-
-
-def _span_ok(shape: list[int]) -> bool:
-    """torch computes strides even for a tensor with no elements: the non-zero dims' product must fit an int64."""
-    span = 1
-    for d in shape:
-        span *= d or 1
-        if span >= 1 << 63:
-            return False
-    return True
 
 
 def _is_name(x: Any) -> bool:
@@ -475,7 +464,7 @@ class Piece:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.sizes) * self.dtype.itemsize
+        return _shapes.nbytes(self.dtype, self.sizes)
 
 
 def write_shards(
