@@ -358,7 +358,8 @@ def write(
             st.write(directory / target, items, meta, checksum_key=st.KEY_CRC)
             on_disk.append(target)
             committed = n == 1 and target == base and not index.exists()  # replacing the lone file is the commit
-        index_meta = {"total_size": sum(_nbytes(it) for it in plan.items), **extra, **plan.aliases}
+        total = sum(_shapes.nbytes(it.dtype, it.shape) for it in plan.items)
+        index_meta = {"total_size": total, **extra, **plan.aliases}
         if on_disk != final:  # the old set still uses some of these names: commit under the temporary names first
             _write_index(index, index_meta, _weight_map(groups, on_disk))
             committed = True
@@ -399,7 +400,7 @@ def split(items: list[st.Item], limit: int) -> list[list[st.Item]]:
     current: list[st.Item] = []
     size = 0
     for it in items:
-        nbytes = _nbytes(it)
+        nbytes = _shapes.nbytes(it.dtype, it.shape)
         if nbytes > limit:
             shards.append([it])
             continue
@@ -411,10 +412,6 @@ def split(items: list[st.Item], limit: int) -> list[list[st.Item]]:
     if current or not shards:
         shards.append(current)
     return shards
-
-
-def _nbytes(it: st.Item) -> int:
-    return _shapes.nbytes(it.dtype, it.shape)
 
 
 def _live_files(index: Path) -> set[str]:
