@@ -135,3 +135,28 @@ def test_tensors_inside_containers(tmp_path: Path) -> None:
     state = {"opt": {"state": {0: {"exp_avg": torch.ones(2)}}, "groups": [({"t": torch.zeros(1)},)]}}
     back = safeckpt.load(safeckpt.save(tmp_path / "t", state))
     assert_bits_equal(state, back)
+
+
+def test_the_type_table_has_one_row_per_ext_code_and_keeps_the_format():
+    """The codec's ext types are one table: every code of `Ext` (a file-format constant) has exactly
+    one row, and what is derived from the rows is what the format has always had."""
+    codes = {v for k, v in vars(codec.Ext).items() if not k.startswith("_")}
+    rows = [row.code for row in codec.EXT_TYPES]
+    assert sorted(rows) == sorted(codes) == list(range(1, 20))
+    hashable = {row.code for row in codec.EXT_TYPES if row.hashable}
+    E = codec.Ext
+    assert hashable == {E.TUPLE, E.FROZENSET, E.BIGINT, E.SIZE, E.COMPLEX, E.NP_SCALAR}
+    # the codes decode builds from its table; TENSOR and USER are bound by decode itself
+    assert {row.code for row in codec.EXT_TYPES if row.decode is None} == {E.TENSOR, E.USER}
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [type(None), bool, int, float, complex, str, bytes, bytearray, list, dict, tuple, set, frozenset, OrderedDict,
+     Counter, argparse.Namespace, torch.Size, torch.dtype, torch.device, np.ndarray, pathlib.Path, pathlib.PurePath,
+     pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath, AttributeDict,
+     torch.Tensor, torch.nn.Parameter, np.float32],
+)  # fmt: skip
+def test_register_type_refuses_every_type_the_table_stores(cls: type):
+    with pytest.raises(TypeError, match="stores .* values itself"):
+        safeckpt.register_type(cls)

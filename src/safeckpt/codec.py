@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import enum
 import math
 import pathlib
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -147,72 +148,17 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
     if depth > MAX_DEPTH:
         raise TypeError(f"{where(path)} is nested more than {MAX_DEPTH} levels deep; flatten it before saving")
     cls = type(obj)
-    if obj is None or cls in (bool, str, bytes, float):
+    if obj is None or cls in (bool, str, bytes, float) or (cls is int and _INT64_MIN <= obj <= _UINT64_MAX):
         return obj
-    if cls is int:
-        if _INT64_MIN <= obj <= _UINT64_MAX:
-            return obj
-        n = (obj.bit_length() + 8) // 8
-        if n > MAX_INT_BYTES:  # refused at save as at load: it could not even be printed
-            raise TypeError(
-                f"{where(path)} is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
-                "(about 4300 decimal digits, the most Python prints); store it as bytes or a string"
-            )
-        return _ext(Ext.BIGINT, obj.to_bytes(n, "big", signed=True))
     if cls is list:
         return [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)]
     if cls is dict:
         return _prepare_map(obj, path, tensor_name, depth)
-    if cls is tuple:
-        return _ext(Ext.TUPLE, [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)])
-    if _is_sparse(obj):
-        return _sparse_ext(obj, path, tensor_name)
-    if isinstance(obj, torch.Tensor) or _is_tensor_ref(obj):
-        if tensor_name is None:
-            raise TypeError(
-                f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict"
-            )
-        return _ext(Ext.TENSOR, tensor_name(path, obj))
-    if cls is OrderedDict:
-        meta = getattr(obj, "_metadata", None)
-        meta_enc = _prepare(meta, path + ("_metadata",), None, depth + 1) if meta is not None else None
-        return _ext(Ext.ORDERED_DICT, [_prepare_map(obj, path, tensor_name, depth), meta_enc])
-    if cls is Counter:
-        return _ext(Ext.COUNTER, _prepare_map(obj, path, tensor_name, depth))
-    if _is_attribute_dict(obj):
-        return _ext(Ext.ATTRIBUTE_DICT, _prepare_map(obj, path, tensor_name, depth))
-    if cls is argparse.Namespace:
-        return _ext(Ext.NAMESPACE, _prepare_map(vars(obj), path, None, depth))
-    if cls in (set, frozenset):
-        items = [_prepare(v, path + ("<item>",), None, depth + 1) for v in obj]
-        return _ext(Ext.SET if cls is set else Ext.FROZENSET, items)
-    if cls is torch.Size:
-        return _ext(Ext.SIZE, list(obj))
-    if cls is torch.dtype:
-        return _ext(Ext.DTYPE, str(obj).removeprefix("torch."))
-    if cls is torch.device:
-        return _ext(Ext.DEVICE, str(obj))
-    if cls.__name__ in _PATH_TYPES and _PATH_TYPES[cls.__name__] is cls:
-        return _ext(Ext.PATH, [cls.__name__, str(obj)])
-    if cls is complex:
-        return _ext(Ext.COMPLEX, [obj.real, obj.imag])
-    if cls is bytearray:
-        return _ext(Ext.BYTEARRAY, bytes(obj))
-    if isinstance(obj, np.generic) and cls.__module__ == "numpy":
-        return _ext(Ext.NP_SCALAR, [_np_dtype_str(obj.dtype, path), obj.tobytes()])
-    if cls is np.ndarray:
-        dt = _np_dtype_str(obj.dtype, path)
-        return _ext(Ext.NP_ARRAY, [dt, list(obj.shape), np.ascontiguousarray(obj).tobytes()])
-    if cls is Unregistered:
-        return _ext(Ext.USER, [obj.name, _prepare(obj.data, path, tensor_name, depth + 1)])
-    entry = user_types.entry_for_class(cls)
-    if entry is not None:
-        try:
-            data = entry.to_data(obj)
-        except Exception as e:
-            raise TypeError(f"{where(path)}: to_data of registered type {entry.name!r} failed: {e}") from e
-        return _ext(Ext.USER, [entry.name, _prepare(data, path, tensor_name, depth + 1)])
-    raise Unstorable(f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
+    # exact classes first: none of them is a tensor, so the matched rows' order is kept
+    row = _BY_CLASS.get(cls) or next((r for r in _MATCHED if r.match is not None and r.match(obj)), None)
+    if row is None or row.encode is None:
+        raise Unstorable(f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
+    return _ext(row.code, row.encode(obj, path, tensor_name, depth))
 
 
 class Unstorable(TypeError):
@@ -267,7 +213,7 @@ def _is_sparse(obj: Any) -> bool:
     return sparse.is_sparse(obj)
 
 
-def _sparse_ext(obj: Any, path: tuple[Any, ...], tensor_name: Any) -> msgpack.ExtType:
+def _enc_sparse(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> list[Any]:
     """A sparse tensor as its layout, size and dense components, each stored as a tensor."""
     from . import sparse
 
@@ -276,7 +222,7 @@ def _sparse_ext(obj: Any, path: tuple[Any, ...], tensor_name: Any) -> msgpack.Ex
     layout, size, comps, coalesced = sparse.parts(obj)
     names = sparse.COMPONENTS[layout]
     refs = [_ext(Ext.TENSOR, tensor_name((*path, n), c)) for n, c in zip(names, comps, strict=True)]
-    return _ext(Ext.SPARSE, [layout, list(size), refs, coalesced])
+    return [layout, list(size), refs, coalesced]
 
 
 def _sparse(value: Any) -> Any:
@@ -293,12 +239,6 @@ def _sparse(value: Any) -> Any:
     if not all(isinstance(c, torch.Tensor) for c in comps):
         raise CorruptCheckpointError("a sparse tensor's components must be tensors")
     return sparse.build(layout, size, comps, value[3])
-
-
-def _is_tensor_ref(obj: Any) -> bool:
-    from .tree import TensorRef
-
-    return isinstance(obj, TensorRef)
 
 
 def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<bytes>") -> Any:
@@ -447,12 +387,12 @@ def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, 
             return path, node
         if isinstance(node, dict):
             children = [(path + ("<key>",), k) for k in node] + [(path + (k,), v) for k, v in node.items()]
-        elif isinstance(node, (list, tuple)):
+        elif isinstance(node, list):
             children = [(path + (i,), v) for i, v in enumerate(node)]
-        elif isinstance(node, (set, frozenset)):
-            children = [(path + ("<item>",), v) for v in node]
-        elif isinstance(node, argparse.Namespace):
-            children = [(path + (k,), v) for k, v in vars(node).items()]
+        else:
+            row = next((r for r in _CONTAINERS if isinstance(node, r.classes)), None)
+            if row is not None and row.children is not None:
+                children = [(path + (k,), v) for k, v in row.children(node)]
         stack.extend(reversed(children))
     return None
 
@@ -579,25 +519,136 @@ def _bytes(value: Any) -> bytes:
     return value  # type: ignore[no-any-return]
 
 
-_BUILD: dict[int, Callable[[Any], Any]] = {
-    Ext.TUPLE: lambda v: tuple(_list(v)),
-    Ext.SET: lambda v: set(_list(v)),
-    Ext.FROZENSET: lambda v: frozenset(_list(v)),
-    Ext.BIGINT: _bigint,
-    Ext.ORDERED_DICT: _ordered,
-    Ext.ATTRIBUTE_DICT: lambda v: AttributeDict(_map(v)),
-    Ext.NAMESPACE: _namespace,
-    Ext.SIZE: _size,
-    Ext.DTYPE: _dtype,
-    Ext.DEVICE: _device,
-    Ext.NP_SCALAR: _np_scalar,
-    Ext.NP_ARRAY: _np_array,
-    Ext.PATH: _path,
-    Ext.COMPLEX: _complex,
-    Ext.BYTEARRAY: lambda v: bytearray(_bytes(v)),
-    Ext.COUNTER: lambda v: Counter(_map(v)),
-    Ext.SPARSE: _sparse,
-}
+# -- encoders: (value, path, tensor_name, depth) -> the ext payload -----------------------------------
+
+
+def _enc_bigint(obj: int, path: tuple[Any, ...], *_: Any) -> bytes:
+    n = (obj.bit_length() + 8) // 8
+    if n > MAX_INT_BYTES:  # refused at save as at load: it could not even be printed
+        raise TypeError(
+            f"{where(path)} is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
+            "(about 4300 decimal digits, the most Python prints); store it as bytes or a string"
+        )
+    return obj.to_bytes(n, "big", signed=True)
+
+
+def _enc_items(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> list[Any]:
+    return [_prepare(v, path + (i,), tensor_name, depth + 1) for i, v in enumerate(obj)]
+
+
+def _enc_members(obj: Any, path: tuple[Any, ...], _: Any, depth: int) -> list[Any]:
+    return [_prepare(v, path + ("<item>",), None, depth + 1) for v in obj]
+
+
+def _enc_ordered(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> list[Any]:
+    meta = getattr(obj, "_metadata", None)
+    meta_enc = _prepare(meta, path + ("_metadata",), None, depth + 1) if meta is not None else None
+    return [_prepare_map(obj, path, tensor_name, depth), meta_enc]
+
+
+def _enc_tensor(obj: Any, path: tuple[Any, ...], tensor_name: Any, _: int) -> Any:
+    if tensor_name is None:
+        raise TypeError(
+            f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict"
+        )
+    return tensor_name(path, obj)
+
+
+def _enc_user(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> list[Any]:
+    if type(obj) is Unregistered:
+        return [obj.name, _prepare(obj.data, path, tensor_name, depth + 1)]
+    entry = user_types.entry_for_class(type(obj))
+    assert entry is not None  # the row matched it
+    try:
+        data = entry.to_data(obj)
+    except Exception as e:
+        raise TypeError(f"{where(path)}: to_data of registered type {entry.name!r} failed: {e}") from e
+    return [entry.name, _prepare(data, path, tensor_name, depth + 1)]
+
+
+def _enc_np_array(obj: np.ndarray, path: tuple[Any, ...], *_: Any) -> list[Any]:
+    return [_np_dtype_str(obj.dtype, path), list(obj.shape), np.ascontiguousarray(obj).tobytes()]
+
+
+def _is_np_scalar(obj: Any) -> bool:
+    return isinstance(obj, np.generic) and type(obj).__module__ == "numpy"
+
+
+def _is_registered(obj: Any) -> bool:
+    return user_types.entry_for_class(type(obj)) is not None
+
+
+def _map_of(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> dict[Any, Any]:
+    return _prepare_map(obj, path, tensor_name, depth)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtType:
+    """One row of the codec's type table: how one ext code is written and read.
+
+    ``classes`` are stored by exact class; ``match`` recognises the values an exact class cannot
+    (subclasses, Lightning's AttributeDict, registered types), tried in table order after the exact
+    classes. ``encode(value, path, tensor_name, depth)`` returns the payload; ``decode(payload)``
+    builds and validates the value (``None``: `decode` itself handles the code). ``hashable``
+    values may be map keys or set members (bounded by the hash-flood guard); ``children`` lists a
+    container's ``(key, value)`` pairs for walkers. ``bases`` are stored with all their subclasses
+    (so registering one is refused).
+    """
+
+    code: int
+    classes: tuple[type, ...] = ()
+    encode: Callable[[Any, tuple[Any, ...], Any, int], Any] | None = None
+    decode: Callable[[Any], Any] | None = None
+    match: Callable[[Any], bool] | None = None
+    hashable: bool = False
+    children: Callable[[Any], Iterable[tuple[Any, Any]]] | None = None
+    bases: tuple[type, ...] = ()
+
+
+# The one table of ext types (with `Ext`'s codes and payload layouts, and formats/safeckpt.md's table).
+# Ints in [-2**63, 2**64), None, bool, float, str, bytes, list and dict are msgpack's own.
+EXT_TYPES: tuple[ExtType, ...] = (
+    ExtType(Ext.SPARSE, encode=_enc_sparse, decode=_sparse, match=_is_sparse),  # before TENSOR: also a tensor
+    ExtType(Ext.TENSOR, encode=_enc_tensor, match=lambda o: isinstance(o, (torch.Tensor, TensorRef)), bases=(torch.Tensor,)),
+    ExtType(Ext.TUPLE, (tuple,), _enc_items, lambda v: tuple(_list(v)), hashable=True, children=enumerate),
+    ExtType(Ext.SET, (set,), _enc_members, lambda v: set(_list(v)), children=lambda s: (("<item>", v) for v in s)),
+    ExtType(Ext.FROZENSET, (frozenset,), _enc_members, lambda v: frozenset(_list(v)), hashable=True,
+            children=lambda s: (("<item>", v) for v in s)),
+    ExtType(Ext.BIGINT, (int,), _enc_bigint, _bigint, hashable=True),  # ints outside msgpack's range
+    ExtType(Ext.ORDERED_DICT, (OrderedDict,), _enc_ordered, _ordered),
+    ExtType(Ext.ATTRIBUTE_DICT, (AttributeDict,), _map_of, lambda v: AttributeDict(_map(v)), match=_is_attribute_dict),
+    ExtType(Ext.NAMESPACE, (argparse.Namespace,), lambda o, p, _, d: _prepare_map(vars(o), p, None, d), _namespace,
+            children=lambda n: vars(n).items()),
+    ExtType(Ext.SIZE, (torch.Size,), lambda o, *_: list(o), _size, hashable=True),
+    ExtType(Ext.DTYPE, (torch.dtype,), lambda o, *_: str(o).removeprefix("torch."), _dtype),
+    ExtType(Ext.DEVICE, (torch.device,), lambda o, *_: str(o), _device),
+    ExtType(Ext.NP_SCALAR, (), lambda o, p, *_: [_np_dtype_str(o.dtype, p), o.tobytes()], _np_scalar, _is_np_scalar,
+            hashable=True, bases=(np.generic,)),
+    ExtType(Ext.NP_ARRAY, (np.ndarray,), _enc_np_array, _np_array),
+    # PurePath: no value has it as its own class, but registering it would shadow these
+    ExtType(Ext.PATH, (*_PATH_TYPES.values(), pathlib.PurePath), lambda o, *_: [type(o).__name__, str(o)], _path),
+    ExtType(Ext.COMPLEX, (complex,), lambda o, *_: [o.real, o.imag], _complex, hashable=True),
+    ExtType(Ext.BYTEARRAY, (bytearray,), lambda o, *_: bytes(o), lambda v: bytearray(_bytes(v))),
+    ExtType(Ext.COUNTER, (Counter,), _map_of, lambda v: Counter(_map(v))),
+    ExtType(Ext.USER, (Unregistered,), _enc_user, match=_is_registered),  # last: registered types
+)  # fmt: skip
+
+_BY_CLASS = {cls: row for row in EXT_TYPES for cls in row.classes}
+_MATCHED = tuple(row for row in EXT_TYPES if row.match is not None)
+_CONTAINERS = tuple(row for row in EXT_TYPES if row.children is not None)
+_BUILD = {row.code: row.decode for row in EXT_TYPES if row.decode is not None}
 _EXT_NAMES = {v: k.lower() for k, v in vars(Ext).items() if isinstance(v, int)}
 # ext values that can be dict keys or set members
-_HASHABLE_EXTS = {Ext.TUPLE, Ext.FROZENSET, Ext.BIGINT, Ext.SIZE, Ext.COMPLEX, Ext.NP_SCALAR}
+_HASHABLE_EXTS = {row.code for row in EXT_TYPES if row.hashable}
+_NATIVE_CLASSES = frozenset((type(None), bool, int, float, str, bytes, list, dict, *_BY_CLASS))
+_NATIVE_BASES = tuple(base for row in EXT_TYPES for base in row.bases)
+
+
+def stores_natively(cls: type) -> bool:
+    """True for the classes the codec stores itself (registering one with `register_type` is refused).
+
+    Example:
+        >>> stores_natively(torch.Size), stores_natively(Config)
+        (True, False)
+    """
+    return cls in _NATIVE_CLASSES or issubclass(cls, _NATIVE_BASES)

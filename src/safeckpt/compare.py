@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sparse
+from . import _shapes, sparse
 from .tree import Checkpoint, TensorRef, is_container, path_name
 
 __all__ = ["Change", "Diff", "compare", "leaves", "match"]
@@ -181,7 +181,7 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _nbytes(x: TensorRef | torch.Tensor) -> int:
-    return x.nbytes if isinstance(x, TensorRef) else x.numel() * x.element_size()
+    return x.nbytes if isinstance(x, TensorRef) else _shapes.nbytes(x.dtype, x.shape)
 
 
 def _flat(x: TensorRef | torch.Tensor) -> torch.Tensor:

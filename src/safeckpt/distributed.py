@@ -49,7 +49,8 @@ from ._runtime import holds_dtensors
 from ._units import parse_size
 from .errors import CorruptCheckpointError
 from .formats import safeckpt_sharded as fmt
-from .tree import Checkpoint, TensorRef, path_name, unique_name
+from .formats.safeckpt import tensor_leaf_encoder
+from .tree import Checkpoint, TensorRef
 
 __all__ = ["agree", "holds_dtensors", "load", "load_raw", "save"]
 
@@ -112,14 +113,12 @@ def save(
     """
     flat: dict[str, torch.Tensor] = {}
     declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    used: set[str] = set()
 
-    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
-        fmt.check_storable(x, p)
-        name = unique_name(path_name(p) or "tensor", used)
+    def add(name: str, x: torch.Tensor | TensorRef) -> None:
         flat[name] = x.load() if isinstance(x, TensorRef) else x.detach()
         declared[name] = (x.dtype, tuple(x.shape))
-        return [name, fmt.tensor_flags(x)]
+
+    payload = tensor_leaf_encoder(add, tied=False)
 
     error, root, skeleton, limit = None, Path(os.fspath(path)), b"", None
     try:

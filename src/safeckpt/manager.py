@@ -521,15 +521,10 @@ def _saveable(state: Mapping[str, Any], filter: Mapping[str, Callable[[str, Any]
     """What `safeckpt.save` would write, checked now: an unstorable value raises here, in the caller."""
     from . import codec
     from . import state as st
-    from .formats.safeckpt import check_storable
+    from .formats.safeckpt import tensor_leaf_encoder
 
     tree = st.to_saveable(state, filter)
-
-    def check(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
-        check_storable(x, p)
-        return ["", 0]
-
-    codec.encode(tree, check)
+    codec.encode(tree, tensor_leaf_encoder(lambda name, x: None))
     return tree
 
 

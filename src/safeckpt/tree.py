@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from . import _shapes
 from ._fs import Span
 
 __all__ = [
@@ -107,10 +108,7 @@ class TensorRef:
             >>> ref.shape, ref.numel
             ((16, 8), 128)
         """
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return _shapes.numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +118,7 @@ class TensorRef:
             >>> ref.dtype, ref.nbytes
             (torch.float32, 512)
         """
-        return self.numel * self.dtype.itemsize
+        return _shapes.nbytes(self.dtype, self.shape)
 
     @property
     def alias_key(self) -> Hashable:

@@ -18,21 +18,17 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import functools
 import inspect
 import operator
-import pathlib
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-import numpy as np
 import torch
 
-from .tree import AttributeDict, TensorRef
+from .tree import TensorRef
 
 __all__ = ["Unregistered", "register_type"]
 
@@ -51,14 +47,6 @@ class Entry:
 
 _BY_CLASS: dict[type, Entry] = {}
 _BY_NAME: dict[str, Entry] = {}
-
-# The codec stores these itself (and checks them before the registry): registering one would be dead code.
-_NATIVE = (
-    type(None), bool, int, float, complex, str, bytes, bytearray, list, dict, tuple, set, frozenset,
-    OrderedDict, Counter, argparse.Namespace, torch.Size, torch.dtype, torch.device, np.ndarray,
-    pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-    pathlib.PureWindowsPath, AttributeDict,
-)  # fmt: skip
 
 
 @overload
@@ -118,7 +106,9 @@ def register_type(
     if not isinstance(cls, type):
         raise TypeError(f"register_type takes a class, got {cls!r}")
     label = f"{cls.__module__}.{cls.__qualname__}"
-    if cls in _NATIVE or issubclass(cls, (torch.Tensor, np.generic)):
+    from .codec import stores_natively  # the codec's type table; the codec imports this module
+
+    if stores_natively(cls):
         raise TypeError(f"register_type({label}): safeckpt stores {cls.__qualname__} values itself")
     if name is None:
         name = label

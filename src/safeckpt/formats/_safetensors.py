@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .. import _shapes
 from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_bytes, write_all
 from ..errors import CorruptCheckpointError
 
@@ -29,6 +30,8 @@ MAGIC_MIN = 8 + 2  # length prefix + "{}"
 # digits read as "00000000": covers every name, dtype, shape, offset, metadata value and the other
 # checksums, which the per-tensor CRCs cannot (formats/safeckpt.md §2)
 KEY_HEADER_CRC = "safeckpt.header_crc32"
+# the metadata key of the per-tensor CRC-32s every safeckpt writer records (`write(checksum_key=...)`)
+KEY_CRC = "safeckpt.crc32"
 
 # safetensors dtype code -> torch dtype (F4 counts 4-bit elements: torch's last dim is halved)
 DTYPES: dict[str, torch.dtype] = {
@@ -193,11 +196,8 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")
     if len(shape) > MAX_DIMS:
         raise bad(f"tensor {name!r} has {len(shape)} dimensions (limit {MAX_DIMS}, as torch files)")
-    span = 1  # even with no elements, torch must compute strides: the product of the other dims must fit an int64
-    for d in shape:
-        span *= d or 1
-        if span >= 1 << 63:
-            raise bad(f"tensor {name!r} has shape {_short(shape)}, which spans more than 2**63-1 elements (limit)")
+    if not _shapes.fits_int64(shape):
+        raise bad(f"tensor {name!r} has shape {_short(shape)}, which spans more than 2**63-1 elements (limit)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -207,16 +207,11 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"tensor {name!r} has invalid data_offsets {_short(offsets)} (two integers, begin <= end)")
     if code == "F4" and (not shape or shape[-1] % 2):
         raise bad(f"tensor {name!r}: F4 needs an even last dimension to map onto torch.float4_e2m1fn_x2")
-    numel = 0 if 0 in shape else 1
-    for d in shape if numel else ():
-        numel *= d
-        if numel > 1 << 64:  # already larger than any file; stop before a long shape makes this quadratic
-            break
-    bits = numel * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
+    # below 2**63 elements (fits_int64 above), so no shape makes this product costly
+    bits = _shapes.numel(shape) * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
-        need = f"{bits // 8}" if numel <= 1 << 64 else "more than 2**64"
         raise bad(
-            f"tensor {name!r}: shape {_short(shape)} of {code} needs {need} bytes, data_offsets give {offsets[1] - offsets[0]}"
+            f"tensor {name!r}: shape {_short(shape)} of {code} needs {bits // 8} bytes, data_offsets give {offsets[1] - offsets[0]}"
         )
     return Entry(name, code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -270,6 +265,23 @@ class Item:
     span: Span | None = None  # bytes to copy file to file instead of calling `get`
 
 
+def check_storable(x: torch.Tensor | Any, where: str) -> None:
+    """Refuse, before anything is written, a tensor (or `TensorRef`) no safetensors-based file can
+    hold (meta, sparse, a dtype with no lossless encoding); ``where`` names it in the message.
+
+    Example:
+        >>> check_storable(torch.empty(2, device="meta"), "state['w']")
+        Traceback (most recent call last):
+        TypeError: state['w'] is a meta tensor: it has no data to save
+    """
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            raise TypeError(f"{where} is a meta tensor: it has no data to save")
+        if x.layout != torch.strided:
+            raise TypeError(f"{where} is a {x.layout} tensor; save x.to_dense() or its components instead")
+    stored_as(x.dtype, tuple(x.shape), where)
+
+
 def stored_as(dtype: torch.dtype, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
     """The safetensors dtype code and header shape a torch tensor is written with."""
     if dtype in AS_REAL:
@@ -304,7 +316,7 @@ def write(
     offset = 0
     for it in items:
         code, shape = stored_as(it.dtype, it.shape, it.name)
-        nbytes = _nbytes(it.dtype, it.shape)
+        nbytes = _shapes.nbytes(it.dtype, it.shape)
         header[it.name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     meta = dict(metadata)
@@ -321,7 +333,7 @@ def write(
     with atomic_write(path) as f, ThreadPoolExecutor(1) as pool:
         write_all(f, struct.pack("<Q", len(blob)) + blob)
         for it in items:
-            nbytes = _nbytes(it.dtype, it.shape)
+            nbytes = _shapes.nbytes(it.dtype, it.shape)
             span = it.span
             if span is not None and (span.crc32 is not None or not checksum_key) and copy_span(f, span, nbytes):
                 crcs.append(span.crc32 or 0)
@@ -349,13 +361,6 @@ def _patch(head: bytearray, key: str, value: str) -> None:
     marker = f'"{key}":"'.encode()
     at = head.index(marker) + len(marker)
     head[at : at + len(value)] = value.encode()
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
 
 
 def checksums(header: Header, key: str) -> dict[str, int] | None:

@@ -15,7 +15,6 @@ directory level: new shards first, the index last, the old set's files removed o
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from .. import _shapes
 from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, member_problem, write_all
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
@@ -355,10 +355,11 @@ def write(
             target = name if name not in live else f".{name.removesuffix('.safetensors')}.{token}.safetensors"
             kept = {it.name for it in items}
             meta = {"format": "pt", **(extra if n == 1 else {}), **{d: k for d, k in plan.aliases.items() if k in kept}}
-            st.write(directory / target, items, meta, checksum_key=stf.KEY_CRC)
+            st.write(directory / target, items, meta, checksum_key=st.KEY_CRC)
             on_disk.append(target)
             committed = n == 1 and target == base and not index.exists()  # replacing the lone file is the commit
-        index_meta = {"total_size": sum(_nbytes(it) for it in plan.items), **extra, **plan.aliases}
+        total = sum(_shapes.nbytes(it.dtype, it.shape) for it in plan.items)
+        index_meta = {"total_size": total, **extra, **plan.aliases}
         if on_disk != final:  # the old set still uses some of these names: commit under the temporary names first
             _write_index(index, index_meta, _weight_map(groups, on_disk))
             committed = True
@@ -399,7 +400,7 @@ def split(items: list[st.Item], limit: int) -> list[list[st.Item]]:
     current: list[st.Item] = []
     size = 0
     for it in items:
-        nbytes = _nbytes(it)
+        nbytes = _shapes.nbytes(it.dtype, it.shape)
         if nbytes > limit:
             shards.append([it])
             continue
@@ -411,10 +412,6 @@ def split(items: list[st.Item], limit: int) -> list[list[st.Item]]:
     if current or not shards:
         shards.append(current)
     return shards
-
-
-def _nbytes(it: st.Item) -> int:
-    return math.prod(it.shape) * it.dtype.itemsize
 
 
 def _live_files(index: Path) -> set[str]:

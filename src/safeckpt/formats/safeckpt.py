@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from . import _safetensors as st
 NAME = "safeckpt"
 EXTENSIONS = (".safeckpt",)
 VERSION = "1"
-KEY_VERSION, KEY_SKELETON, KEY_CRC = "safeckpt.version", "safeckpt.skeleton", "safeckpt.crc32"
+KEY_VERSION, KEY_SKELETON = "safeckpt.version", "safeckpt.skeleton"
 FLAG_PARAMETER, FLAG_REQUIRES_GRAD = 1, 2
 
 
@@ -61,28 +61,17 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         skeleton = base64.b64decode(meta[KEY_SKELETON], validate=True)
     except (binascii.Error, ValueError):
         raise CorruptCheckpointError(f"{path}: the skeleton in the header is not valid base64") from None
-    crcs = st.checksums(header, KEY_CRC) or {}
-    refs: dict[str, TensorRef] = {}
+    crcs = st.checksums(header, st.KEY_CRC) or {}
 
-    def tensor(payload: Any) -> TensorRef:
-        if not (
-            isinstance(payload, list)
-            and 2 <= len(payload) <= 3
-            and isinstance(payload[0], str)
-            and type(payload[1]) is int
-        ):
-            raise CorruptCheckpointError(f"{path}: malformed tensor reference {payload!r} in the skeleton")
-        name, flags = payload[0], payload[1]
-        if name in refs:
-            return refs[name]
+    def bind(name: str, flags: int, real_of: str | None) -> TensorRef:
         entry = header.entries.get(name)
         if entry is None:
             raise CorruptCheckpointError(
                 f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold"
             )
-        refs[name] = _ref(path, mapped, entry, flags, payload[2] if len(payload) == 3 else None, crcs.get(name))
-        return refs[name]
+        return _ref(path, mapped, entry, flags, real_of, crcs.get(name))
 
+    tensor, refs = tensor_leaf_decoder(str(path), bind, complex_dtype=True)
     tree = codec.decode(skeleton, tensor, source=str(path))
     stray = set(header.entries) - set(refs)
     if stray:
@@ -120,26 +109,16 @@ def write(ckpt: Checkpoint, path: Path) -> Path:
     Tied tensors are written once; non-tensor values go to the skeleton, and a value the codec
     cannot store raises ``TypeError`` naming its path before anything is written.
     """
-    names: dict[Hashable, str] = {}
     items: list[st.Item] = []
-    used: set[str] = set()
 
-    def tensor_payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
-        key = alias_key(x)
-        if key not in names:
-            check_storable(x, p)
-            names[key] = unique_name(path_name(p) or "tensor", used)
-            span = x.span if isinstance(x, TensorRef) else None
-            items.append(st.Item(names[key], x.dtype, tuple(x.shape), _getter(x), span))
-        payload: list[Any] = [names[key], tensor_flags(x)]
-        if x.dtype in st.AS_REAL:
-            payload.append(str(x.dtype).removeprefix("torch."))
-        return payload
+    def add(name: str, x: torch.Tensor | TensorRef) -> None:
+        span = x.span if isinstance(x, TensorRef) else None
+        items.append(st.Item(name, x.dtype, tuple(x.shape), _getter(x), span))
 
-    skeleton = codec.encode(ckpt.tree, tensor_payload)
+    skeleton = codec.encode(ckpt.tree, tensor_leaf_encoder(add, complex_dtype=True))
     meta = {KEY_VERSION: VERSION, "format": "pt", KEY_SKELETON: base64.b64encode(skeleton).decode("ascii")}
     meta.update({k: v for k, v in ckpt.metadata.items() if not k.startswith("safeckpt.") and k != "format"})
-    return st.write(path, items, meta, checksum_key=KEY_CRC)
+    return st.write(path, items, meta, checksum_key=st.KEY_CRC)
 
 
 def _getter(x: torch.Tensor | TensorRef) -> Any:
@@ -152,14 +131,68 @@ def tensor_flags(x: torch.Tensor | TensorRef) -> int:
     return (FLAG_PARAMETER if parameter else 0) | (FLAG_REQUIRES_GRAD if x.requires_grad else 0)
 
 
-def check_storable(x: torch.Tensor | TensorRef, path: tuple[Any, ...]) -> None:
-    """Refuse, before anything is written, a tensor this format cannot hold (meta, sparse, a dtype
-    with no lossless encoding)."""
-    if isinstance(x, torch.Tensor) and x.device.type == "meta":
-        raise TypeError(f"{codec.where(path)} is a meta tensor: it has no data to save")
-    if isinstance(x, torch.Tensor) and (x.is_sparse or x.layout != torch.strided):
-        raise TypeError(f"{codec.where(path)} is a {x.layout} tensor; save x.to_dense() or its components instead")
-    st.stored_as(x.dtype, tuple(x.shape), codec.where(path))
+def tensor_leaf_encoder(
+    add: Callable[[str, torch.Tensor | TensorRef], None], *, complex_dtype: bool = False, tied: bool = True
+) -> Callable[[tuple[Any, ...], torch.Tensor | TensorRef], list[Any]]:
+    """The ``tensor_name`` callback `codec.encode` takes, shared by the native writers: it checks
+    each tensor (`_safetensors.check_storable`), names it after its tree path (unique in the file)
+    and hands it to ``add(name, tensor)`` once; the skeleton records ``[name, flags]`` (plus the
+    complex dtype a tensor stored as its real view had, with ``complex_dtype``). ``tied``: tensors
+    sharing storage (`alias_key`) get one name and one ``add``; otherwise every leaf is its own.
+
+    Example:
+        >>> items = []
+        >>> codec.encode({"w": w, "tied": w}, tensor_leaf_encoder(lambda n, x: items.append(n)))
+        >>> items
+        ['w']
+    """
+    names: dict[Hashable, str] = {}
+    used: set[str] = set()
+
+    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
+        key = alias_key(x) if tied else object()
+        if key not in names:
+            st.check_storable(x, codec.where(p))
+            names[key] = unique_name(path_name(p) or "tensor", used)
+            add(names[key], x)
+        out: list[Any] = [names[key], tensor_flags(x)]
+        if complex_dtype and x.dtype in st.AS_REAL:
+            out.append(str(x.dtype).removeprefix("torch."))
+        return out
+
+    return payload
+
+
+def tensor_leaf_decoder(
+    source: str, bind: Callable[[str, int, str | None], TensorRef], *, complex_dtype: bool = False
+) -> tuple[Callable[[Any], TensorRef], dict[str, TensorRef]]:
+    """The ``tensor`` callback `codec.decode` takes, shared by the native readers, and the dict of
+    the references it made (by name, to find tensors no skeleton refers to). Each ``[name, flags]``
+    payload (``[name, flags, complex dtype]`` too, with ``complex_dtype``) is checked and bound once
+    with ``bind(name, flags, complex dtype or None)``; a name met again is the same reference.
+
+    Example:
+        >>> tensor, refs = tensor_leaf_decoder("run.safeckpt", lambda n, f, c: make_ref(n, f))
+        >>> tree = codec.decode(skeleton, tensor, source="run.safeckpt")
+    """
+    refs: dict[str, TensorRef] = {}
+    longest = 3 if complex_dtype else 2
+
+    def tensor(payload: Any) -> TensorRef:
+        if not (
+            type(payload) is list
+            and 2 <= len(payload) <= longest
+            and type(payload[0]) is str
+            and type(payload[1]) is int
+            and (len(payload) == 2 or type(payload[2]) is str)
+        ):
+            raise CorruptCheckpointError(f"{source}: malformed tensor reference {payload!r:.80} in the skeleton")
+        name = payload[0]
+        if name not in refs:
+            refs[name] = bind(name, payload[1], payload[2] if len(payload) == 3 else None)
+        return refs[name]
+
+    return tensor, refs
 
 
 def verify(path: Path) -> list[str]:
@@ -180,7 +213,7 @@ def verify(path: Path) -> list[str]:
                         paths.setdefault(x.name, []).append(codec.where(p))
         return f"the data of {', '.join(paths[name])}" if name in paths else "its data"
 
-    problems = st.verify_file(path, KEY_CRC, required=True, describe=describe)
+    problems = st.verify_file(path, st.KEY_CRC, required=True, describe=describe)
     if not problems:
         try:
             read(path)  # the skeleton decodes and binds every tensor

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import mmap
 import os
 import re
 import secrets
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,21 @@ from typing import Any
 import msgpack
 import torch
 
-from .. import codec
+from .. import _shapes, codec
 from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
+from ..tree import Checkpoint, TensorRef, iter_leaves, unique_name
 from . import Format
 from . import _safetensors as st
 from ._tiling import tiling_error
-from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, check_storable, tensor_flags
+from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, tensor_leaf_decoder, tensor_leaf_encoder
 
 NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
 VERSION = 1
 INDEX = "safeckpt-index.msgpack"
-KEY_GENERATION, KEY_CRC = "safeckpt.generation", "safeckpt.crc32"
+KEY_GENERATION = "safeckpt.generation"
 # the index's last key: the CRC-32 of the whole index file with this value read as "00000000"
 KEY_INDEX_CRC = "crc32"
 _CRC_TAIL = b"\xa5crc32\xa8"  # msgpack fixstr "crc32", then the fixstr header of 8 hex digits
@@ -328,7 +327,7 @@ def read_index(root: Path) -> dict[str, Any]:
         )
         shape = t.get("shape")
         need(isinstance(shape, list) and all(_nat(d) for d in shape), f"tensor {name!r} has an invalid shape {shape!r}")
-        need(_span_ok(shape), f"tensor {name!r} has shape {shape!r}, which spans more than 2**63-1 elements (limit)")
+        need(_shapes.fits_int64(shape), f"tensor {name!r} has shape {shape!r}, which spans more than 2**63-1 elements (limit)")
         chunks = t.get("chunks")
         need(
             isinstance(chunks, list) and (len(chunks) > 0 or 0 in shape),
@@ -347,10 +346,10 @@ def read_index(root: Path) -> dict[str, Any]:
             )
             ok = ok and isinstance(c.get("bytes"), list) and len(c["bytes"]) == 2 and all(_nat(x) for x in c["bytes"])
             need(ok, f"tensor {name!r} has a malformed chunk {c!r:.120}")
-            nbytes = math.prod(c["sizes"]) * _DTYPES[t["dtype"]].itemsize
+            size = _shapes.nbytes(_DTYPES[t["dtype"]], c["sizes"])
             need(
-                c["bytes"][1] - c["bytes"][0] == nbytes,
-                f"tensor {name!r}: chunk {c['key']!r} spans {c['bytes']} for {nbytes} bytes of data",
+                c["bytes"][1] - c["bytes"][0] == size,
+                f"tensor {name!r}: chunk {c['key']!r} spans {c['bytes']} for {size} bytes of data",
             )
         _check_tiling(name, tuple(shape), [(tuple(c["offsets"]), tuple(c["sizes"])) for c in chunks], need)
     return index
@@ -358,16 +357,6 @@ def read_index(root: Path) -> dict[str, Any]:
 
 def _nat(x: Any) -> bool:
     return type(x) is int and x >= 0
-
-
-def _span_ok(shape: list[int]) -> bool:
-    """torch computes strides even for a tensor with no elements: the non-zero dims' product must fit an int64."""
-    span = 1
-    for d in shape:
-        span *= d or 1
-        if span >= 1 << 63:
-            return False
-    return True
 
 
 def _is_name(x: Any) -> bool:
@@ -409,39 +398,32 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
                 if read_index(root)["generation"] != index["generation"] and attempt < 9:
                     continue  # replaced meanwhile: read the new one
             raise
-    refs: dict[str, ShardedRef] = {}
 
-    def tensor(payload: Any) -> TensorRef:
-        if not (
-            isinstance(payload, list) and len(payload) == 2 and isinstance(payload[0], str) and type(payload[1]) is int
-        ):
-            raise CorruptCheckpointError(f"{root / INDEX}: malformed tensor reference {payload!r:.80} in the skeleton")
-        name, flags = payload
-        if name not in refs:
-            t = index["tensors"].get(name)
-            if t is None:
-                raise CorruptCheckpointError(
-                    f"{root / INDEX}: the skeleton refers to tensor {name!r}, which the index does not list"
-                )
-            dtype, shape = _DTYPES[t["dtype"]], tuple(t["shape"])
-            chunks = tuple(
-                Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
-                for c in t["chunks"]
+    def bind(name: str, flags: int, _: str | None) -> TensorRef:
+        t = index["tensors"].get(name)
+        if t is None:
+            raise CorruptCheckpointError(
+                f"{root / INDEX}: the skeleton refers to tensor {name!r}, which the index does not list"
             )
-            refs[name] = ShardedRef(
-                name,
-                dtype,
-                shape,
-                str(root),
-                functools.partial(_assemble, dtype, shape, chunks),
-                storage=str(root),
-                view=name,
-                requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
-                parameter=bool(flags & FLAG_PARAMETER),
-                chunks=chunks,
-            )
-        return refs[name]
+        dtype, shape = _DTYPES[t["dtype"]], tuple(t["shape"])
+        chunks = tuple(
+            Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
+            for c in t["chunks"]
+        )
+        return ShardedRef(
+            name,
+            dtype,
+            shape,
+            str(root),
+            functools.partial(_assemble, dtype, shape, chunks),
+            storage=str(root),
+            view=name,
+            requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
+            parameter=bool(flags & FLAG_PARAMETER),
+            chunks=chunks,
+        )
 
+    tensor, refs = tensor_leaf_decoder(str(root / INDEX), bind)
     tree = codec.decode(index["skeleton"], tensor, source=str(root / INDEX))
     stray = set(index["tensors"]) - set(refs)
     if stray:
@@ -482,7 +464,7 @@ class Piece:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.sizes) * self.dtype.itemsize
+        return _shapes.nbytes(self.dtype, self.sizes)
 
 
 def write_shards(
@@ -507,7 +489,7 @@ def write_shards(
         used: set[str] = set()
         keys = [unique_name(chunk_key(p.name, p.offsets, p.sizes, p.shape), used) for p in group]
         items = [st.Item(k, p.dtype, p.sizes, p.get) for k, p in zip(keys, group, strict=True)]
-        st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=KEY_CRC)
+        st.write(root / name, items, {"format": "pt", KEY_GENERATION: generation}, checksum_key=st.KEY_CRC)
         header = st.read_header(root / name)
         record = {"name": name, "size": header.size}
         for k, p in zip(keys, group, strict=True):
@@ -610,21 +592,14 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
         PosixPath('run')
     """
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    names: dict[Hashable, str] = {}
-    used: set[str] = set()
     pieces: list[Piece] = []
     declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
-    def payload(p: tuple[Any, ...], x: torch.Tensor | TensorRef) -> list[Any]:
-        key = alias_key(x)
-        if key not in names:
-            check_storable(x, p)
-            name = names[key] = unique_name(path_name(p) or "tensor", used)
-            declared[name] = (x.dtype, tuple(x.shape))
-            pieces.extend(_split(name, x, limit))
-        return [names[key], tensor_flags(x)]
+    def add(name: str, x: torch.Tensor | TensorRef) -> None:
+        declared[name] = (x.dtype, tuple(x.shape))
+        pieces.extend(_split(name, x, limit))
 
-    skeleton = codec.encode(ckpt.tree, payload)
+    skeleton = codec.encode(ckpt.tree, tensor_leaf_encoder(add))
     root = target_dir(path)
     try:
         with Live(root) as generation:
@@ -721,7 +696,7 @@ def verify(path: Path) -> list[str]:
             problems.append(str(e))
             continue
         describe = functools.partial(lambda name, key: chunks.get((name, key), "its data"), f["name"])
-        problems.extend(st.verify_file(shard.path, KEY_CRC, required=True, describe=describe))
+        problems.extend(st.verify_file(shard.path, st.KEY_CRC, required=True, describe=describe))
     return problems
 
 

@@ -26,17 +26,17 @@ from .._fs import MappedFile, Span
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
 from . import Format
 from . import _safetensors as st
+from .safeckpt import KEY_VERSION
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
-KEY_CRC = "safeckpt.crc32"
 # metadata keys that are never a tied-name record: the format marker, the HF index's total
 RESERVED_META = ("format", "total_size")
 
 
 def sniff(head: bytes, path: Path) -> bool:
     """A safetensors header that is not one of safeckpt's own native files."""
-    return st.looks_like(head) and b'"safeckpt.version"' not in head
+    return st.looks_like(head) and f'"{KEY_VERSION}"'.encode() not in head
 
 
 def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
@@ -55,7 +55,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
         mapped = MappedFile(path, header.size, f)
-    crcs = st.checksums(header, KEY_CRC) or {}
+    crcs = st.checksums(header, st.KEY_CRC) or {}
     refs = {name: tensor_ref(path, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
     aliases = tied_aliases(header.metadata, refs)
     tree = {name: refs[aliases.get(name, name)] for name in sorted([*refs, *aliases])}
@@ -63,7 +63,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     raw = undecodable(header)
     if raw:
         info["raw_bytes"] = raw
-    meta = {k: v for k, v in header.metadata.items() if k not in (KEY_CRC, st.KEY_HEADER_CRC) and k not in aliases}
+    meta = {k: v for k, v in header.metadata.items() if k not in (st.KEY_CRC, st.KEY_HEADER_CRC) and k not in aliases}
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
@@ -201,17 +201,12 @@ def _check_tensor(x: torch.Tensor | TensorRef, name: str, path: Path) -> None:
             f"{where} is a {x.layout} tensor; safetensors holds dense tensors only: convert to a .safeckpt file, "
             "which stores it natively, or save x.to_dense()"
         )
-    if isinstance(x, torch.Tensor):
-        if x.device.type == "meta":
-            raise TypeError(f"{where} is a meta tensor: it has no data to save")
-        if x.layout != torch.strided:
-            raise TypeError(f"{where} is a {x.layout} tensor; save x.to_dense() or its components instead")
-    if x.dtype in st.AS_REAL:
+    st.check_storable(x, where)
+    if x.dtype in st.AS_REAL:  # a plain file has no skeleton to record the complex dtype in
         raise TypeError(
             f"{where} has dtype {x.dtype}, which safetensors lacks; save to format 'safeckpt', which stores it "
             "losslessly, or save torch.view_as_real(x) under another name"
         )
-    st.stored_as(x.dtype, tuple(x.shape), where)
 
 
 def carried_metadata(metadata: Mapping[str, str], p: Plan) -> dict[str, str]:
@@ -237,7 +232,7 @@ def write(ckpt: Checkpoint, path: Path) -> Path:
     """
     p = plan(ckpt, path)
     meta = {"format": "pt", **carried_metadata(ckpt.metadata, p), **p.aliases}
-    return st.write(path, p.items, meta, checksum_key=KEY_CRC)
+    return st.write(path, p.items, meta, checksum_key=st.KEY_CRC)
 
 
 def verify(path: Path) -> list[str]:
@@ -250,6 +245,6 @@ def verify(path: Path) -> list[str]:
         >>> verify(Path("model.safetensors"))
         []
     """
-    return st.verify_file(path, KEY_CRC, required=False)
+    return st.verify_file(path, st.KEY_CRC, required=False)
 
 FORMAT = Format(NAME, EXTENSIONS, "file", sniff=sniff, read=read, write=write, verify=verify)
