@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import convert, load, load_raw, save
     from .api import open as open  # safeckpt.open, kept out of __all__
+    from .codec import register_type
     from .errors import (
         CheckpointError,
         CorruptCheckpointError,
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from .hub import pull_from_hub, push_to_hub
     from .manager import CheckpointManager
     from .tree import AttributeDict, Checkpoint, TensorRef
-    from .user_types import register_type
 
 __version__ = "0.1.0"
 
@@ -54,7 +54,7 @@ _LAZY = {
     **dict.fromkeys(("pull_from_hub", "push_to_hub"), ".hub"),  # huggingface_hub itself is imported on first use
     "CheckpointManager": ".manager",
     **dict.fromkeys(("AttributeDict", "Checkpoint", "TensorRef"), ".tree"),
-    "register_type": ".user_types",
+    "register_type": ".codec",
 }
 
 # `open` is left out of the star-import: `from safeckpt import *` must not shadow the builtin

@@ -25,7 +25,7 @@ import pathlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import msgpack
 import numpy as np
@@ -37,7 +37,7 @@ from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointErr
 from .tree import AttributeDict, TensorRef, map_leaves
 from .user_types import Unregistered
 
-__all__ = ["Ext", "decode", "encode", "keep_unregistered", "refuse_unbuilt", "where"]
+__all__ = ["Ext", "decode", "encode", "keep_unregistered", "refuse_unbuilt", "register_type", "where"]
 
 
 class Ext:
@@ -276,7 +276,7 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
             built = _BUILD[code](value)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError, NotImplementedError) as e:
             raise CorruptCheckpointError(
-                f"{source}: malformed {_EXT_NAMES.get(code, code)} value in the skeleton ({_detail(e)})"
+                f"{source}: malformed {_EXT_NAMES.get(code, code)} value in the skeleton ({error_detail(e)})"
             ) from None
         if code in _HASHABLE_EXTS:
             try:
@@ -324,7 +324,7 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
     except MemoryError:
         raise
     except Exception as e:  # whatever msgpack or a constructor raises: only CheckpointErrors leave a reader
-        raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({_detail(e)})") from None
+        raise CorruptCheckpointError(f"{source}: the msgpack skeleton is malformed ({error_detail(e)})") from None
     # A value this process cannot build stays an inert `Unregistered` record (name and data, nothing
     # imported): the rest of the file loads, and the error comes where that value is used
     # (`refuse_unbuilt`, or the record's own attribute access).
@@ -397,8 +397,13 @@ def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, 
     return None
 
 
-def _detail(e: BaseException) -> str:
-    """An exception as text that is never empty (``KeyError()`` has no message)."""
+def error_detail(e: BaseException) -> str:
+    """An exception as text that is never empty (``KeyError()`` has no message).
+
+    Example:
+        >>> error_detail(KeyError()), error_detail(ValueError("bad"))
+        ('KeyError', 'ValueError: bad')
+    """
     text = str(e)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -652,3 +657,70 @@ def stores_natively(cls: type) -> bool:
         (True, False)
     """
     return cls in _NATIVE_CLASSES or issubclass(cls, _NATIVE_BASES)
+
+
+T = TypeVar("T", bound=type)
+
+
+@overload
+def register_type(
+    cls: T,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> T: ...
+@overload
+def register_type(
+    cls: None = None,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> Callable[[T], T]: ...
+def register_type(
+    cls: T | None = None,
+    /,
+    *,
+    name: str | None = None,
+    to_data: Callable[[Any], Any] | None = None,
+    from_data: Callable[[Any], Any] | None = None,
+) -> T | Callable[[T], T]:
+    """Teach safeckpt to save and load ``cls`` as data; returns ``cls`` (so it works as a decorator).
+
+    Without converters, a dataclass is stored as a map of its fields and rebuilt with
+    ``cls(**init_fields)`` (then ``init=False`` fields are set); a ``NamedTuple`` as a map of its
+    fields; an ``Enum`` member by its *name* (a ``Flag`` as the list of its members' names), so a
+    renumbered enum still loads the member the code calls by that name. Any other class needs
+    ``to_data(obj) -> value`` and ``from_data(value) -> obj``, where ``value`` is anything safeckpt
+    stores (plain values, containers, tensors, other registered types). Field values must be
+    storable themselves: register nested classes too.
+
+    Register in code that runs before both saving and loading (e.g. next to the class). Files record
+    ``name`` (default ``"module.QualName"``): pass a fixed ``name`` to keep loading old files after the
+    class moves. Registering the same class again replaces its converters (a re-run notebook cell or
+    a reloaded module, which defines a new class of the same module and name, replaces the old one);
+    one name for two different classes, or two names for one class, is a ``ValueError``.
+
+    Example:
+        >>> @safeckpt.register_type
+        ... @dataclasses.dataclass(frozen=True)
+        ... class Optim:
+        ...     lr: float = 1e-3
+        ...     kind: str = "adamw"
+        >>> safeckpt.register_type(Color)   # an enum.Enum
+        >>> safeckpt.register_type(Interval, name="myproj.Interval", to_data=lambda i: [i.lo, i.hi],
+        ...                        from_data=lambda d: Interval(*d))
+    """
+    if cls is None:
+        return lambda c: register_type(c, name=name, to_data=to_data, from_data=from_data)
+    if not isinstance(cls, type):
+        raise TypeError(f"register_type takes a class, got {cls!r}")
+    if stores_natively(cls):  # the codec's own table: registering its types would shadow them
+        raise TypeError(
+            f"register_type({cls.__module__}.{cls.__qualname__}): safeckpt stores {cls.__qualname__} values itself"
+        )
+    user_types.add(cls, name=name, to_data=to_data, from_data=from_data)
+    return cls

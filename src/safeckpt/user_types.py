@@ -24,15 +24,13 @@ import functools
 import inspect
 import operator
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import torch
 
 from .tree import TensorRef
 
-__all__ = ["Unregistered", "register_type"]
-
-T = TypeVar("T", bound=type)
+__all__ = ["Unregistered", "add"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,67 +47,20 @@ _BY_CLASS: dict[type, Entry] = {}
 _BY_NAME: dict[str, Entry] = {}
 
 
-@overload
-def register_type(
-    cls: T,
-    /,
+def add(
+    cls: type,
     *,
     name: str | None = None,
     to_data: Callable[[Any], Any] | None = None,
     from_data: Callable[[Any], Any] | None = None,
-) -> T: ...
-@overload
-def register_type(
-    cls: None = None,
-    /,
-    *,
-    name: str | None = None,
-    to_data: Callable[[Any], Any] | None = None,
-    from_data: Callable[[Any], Any] | None = None,
-) -> Callable[[T], T]: ...
-def register_type(
-    cls: T | None = None,
-    /,
-    *,
-    name: str | None = None,
-    to_data: Callable[[Any], Any] | None = None,
-    from_data: Callable[[Any], Any] | None = None,
-) -> T | Callable[[T], T]:
-    """Teach safeckpt to save and load ``cls`` as data; returns ``cls`` (so it works as a decorator).
-
-    Without converters, a dataclass is stored as a map of its fields and rebuilt with
-    ``cls(**init_fields)`` (then ``init=False`` fields are set); a ``NamedTuple`` as a map of its
-    fields; an ``Enum`` member by its *name* (a ``Flag`` as the list of its members' names), so a
-    renumbered enum still loads the member the code calls by that name. Any other class needs
-    ``to_data(obj) -> value`` and ``from_data(value) -> obj``, where ``value`` is anything safeckpt
-    stores (plain values, containers, tensors, other registered types). Field values must be
-    storable themselves: register nested classes too.
-
-    Register in code that runs before both saving and loading (e.g. next to the class). Files record
-    ``name`` (default ``"module.QualName"``): pass a fixed ``name`` to keep loading old files after the
-    class moves. Registering the same class again replaces its converters (a re-run notebook cell or
-    a reloaded module, which defines a new class of the same module and name, replaces the old one);
-    one name for two different classes, or two names for one class, is a ``ValueError``.
+) -> None:
+    """Register ``cls`` under ``name`` with its converters: the registry behind
+    `safeckpt.register_type` (which first refuses the types the codec stores itself).
 
     Example:
-        >>> @safeckpt.register_type
-        ... @dataclasses.dataclass(frozen=True)
-        ... class Optim:
-        ...     lr: float = 1e-3
-        ...     kind: str = "adamw"
-        >>> safeckpt.register_type(Color)   # an enum.Enum
-        >>> safeckpt.register_type(Interval, name="myproj.Interval", to_data=lambda i: [i.lo, i.hi],
-        ...                        from_data=lambda d: Interval(*d))
+        >>> add(Interval, name="myproj.Interval", to_data=lambda i: [i.lo, i.hi], from_data=lambda d: Interval(*d))
     """
-    if cls is None:
-        return lambda c: register_type(c, name=name, to_data=to_data, from_data=from_data)
-    if not isinstance(cls, type):
-        raise TypeError(f"register_type takes a class, got {cls!r}")
     label = f"{cls.__module__}.{cls.__qualname__}"
-    from .codec import stores_natively  # the codec's type table; the codec imports this module
-
-    if stores_natively(cls):
-        raise TypeError(f"register_type({label}): safeckpt stores {cls.__qualname__} values itself")
     if name is None:
         name = label
     if not isinstance(name, str) or not name:
@@ -134,7 +85,6 @@ def register_type(
     if old is not None:
         _BY_CLASS.pop(old.cls, None)
     _BY_NAME[name] = _BY_CLASS[cls] = Entry(cls, name, to_data, from_data)
-    return cls
 
 
 def _same_definition(a: type, b: type) -> bool:

@@ -153,8 +153,8 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     if not text.lstrip().startswith("{"):
         raise bad("it must be a JSON object starting with '{'")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
-    except _Duplicate as e:
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
+    except DuplicateKey as e:
         raise bad(f"duplicate key {e.args[0]!r}") from None
     except (ValueError, RecursionError) as e:
         raise bad(f"not valid JSON ({e})") from None
@@ -164,7 +164,7 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise bad("__metadata__ must map strings to strings")
     for s in (*obj, *meta, *meta.values()):
-        if not _is_unicode(s):
+        if not is_unicode(s):
             raise bad(
                 f"string {s.encode('utf-8', 'backslashreplace')[:80]!r} holds an unpaired surrogate escape, which is not Unicode"
             )
@@ -191,37 +191,50 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
         raise bad(f"entry {name!r} must be an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(code, str) or (code not in DTYPES and code not in BITS):
-        raise bad(f"tensor {name!r} has unknown dtype {_short(code)}; known: {', '.join([*DTYPES, *BITS])}")
+        raise bad(f"tensor {name!r} has unknown dtype {short(code)}; known: {', '.join([*DTYPES, *BITS])}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"tensor {name!r} has an invalid shape {_short(shape)} (a list of non-negative integers)")
+        raise bad(f"tensor {name!r} has an invalid shape {short(shape)} (a list of non-negative integers)")
     if len(shape) > MAX_DIMS:
         raise bad(f"tensor {name!r} has {len(shape)} dimensions (limit {MAX_DIMS}, as torch files)")
     if not _shapes.fits_int64(shape):
-        raise bad(f"tensor {name!r} has shape {_short(shape)}, which spans more than 2**63-1 elements (limit)")
+        raise bad(f"tensor {name!r} has shape {short(shape)}, which spans more than 2**63-1 elements (limit)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[1] < offsets[0]
     ):
-        raise bad(f"tensor {name!r} has invalid data_offsets {_short(offsets)} (two integers, begin <= end)")
+        raise bad(f"tensor {name!r} has invalid data_offsets {short(offsets)} (two integers, begin <= end)")
     if code == "F4" and (not shape or shape[-1] % 2):
         raise bad(f"tensor {name!r}: F4 needs an even last dimension to map onto torch.float4_e2m1fn_x2")
     # below 2**63 elements (fits_int64 above), so no shape makes this product costly
     bits = _shapes.numel(shape) * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         raise bad(
-            f"tensor {name!r}: shape {_short(shape)} of {code} needs {bits // 8} bytes, data_offsets give {offsets[1] - offsets[0]}"
+            f"tensor {name!r}: shape {short(shape)} of {code} needs {bits // 8} bytes, data_offsets give {offsets[1] - offsets[0]}"
         )
     return Entry(name, code, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
-def _short(x: Any, limit: int = 80) -> str:
+def short(x: Any, limit: int = 80) -> str:
+    """``repr(x)`` cut to ``limit`` characters (a long list shows its first 16 items), for messages
+    that quote file data.
+
+    Example:
+        >>> short(list(range(100)), 40)
+        '[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1...'
+    """
     text = repr(x) if not isinstance(x, list) or len(x) <= 16 else repr(x[:16])[:-1] + f", ... ({len(x)} items)]"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _is_unicode(s: str) -> bool:
+def is_unicode(s: str) -> bool:
+    """Whether ``s`` is Unicode text (JSON escapes can produce unpaired surrogates, which are not).
+
+    Example:
+        >>> is_unicode("w"), is_unicode("\\ud800".encode().decode("unicode_escape"))
+        (True, False)
+    """
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
@@ -229,15 +242,23 @@ def _is_unicode(s: str) -> bool:
     return True
 
 
-class _Duplicate(Exception):
-    pass
+class DuplicateKey(Exception):
+    """A JSON object names this key (``args[0]``) twice (see `no_duplicates`)."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook`` that raises `DuplicateKey` for a key given twice
+    (readers would otherwise disagree on which value wins).
+
+    Example:
+        >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=no_duplicates)
+        Traceback (most recent call last):
+        DuplicateKey: a
+    """
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise _Duplicate(k)
+            raise DuplicateKey(k)
         out[k] = v
     return out
 

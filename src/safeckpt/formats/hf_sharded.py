@@ -205,14 +205,14 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
     if len(raw) > info.st_size:
         raise CorruptCheckpointError(f"{index}: the index changed while being read; open it again")
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=st._no_duplicates)
-    except st._Duplicate as e:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=st.no_duplicates)
+    except st.DuplicateKey as e:
         raise CorruptCheckpointError(
-            f"{index}: the index has the key {st._short(e.args[0])} twice; the checkpoint is inconsistent"
+            f"{index}: the index has the key {st.short(e.args[0])} twice; the checkpoint is inconsistent"
         ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(
-            f"{index}: the index is not valid JSON ({st._short(str(e), 200)}); re-download or rewrite it"
+            f"{index}: the index is not valid JSON ({st.short(str(e), 200)}); re-download or rewrite it"
         ) from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -225,9 +225,9 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
             f"{index}: the index's 'metadata' must be a JSON object, found {type(metadata).__name__}"
         )
     for s in (*weight_map, *weight_map.values(), *metadata):
-        if not st._is_unicode(s):
+        if not st.is_unicode(s):
             raise CorruptCheckpointError(
-                f"{index}: {st._short(s)} holds an unpaired surrogate escape, which is not Unicode"
+                f"{index}: {st.short(s)} holds an unpaired surrogate escape, which is not Unicode"
             )
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     return weight_map, meta
@@ -243,7 +243,7 @@ def _stat(path: Path, what: str) -> os.stat_result:
 
 
 def _shard_file(layout: Layout, name: str) -> Path:
-    where = f"{layout.index}: shard {st._short(name)}"
+    where = f"{layout.index}: shard {st.short(name)}"
     if (
         not name
         or name in (".", "..")

@@ -291,7 +291,7 @@ def read_index(root: Path) -> dict[str, Any]:
         ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
         raise CorruptCheckpointError(
-            f"{path}: the index is not valid msgpack ({codec._detail(e)}); the file is damaged"
+            f"{path}: the index is not valid msgpack ({codec.error_detail(e)}); the file is damaged"
         ) from None
 
     def need(ok: bool, what: str) -> None:

@@ -187,7 +187,7 @@ def _flat_name(keys: tuple[Any, ...], path: Path) -> str:
         raise ValueError(
             f"{path}: '__metadata__' is reserved by the safetensors format for metadata; rename that tensor"
         )
-    if not st._is_unicode(name):
+    if not st.is_unicode(name):
         raise ValueError(f"{path}: tensor name {name!r} is not valid Unicode (unpaired surrogate)")
     return name
 
