@@ -63,7 +63,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     target = target_file(path)
     # before creating ours: a save killed at any instant then leaves at most one temporary behind
-    remove_stale(target.parent, _temp_pattern(target.name))
+    remove_stale(target.parent, temp_pattern(re.escape(target.name)))
     try:
         tmp, fd = _locked_temp(target)
     except OSError as e:
@@ -82,15 +82,32 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fsync_dir(target.parent)
 
 
-def _temp_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]+\.tmp")
+def temp_name(name: str) -> str:
+    """A fresh name for a temporary of the file ``name`` (what `atomic_write` creates beside it).
+
+    Example:
+        >>> temp_name("step-7.safeckpt")
+        '.step-7.safeckpt.3fa9c2d1.tmp'
+    """
+    return f".{name}.{secrets.token_hex(4)}.tmp"
+
+
+def temp_pattern(name_regex: str) -> re.Pattern[str]:
+    """The names `temp_name` gives temporaries of files whose names match ``name_regex``: one
+    template, so a cleaner finds exactly what a killed save left.
+
+    Example:
+        >>> bool(temp_pattern(re.escape("step-7.safeckpt")).fullmatch(temp_name("step-7.safeckpt")))
+        True
+    """
+    return re.compile(rf"\.{name_regex}\.[0-9a-f]{{8}}\.tmp")
 
 
 def _locked_temp(target: Path) -> tuple[Path, int]:
     """A new temporary file beside ``target``, created and locked. A cleaner that found it
     unlocked in the instant between the two may have removed it: then take another one."""
     while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        tmp = target.with_name(temp_name(target.name))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         if lock(fd, wait=True) and os.fstat(fd).st_nlink == 0:
             os.close(fd)

@@ -243,7 +243,7 @@ def _view(loc: HubPath, commit: str, hub: _Hub) -> Path:
                 "or unset HF_HUB_OFFLINE"
             )
         shutil.rmtree(root, ignore_errors=True)  # a view left incomplete by a crash
-        tmp = root.with_name(f".{root.name}.{secrets.token_hex(4)}.tmp")
+        tmp = root.with_name(_fs.temp_name(root.name))
         try:
             _build(tmp, name, loc, commit, hub)
             try:

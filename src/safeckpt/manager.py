@@ -29,15 +29,15 @@ from typing import Any, Literal
 import torch
 
 from . import _runtime, api
-from ._fs import fsync_dir
+from ._fs import fsync_dir, temp_pattern
 from .errors import CheckpointError
+from .formats.safeckpt_sharded import INDEX  # its presence commits a sharded directory
 from .tree import TensorRef, alias_key, map_leaves
 
 __all__ = ["Best", "CheckpointManager"]
 
 _ENTRY = re.compile(r"^step-(\d+)(\.safeckpt)?$")
-_TEMP = re.compile(r"^\.step-(\d+)\.safeckpt\.[0-9a-f]+\.tmp$")  # what `_fs.atomic_write` leaves if killed
-_INDEX = "safeckpt-index.msgpack"  # formats.safeckpt_sharded.INDEX: its presence commits a directory
+_TEMP = temp_pattern(r"step-(\d+)\.safeckpt")  # what `_fs.atomic_write` leaves if killed
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class CheckpointManager:
             if m.group(2):
                 complete = entry.is_file(follow_symlinks=False)
             else:
-                complete = entry.is_dir(follow_symlinks=False) and (path / _INDEX).is_file()
+                complete = entry.is_dir(follow_symlinks=False) and (path / INDEX).is_file()
             # the same step as a file and a directory happens only if a re-save in the other
             # layout was cut short before removing the old one: the newer is the one written last
             if complete and (step not in found or _mtime(path) > _mtime(found[step])):
@@ -399,7 +399,7 @@ class CheckpointManager:
         self._metrics.pop(path.name, None)
         if path.is_dir() and not path.is_symlink():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / _INDEX)
+                os.unlink(path / INDEX)
             from .formats.safeckpt_sharded import collect_garbage
 
             collect_garbage(path, keep="")
@@ -414,14 +414,14 @@ class CheckpointManager:
         This manager's own saves up to ``step`` are all done, so nothing here is being written."""
         removed = []
         for entry in os.scandir(self.directory):
-            m, path = _TEMP.match(entry.name), Path(entry.path)
+            m, path = _TEMP.fullmatch(entry.name), Path(entry.path)
             if m and int(m.group(1)) <= step and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     removed.append(path)
                 continue
             m = _ENTRY.match(entry.name)
-            uncommitted = m and not m.group(2) and entry.is_dir(follow_symlinks=False) and not (path / _INDEX).exists()
+            uncommitted = m and not m.group(2) and entry.is_dir(follow_symlinks=False) and not (path / INDEX).exists()
             if uncommitted and int(m.group(1)) <= step:  # type: ignore[union-attr]
                 self._delete(path)
                 removed.append(path)
@@ -513,7 +513,7 @@ def _number(x: Any, what: str) -> float:
 
 
 def _mtime(path: Path) -> int:
-    index = path / _INDEX
+    index = path / INDEX
     return (index if path.is_dir() else path).stat().st_mtime_ns
 
 
