@@ -506,13 +506,6 @@ BASE: dict[str, Handler] = _base()
 # -- the VM ----------------------------------------------------------------------------------------
 
 
-class _Mark:
-    __slots__ = ()
-
-
-_MARK = _Mark()
-
-
 def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> UnsafeCheckpointError:
     opcodes = [n for n in names if n.startswith("<")]
     real = [n for n in names if not n.startswith("<")]
