@@ -20,6 +20,7 @@ the magic itself is gone): never another exception, a hang, or a large allocatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -200,3 +201,14 @@ class FormatConformance:
                     pytest.fail(f"{label}: a truncated file opened and read without error")
             grown = psutil.Process().memory_info().rss - rss
             assert grown < 256 << 20, f"{label}: reading a truncated file grew RSS by {grown >> 20} MiB"
+
+
+def leave_process_group() -> None:
+    """End a test rank's process group together with its peers: a barrier first, so no rank tears
+    its gloo connections down while another is still using them (gloo then calls std::terminate in
+    the slower rank: SIGABRT after the test's work is done, seen on a loaded 2-core machine)."""
+    import torch.distributed as dist
+
+    with contextlib.suppress(RuntimeError):  # a peer already failed: its error is what the test reports
+        dist.barrier()
+    dist.destroy_process_group()

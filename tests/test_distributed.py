@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import safeckpt
-from conformance import assert_bits_equal
+from conformance import assert_bits_equal, leave_process_group
 from safeckpt.formats import _safetensors as st
 from safeckpt.formats import safeckpt_sharded as fmt
 from safeckpt.tree import iter_leaves, map_leaves
@@ -346,7 +346,7 @@ def worker(rank: int, world: int, scenario: str, out: str) -> None:
     finally:
         (out_dir / f"{scenario}-{rank}.json").write_text(json.dumps(r.results))
         if scenario != "killed":
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 def spawn(scenario: str, world: int, out: Path) -> list[dict[str, Any]]:

@@ -90,7 +90,7 @@ class TestTorchLegacyConformance(FormatConformance):
         data = path.read_bytes()
         cuts, pos = [0, 2, 3], 0
         for _ in range(5):
-            _, pos = _pickle._scan(data, pos, "")
+            _, pos = _pickle.scan(data, pos, "")
             cuts.append(pos)
         return [*cuts, pos + 8, len(data) - 1]
 
@@ -360,7 +360,7 @@ def test_big_endian_legacy_file(tmp_path: Path) -> None:
     data = src.read_bytes()
     ends = [0]
     for _ in range(5):
-        ends.append(_pickle._scan(data, ends[-1], "")[1])
+        ends.append(_pickle.scan(data, ends[-1], "")[1])
     parts = [data[a:b] for a, b in itertools.pairwise(ends)]
     sys_info = pickle.loads(parts[2])  # our own trusted fixture
     sys_info["little_endian"] = False

@@ -147,7 +147,7 @@ DENIED_NAMES = frozenset(
         "numpy.loads",
     }
 )
-_GLOBAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+GLOBAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 # python 2 module names written by protocol <= 2 writers (torch.save's default protocol is 2)
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _PY2_NAMES = {"builtins.xrange": "builtins.range", "builtins.unicode": "builtins.str", "builtins.long": "builtins.int"}
@@ -170,11 +170,11 @@ def _full_name(module: str, name: str) -> str:
     return _PY2_NAMES.get(full, full)
 
 
-def _allowed_by(patterns: Iterable[str]) -> Callable[[str], bool]:
+def allowed_by(patterns: Iterable[str]) -> Callable[[str], bool]:
     exact: set[str] = set()
     prefixes: list[str] = []
     for p in patterns:
-        if not isinstance(p, str) or not _GLOBAL_NAME.match(p.removesuffix(".*")):
+        if not isinstance(p, str) or not GLOBAL_NAME.match(p.removesuffix(".*")):
             raise ValueError(f"allow= takes global names like 'package.module.Class' or 'package.*', got {p!r}")
         if p.endswith(".*"):
             prefixes.append(p[:-1])
@@ -326,7 +326,7 @@ def _size(dims: Any = ()) -> torch.Size:
 _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]{1,6})?\Z")
 
 
-def _device(kind: Any, index: Any = None) -> torch.device:
+def checked_device(kind: Any, index: Any = None) -> torch.device:
     if (
         not isinstance(kind, str)
         or not _DEVICE.match(kind)
@@ -356,23 +356,23 @@ def _layout(name: Any) -> torch.layout:
 _NP_SPEC = re.compile(r"(b1|i[1248]|u[1248]|f[248]|c(8|16)|[SU][0-9]{1,9})\Z")
 
 
-class _NumpyDtype:
+class NumpyDtype:
     """A numpy dtype waiting for its BUILD state (the byte order lives there)."""
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
 
 
-def _np_dtype(spec: Any, align: Any = False, copy: Any = True) -> _NumpyDtype:
+def _np_dtype(spec: Any, align: Any = False, copy: Any = True) -> NumpyDtype:
     if not isinstance(spec, str) or not _NP_SPEC.match(spec) or type(align) is not bool or type(copy) is not bool:
         raise UnsafeCheckpointError(
             f"numpy dtype {spec!r} is not allowed (only bool, int, uint, float, complex and string dtypes; "
             "object arrays carry nested pickles)"
         )
-    return _NumpyDtype(spec)
+    return NumpyDtype(spec)
 
 
-def _np_dtype_build(obj: _NumpyDtype, state: Any) -> np.dtype:
+def _np_dtype_build(obj: NumpyDtype, state: Any) -> np.dtype:
     if not (isinstance(state, tuple) and len(state) == 8 and state[0] in (3, 4) and state[1] in ("<", ">", "|", "=")):
         raise _bad(f"numpy dtype {obj.spec!r}: unexpected state {state!r:.80}")
     _, order, subarray, names, fields, elsize, _alignment, _flags = state
@@ -385,7 +385,7 @@ def _np_dtype_build(obj: _NumpyDtype, state: Any) -> np.dtype:
 
 
 def _real_dtype(d: Any) -> np.dtype:
-    if isinstance(d, _NumpyDtype):
+    if isinstance(d, NumpyDtype):
         return np.dtype(d.spec)
     if not isinstance(d, np.dtype):
         raise _bad(f"expected a numpy dtype, got {type(d).__name__}")
@@ -463,7 +463,7 @@ def _base() -> dict[str, Handler]:
         "builtins.bytes": Handler(call=_bytes),
         "argparse.Namespace": Handler(call=_namespace, new=_namespace, build=_namespace_build),
         "torch.Size": Handler(call=_size),
-        "torch.device": Handler(call=_device),
+        "torch.device": Handler(call=checked_device),
         "torch.serialization._get_layout": Handler(call=_layout),
         "numpy.dtype": Handler(call=_np_dtype, build=_np_dtype_build),
         "numpy.ndarray": Handler(),
@@ -527,7 +527,7 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
             "saved as torch.save(model.state_dict()); or, if you trust the file, read its tensors as inert records "
             f"by passing allow={real!r} to safeckpt.open (see formats/torch.md)."
         )
-    elif any(not _GLOBAL_NAME.match(n) for n in real):
+    elif any(not GLOBAL_NAME.match(n) for n in real):
         msg += " A name that is not a dotted Python identifier cannot name a real class: the file was crafted."
     elif real and not opcodes:
         msg += (
@@ -653,7 +653,7 @@ class _VM:
         full = _full_name(module, name)
         handler = self.table.get(full)
         if handler is None:
-            if not self.allowed(full) or is_denied(full) or not _GLOBAL_NAME.match(full):
+            if not self.allowed(full) or is_denied(full) or not GLOBAL_NAME.match(full):
                 raise _refusal(self.source, [full], self.allowed)
             handler = Handler(call=lambda *a, _n=full: Inert(_n, args=a), new=lambda *a, _n=full: Inert(_n, args=a))
         return handler.value if handler.value is not _NO_VALUE else Global(full, handler)
@@ -680,7 +680,7 @@ class _VM:
         if ref.handler.build is not None:
             self.buildable[id(obj)] = (obj, ref.handler.build)
         elif isinstance(obj, Inert):
-            self.buildable[id(obj)] = (obj, _inert_build)
+            self.buildable[id(obj)] = (obj, inert_build)
         return obj
 
     def build(self) -> None:
@@ -850,7 +850,7 @@ class _VM:
 CheckpointErrorT = CorruptCheckpointError | UnsafeCheckpointError
 
 
-def _inert_build(obj: Inert, state: Any) -> Inert:
+def inert_build(obj: Inert, state: Any) -> Inert:
     obj.state = state
     return obj
 
@@ -1085,7 +1085,7 @@ _STRING_OPS = {0x58, 0x8C, 0x8D, 0x55, 0x54}
 _NAME_LIMIT = 1024  # longer strings cannot be (parts of) a global name worth resolving
 
 
-def _scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[list[str], int]:
+def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[list[str], int]:
     """Every global a pickle names (first-seen order) and where its STOP ends; builds nothing."""
     n = len(data)
     names: dict[str, None] = {}
@@ -1211,7 +1211,7 @@ def globals_in(data: bytes | bytearray | memoryview) -> list[str]:
         >>> globals_in(pickle.dumps(collections.OrderedDict(), protocol=4))
         ['collections.OrderedDict']
     """
-    return _scan(data, 0, "<pickle>")[0]
+    return scan(data, 0, "<pickle>")[0]
 
 
 def unpickle_at(
@@ -1249,13 +1249,13 @@ def load(
         >>> load(pickle.dumps(collections.OrderedDict(a=1), protocol=4), source="x.pkl")
         (OrderedDict([('a', 1)]), 52, ['collections.OrderedDict'])
     """
-    allowed = _allowed_by(allow)
+    allowed = allowed_by(allow)
     table = {**BASE, **(extra or {})}
-    names, end = _scan(data, offset, source)
+    names, end = scan(data, offset, source)
     refused = [
         n
         for n in names
-        if n not in table and (n.startswith("<") or not allowed(n) or is_denied(n) or not _GLOBAL_NAME.match(n))
+        if n not in table and (n.startswith("<") or not allowed(n) or is_denied(n) or not GLOBAL_NAME.match(n))
     ]
     if refused:
         raise _refusal(source, refused, allowed)

@@ -581,11 +581,11 @@ def _build_tree(d: _Dir, meta: Metadata, leaf: Callable[[str], Any]) -> dict[Any
 def _segment(d: _Dir, s: Storage, path: tuple[Any, ...]) -> Any:
     """The value of the ``torch.save`` archive at ``s``, read by the torch reader (restricted)."""
     mapped = d.file(s.relative_path, path_name(path))
-    reader = torch_pickle._Reader(mapped.path, mapped, source=_where(mapped.path, s))
-    obj = reader.read_zip(d.allow, start=s.offset, length=s.length)
-    d.note_archive(s, reader.archive)
-    budget = 100_000 + 4 * reader.archive.records["data.pkl"].size
-    return torch_pickle._Tree(reader, budget).convert(obj, path)
+    value, archive = torch_pickle.read_archive(
+        mapped, start=s.offset, length=s.length, allow=d.allow, source=_where(mapped.path, s), path=path
+    )
+    d.note_archive(s, archive)
+    return value
 
 
 def _chunk_tensor(d: _Dir, fqn: str, item: TensorItem, c: Chunk, s: Storage, kind: str) -> torch.Tensor:

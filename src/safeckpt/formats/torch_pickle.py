@@ -306,7 +306,7 @@ def _looks_like_pickle(head: bytes) -> bool:
     if _pickle_start(head) is None:
         return False
     try:
-        _pickle._scan(head, 0, "")
+        _pickle.scan(head, 0, "")
     except CheckpointError as e:
         return "truncated" in str(e)
     return True
@@ -414,7 +414,7 @@ class _Reader:
         if not script:
             return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
         self.info["producer"] = "torchscript"
-        extra = _script_records(_pickle._scan(data, 0, self.source)[0])
+        extra = _script_records(_pickle.scan(data, 0, self.source)[0])
         obj, end, names = _pickle.load(
             data,
             0,
@@ -597,7 +597,7 @@ def _script_records(names: Iterable[str]) -> dict[str, Handler]:
 
     def handler(name: str) -> Handler:
         return Handler(
-            call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle._inert_build
+            call=lambda *a: Inert(name, args=a), new=lambda *a: Inert(name, args=a), build=_pickle.inert_build
         )
 
     return {n: handler(n) for n in names if _SCRIPT_NAME.match(n)}
@@ -755,7 +755,7 @@ class _Tree:
                     f"{self.reader.source}: {path_name(path) or 'the root'} is the class or function {obj.name} itself, not data"
                 )
             return {"__global__": obj.name}
-        elif isinstance(obj, _pickle._NumpyDtype):
+        elif isinstance(obj, _pickle.NumpyDtype):
             return np.dtype(obj.spec)
         key = id(obj)
         if key in self.active:
@@ -863,6 +863,22 @@ def _open(path: Path, allow: Iterable[str]) -> tuple[_Reader, Any, int]:
     return reader, tree, pickle_size
 
 
+def read_archive(
+    mapped: MappedFile, *, start: int, length: int, allow: Iterable[str], source: str, path: tuple[Any, ...] = ()
+) -> tuple[Any, _zip.Archive]:
+    """A ``torch.save`` archive stored inside a larger file (DCP's byte items), read as `read` reads
+    a file: the restricted VM, tensors lazy over ``mapped``; returns the value and the archive's
+    directory (for the caller's checks). ``path`` is where the value sits in the caller's tree.
+
+    Example:
+        >>> value, archive = read_archive(mapped, start=128, length=4096, allow=(), source="shard_0.distcp")
+    """
+    reader = _Reader(mapped.path, mapped, source=source)
+    obj = reader.read_zip(allow, start=start, length=length)
+    budget = 100_000 + 4 * reader.archive.records["data.pkl"].size
+    return _Tree(reader, budget).convert(obj, path), reader.archive
+
+
 def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """Open a ``torch.save``/Lightning file: parse its structure and pickle; tensors stay on disk.
 
@@ -905,7 +921,7 @@ def globals_report(path: Path, *, allow: Iterable[str] = (), _reader: _Reader | 
     """
     names: dict[str, None] = dict.fromkeys(_reader.globals) if _reader is not None else _scan_globals(Path(path))
     table = allowed_globals()
-    admitted = _pickle._allowed_by(allow)
+    admitted = _pickle.allowed_by(allow)
     return [(n, n in table or (admitted(n) and not _pickle.is_denied(n) and not n.startswith("<"))) for n in names]
 
 
@@ -930,7 +946,7 @@ def _scan_globals(path: Path) -> dict[str, None]:
     for start, count in spans:
         pos = start
         for _ in range(count or 1):
-            found, pos = _pickle._scan(data, pos, reader.source)
+            found, pos = _pickle.scan(data, pos, reader.source)
             names.update(dict.fromkeys(n for n in found if not (script and _SCRIPT_NAME.match(n))))
             if pos >= len(data):
                 break
@@ -955,7 +971,7 @@ def verify(path: Path) -> list[str]:
         if refused:
             problems.append(f"{path}: refers to globals safeckpt does not allow: {', '.join(refused)}")
             # only names allow= takes can be fed back to read the rest as inert data
-            if any(_pickle.is_denied(n) or not _pickle._GLOBAL_NAME.match(n) for n in refused):
+            if any(_pickle.is_denied(n) or not _pickle.GLOBAL_NAME.match(n) for n in refused):
                 return problems
         reader, _ = _load(path, tuple(refused))
         if reader.info.get("container") == "zip":
@@ -984,7 +1000,18 @@ def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2) -> Path:
     return Path(os.path.realpath(os.fspath(path)))
 
 
-__all__ = ["EXTENSIONS", "FORMAT", "NAME", "allowed_globals", "globals_report", "read", "sniff", "verify", "write"]
+__all__ = [
+    "EXTENSIONS",
+    "FORMAT",
+    "NAME",
+    "allowed_globals",
+    "globals_report",
+    "read",
+    "read_archive",
+    "sniff",
+    "verify",
+    "write",
+]
 
 FORMAT = Format(
     NAME,
