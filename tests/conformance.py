@@ -212,3 +212,37 @@ def leave_process_group() -> None:
     with contextlib.suppress(RuntimeError):  # a peer already failed: its error is what the test reports
         dist.barrier()
     dist.destroy_process_group()
+
+
+# A prelude that makes `import torch` fail: the torch-free paths (headers, inspect, verify,
+# convert to safetensors) are checked by running them in a process that cannot import it.
+_NO_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked: this path must not import torch")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def run_without_torch(code: str, *args: str, cwd: Path | None = None, timeout: float = 120) -> Any:
+    """Run ``code`` in a fresh interpreter where importing torch raises ImportError; the
+    completed process (``returncode``, ``stdout``, ``stderr``). ``args`` become ``sys.argv[1:]``.
+
+    Example:
+        >>> p = run_without_torch("from safeckpt.cli import main; main(['inspect', 'm.safetensors'])")
+        >>> p.returncode
+        0
+    """
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", _NO_TORCH + code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
