@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-
-import torch
+from typing import Protocol
 
 __all__ = ["fits_int64", "nbytes", "numel"]
 
@@ -28,7 +27,14 @@ def numel(shape: Iterable[int]) -> int:
     return math.prod(shape)
 
 
-def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+class _Sized(Protocol):
+    """A ``torch.dtype`` or a torch-free `_dtypes.DType`: all a byte count needs."""
+
+    @property
+    def itemsize(self) -> int: ...
+
+
+def nbytes(dtype: _Sized, shape: Iterable[int]) -> int:
     """Bytes of data of a tensor of ``dtype`` and ``shape``.
 
     Example:

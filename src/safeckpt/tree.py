@@ -11,11 +11,11 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _shapes
+from . import _dtypes, _shapes
 from ._fs import Span
 
 __all__ = [
@@ -66,13 +66,32 @@ class AttributeDict(dict):  # type: ignore[type-arg]
         return "\n".join(f"{chr(34) + str(k) + chr(34) + ':':{width}s} {self[k]}" for k in sorted(self, key=str))
 
 
+class _Dtype:
+    """`TensorRef.dtype`: kept as the reader gave it (a torch-free `_dtypes.DType` row or a
+    ``torch.dtype``) and handed out as a ``torch.dtype``, so reading a header needs no torch and
+    a caller who asks for the dtype still gets torch's object."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> torch.dtype:
+        if obj is None:  # no class-level default: dataclass then makes it a required field
+            raise AttributeError(self.slot)
+        d = obj.__dict__[self.slot]
+        return d if not isinstance(d, _dtypes.DType) else _dtypes.to_torch(d)
+
+    def __set__(self, obj: Any, value: torch.dtype | _dtypes.DType) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True, eq=False)
 class TensorRef:
     """A tensor in a checkpoint, described without reading its bytes.
 
     Attributes:
         name: the tensor's name in its file (``model/l1.weight``, ``optimizer/state/0/exp_avg``).
-        dtype: the torch dtype it loads as.
+        dtype: the torch dtype it loads as (a reader may give a torch-free `_dtypes.DType`;
+            torch is imported when ``dtype`` is first read). `dtype_info` reads it without torch.
         shape: its shape.
         source: the file its bytes live in.
         storage: identity of the bytes it views: references with equal ``storage`` and ``view``
@@ -90,7 +109,10 @@ class TensorRef:
     """
 
     name: str
-    dtype: torch.dtype
+    if TYPE_CHECKING:
+        dtype: torch.dtype
+    else:
+        dtype: _Dtype = _Dtype()
     shape: tuple[int, ...]
     source: str
     loader: Callable[[], torch.Tensor] = field(repr=False)
@@ -99,6 +121,16 @@ class TensorRef:
     requires_grad: bool = False
     parameter: bool = False
     span: Span | None = field(default=None, repr=False)
+
+    @property
+    def dtype_info(self) -> _dtypes.DType:
+        """The dtype as a torch-free row of `_dtypes` (name, itemsize, safetensors code).
+
+        Example:
+            >>> ref.dtype_info.name, ref.dtype_info.code
+            ('float32', 'F32')
+        """
+        return _dtypes.of(self.__dict__["_dtype"])
 
     @property
     def numel(self) -> int:
@@ -118,7 +150,7 @@ class TensorRef:
             >>> ref.dtype, ref.nbytes
             (torch.float32, 512)
         """
-        return _shapes.nbytes(self.dtype, self.shape)
+        return _shapes.nbytes(self.dtype_info, self.shape)
 
     @property
     def alias_key(self) -> Hashable:
@@ -131,7 +163,7 @@ class TensorRef:
         """
         if self.storage is None:
             return id(self)
-        return (self.storage, self.view, self.dtype, self.shape)
+        return (self.storage, self.view, self.dtype_info.name, self.shape)
 
     def load(self, device: str | torch.device | None = None) -> torch.Tensor:
         """Read the tensor and check it is what was declared.
@@ -150,7 +182,7 @@ class TensorRef:
         return wrap(self, data(self, as_device(device)))
 
     def __repr__(self) -> str:
-        return f"TensorRef({self.name!r}, {str(self.dtype).removeprefix('torch.')}, {list(self.shape)})"
+        return f"TensorRef({self.name!r}, {self.dtype_info.name}, {list(self.shape)})"
 
 
 def is_container(obj: Any) -> bool:
