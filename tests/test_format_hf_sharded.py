@@ -390,10 +390,10 @@ def run_until_crash(k: int, action: Callable[[], None]) -> int:
                 (st, "write"),
                 (st, "write_all"),
                 (hf, "_write_index"),
-                (hf, "_place"),
+                (hf, "link_or_copy"),
                 (os, "link"),
                 (os, "replace"),
-                (Path, "unlink"),
+                (os, "unlink"),
             ):
                 setattr(owner, name, crashing(getattr(owner, name)))
             action()

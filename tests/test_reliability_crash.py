@@ -64,8 +64,8 @@ ZYGOTE = STATES + textwrap.dedent(
     """
     import json, os, sys, time, traceback
     import safeckpt
-    from safeckpt import _fs
-    from safeckpt.formats import _safetensors, safeckpt_sharded
+    from safeckpt import _fs, _storage
+    from safeckpt.formats import _safetensors
 
     STATES = {w: make_state(w) for w in "AB"}
 
@@ -73,7 +73,7 @@ ZYGOTE = STATES + textwrap.dedent(
         marker, hook, nth = cmd["marker"], cmd.get("hook"), cmd.get("nth", 0)
         replaced, calls = [], {}
         real_replace, real_fsync, real_write_all = os.replace, os.fsync, _fs.write_all
-        real_fsync_dir, real_gc = _fs.fsync_dir, safeckpt_sharded.collect_garbage
+        real_fsync_dir, real_gc = _storage.fsync_dir, _storage.Layout.collect_garbage
 
         def stop(where):
             with open(marker + ".part", "w") as f:
@@ -108,14 +108,14 @@ ZYGOTE = STATES + textwrap.dedent(
                 stop("fsync_dir")
             real_fsync_dir(d)
 
-        def collect_garbage(root, keep):
+        def collect_garbage(layout, root, keep):
             if hit("collect_garbage"):
                 stop("collect_garbage")
-            return real_gc(root, keep)
+            return real_gc(layout, root, keep)
 
-        _safetensors.write_all = safeckpt_sharded.write_all = write_all
-        os.fsync, os.replace, _fs.fsync_dir = fsync, replace, fsync_dir
-        safeckpt_sharded.collect_garbage = collect_garbage
+        _safetensors.write_all = _storage.write_all = write_all
+        os.fsync, os.replace, _storage.fsync_dir = fsync, replace, fsync_dir
+        _storage.Layout.collect_garbage = collect_garbage
         with open(marker + ".ready", "w"):
             pass
         t = time.perf_counter()
@@ -331,9 +331,10 @@ def test_sigkill_at_every_phase_and_at_random_instants(
         else:
             # at most one dead generation (the last killed save's) besides the committed one, whose
             # lock file stays if the save was killed after its commit
-            gens = {m.group("gen") for n in left if (m := (sharded._OURS.match(n) or sharded._LOCK.match(n)))}
+            owners = [sharded.LAYOUT.generation_of(n) for n in left]
+            gens = {gen for ours, gen in owners if ours} | {m["gen"] for n in left if (m := sharded.LOCK.match(n))}
             assert len(gens - {None, sharded.read_index(path)["generation"]}) <= 1 and all(
-                sharded._OURS.match(n) or sharded._LOCK.match(n) for n in left
+                ours or sharded.LOCK.match(n) for n, (ours, _) in zip(left, owners)
             ), left
         return got
 
@@ -412,7 +413,7 @@ def test_a_killed_first_save_leaves_no_checkpoint_and_nothing_that_passes_for_on
 
 
 def test_the_next_save_removes_dead_temporaries_and_never_a_live_one(tmp_path: Path) -> None:
-    from safeckpt._fs import atomic_write
+    from safeckpt._storage import atomic_write
 
     path = tmp_path / "run.safeckpt"
     dead = tmp_path / f".{path.name}.0badc0de.tmp"

@@ -25,8 +25,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import struct
 import tempfile
 import threading
@@ -39,7 +37,7 @@ from urllib.parse import unquote
 import torch
 from torch import nn
 
-from . import _fs
+from . import _fs, _storage
 from .errors import CorruptCheckpointError, HubAuthError, HubError, HubNotFoundError
 
 __all__ = ["HubPath", "parse_uri", "pull_from_hub", "push_to_hub", "resolve"]
@@ -242,17 +240,9 @@ def _view(loc: HubPath, commit: str, hub: _Hub) -> Path:
                 f"{loc}: not in the local cache ({hub.cache}) and HF_HUB_OFFLINE=1; load or pull it once online, "
                 "or unset HF_HUB_OFFLINE"
             )
-        shutil.rmtree(root, ignore_errors=True)  # a view left incomplete by a crash
-        tmp = root.with_name(_fs.temp_name(root.name))
-        try:
+        # replaces a view left incomplete by a crash; another process's complete one wins
+        with _storage.new_directory(root, lambda built: (built / MANIFEST).is_file()) as tmp:
             _build(tmp, name, loc, commit, hub)
-            try:
-                os.replace(tmp, root)
-            except OSError:
-                if not (root / MANIFEST).is_file():
-                    raise  # else another process built the same view first: use theirs
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         _register(root, loc, commit, hub)
         return root / name
 
@@ -292,7 +282,7 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
         if repo_path.endswith(LAZY_SUFFIXES) and size and not cached.exists():
             header = _probe(loc, repo_path, commit, size, hub)
         if header is None:
-            _link(Path(_download(loc, repo_path, commit, hub)), local)
+            _storage.link_or_copy(_download(loc, repo_path, commit, hub), local)
             continue
         with open(local, "wb") as f:  # sparse: the header, then a hole up to the real size
             f.write(header)
@@ -342,7 +332,7 @@ def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) 
                             f"{where}: the downloaded file's header differs from the one read before ({real}); "
                             "delete it from the cache and load again"
                         )
-                _link(real, local)
+                _storage.link_or_copy(real, local)
             _fs.REMOTE.pop(os.path.realpath(local), None)
             return local
 
@@ -360,16 +350,6 @@ def _download(loc: HubPath, repo_path: str, commit: str, hub: _Hub) -> str:
         token=hub.token,
         local_files_only=hub.offline,
     )
-
-
-def _link(real: Path, local: Path) -> None:
-    """Put the cached file ``real`` at ``local`` atomically: a hard link (a copy across devices)."""
-    tmp = local.with_name(f".{local.name}.{secrets.token_hex(4)}.link")
-    try:
-        os.link(os.path.realpath(real), tmp)
-    except OSError:
-        shutil.copyfile(real, tmp)
-    os.replace(tmp, local)
 
 
 def _probe(loc: HubPath, repo_path: str, commit: str, size: int, hub: _Hub) -> bytes | None:

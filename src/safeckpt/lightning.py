@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import codec, user_types
+from . import _storage, codec, user_types
 from .api import load, save
 from .tree import map_leaves
 
@@ -134,11 +133,7 @@ class SafeCheckpointIO(CheckpointIO):
         Example:
             >>> SafeCheckpointIO().remove_checkpoint("ckpts/epoch=0-step=4.ckpt")
         """
-        local = _local(path)
-        if local.is_dir() and not local.is_symlink():
-            shutil.rmtree(local)
-        elif local.exists() or local.is_symlink():
-            local.unlink()
+        _storage.remove_tree(_local(path), missing_ok=True)
 
 
 def _local(path: str | os.PathLike[str]) -> Path:

@@ -19,7 +19,6 @@ import copy
 import numbers
 import operator
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,15 +28,17 @@ from typing import Any, Literal
 import torch
 
 from . import _runtime, api
-from ._fs import fsync_dir, temp_pattern
+from ._storage import Template, fsync_dir, remove
 from .errors import CheckpointError
-from .formats.safeckpt_sharded import INDEX  # its presence commits a sharded directory
+from .formats.safeckpt_sharded import INDEX, LAYOUT  # the index's presence commits a sharded directory
 from .tree import TensorRef, alias_key, map_leaves
 
 __all__ = ["Best", "CheckpointManager"]
 
-_ENTRY = re.compile(r"^step-(\d+)(\.safeckpt)?$")
-_TEMP = temp_pattern(r"step-(\d+)\.safeckpt")  # what `_fs.atomic_write` leaves if killed
+# nine digits sort by name up to a billion steps; more still parse and sort numerically
+STEP_FILE = Template("step-{step:09d}.safeckpt", step=r"\d+")
+STEP_DIR = Template("step-{step:09d}", step=r"\d+")
+_TEMP = STEP_FILE.temporary()  # what `_storage.atomic_write` leaves if killed
 
 
 @dataclass(frozen=True)
@@ -187,11 +188,11 @@ class CheckpointManager:
         except FileNotFoundError:
             return found
         for entry in scan:
-            m = _ENTRY.match(entry.name)
+            m = STEP_FILE.match(entry.name) or STEP_DIR.match(entry.name)
             if m is None:
                 continue
-            step, path = int(m.group(1)), Path(entry.path)
-            if m.group(2):
+            step, path = int(m["step"]), Path(entry.path)
+            if m.re is STEP_FILE.pattern:
                 complete = entry.is_file(follow_symlinks=False)
             else:
                 complete = entry.is_dir(follow_symlinks=False) and (path / INDEX).is_file()
@@ -398,31 +399,23 @@ class CheckpointManager:
         directory then."""
         self._metrics.pop(path.name, None)
         if path.is_dir() and not path.is_symlink():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / INDEX)
-            from .formats.safeckpt_sharded import collect_garbage
-
-            collect_garbage(path, keep="")
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
+            LAYOUT.delete(path)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            remove(path)
 
     def _leftovers(self, step: int) -> list[Path]:
         """What killed saves of steps up to ``step`` left: temporaries and uncommitted directories.
         This manager's own saves up to ``step`` are all done, so nothing here is being written."""
         removed = []
         for entry in os.scandir(self.directory):
-            m, path = _TEMP.fullmatch(entry.name), Path(entry.path)
-            if m and int(m.group(1)) <= step and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            m, path = _TEMP.match(entry.name), Path(entry.path)
+            if m and int(m["step"]) <= step and entry.is_file(follow_symlinks=False):
+                if remove(path):
                     removed.append(path)
                 continue
-            m = _ENTRY.match(entry.name)
-            uncommitted = m and not m.group(2) and entry.is_dir(follow_symlinks=False) and not (path / INDEX).exists()
-            if uncommitted and int(m.group(1)) <= step:  # type: ignore[union-attr]
+            m = STEP_DIR.match(entry.name)
+            uncommitted = m and entry.is_dir(follow_symlinks=False) and not (path / INDEX).exists()
+            if uncommitted and int(m["step"]) <= step:  # type: ignore[index]
                 self._delete(path)
                 removed.append(path)
         return removed
@@ -500,8 +493,7 @@ def _rank() -> int:
 
 
 def _name(step: int, directory: bool) -> str:
-    # nine digits sort by name up to a billion steps; more still parse and sort numerically
-    return f"step-{step:09d}" if directory else f"step-{step:09d}.safeckpt"
+    return (STEP_DIR if directory else STEP_FILE).format(step=step)
 
 
 def _number(x: Any, what: str) -> float:

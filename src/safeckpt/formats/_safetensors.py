@@ -20,7 +20,8 @@ from typing import Any, BinaryIO
 import torch
 
 from .. import _shapes
-from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_bytes, write_all
+from .._fs import MappedFile, Span, checksum, copy_span, tensor_bytes, write_all
+from .._storage import atomic_write
 from ..errors import CorruptCheckpointError
 
 MAX_HEADER = 100_000_000

@@ -26,7 +26,8 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .. import _shapes
-from .._fs import CHUNK, MappedFile, atomic_write, fsync_dir, member_problem, write_all
+from .._fs import MappedFile, member_problem
+from .._storage import Template, link_or_copy, remove, remove_names, write_bytes
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
 from ..tree import Checkpoint
@@ -43,7 +44,9 @@ PREFERRED = {
     ".safetensors.index.json": "model.safetensors.index.json",
     ".bin.index.json": "pytorch_model.bin.index.json",
 }
-SHARD = re.compile(r".*-\d{5}-of-\d{5}\.safetensors")
+# the `{suffix}` of a shard's name in ``filename_pattern`` ("model{suffix}.safetensors")
+SUFFIX = Template("-{part:05d}-of-{parts:05d}", part=r"\d{5}", parts=r"\d{5}")
+SHARD = re.compile(".*" + SUFFIX.pattern.pattern + r"\.safetensors")
 # The single pickled weights files transformers (< 5), peft and diffusers write; read only when the
 # directory has no safetensors file, the order their loaders prefer.
 PICKLED_SINGLES = ("pytorch_model.bin", "adapter_model.bin", "diffusion_pytorch_model.bin")
@@ -339,7 +342,7 @@ def write(
     plan = stf.plan(ckpt, directory)
     groups = split(plan.items, limit)
     n = len(groups)
-    final = [base] if n == 1 else [filename_pattern.format(suffix=f"-{i:05d}-of-{n:05d}") for i in range(1, n + 1)]
+    final = [base] if n == 1 else [filename_pattern.format(suffix=SUFFIX.format(part=i, parts=n)) for i in range(1, n + 1)]
     index = directory / (base + ".index.json")
     live = _live_files(index)
     extra = stf.carried_metadata(ckpt.metadata, plan)
@@ -352,7 +355,7 @@ def write(
             pre_index = _index_old_single(index, directory / base)
             live = {base} if pre_index else live
         for name, items in zip(final, groups, strict=True):
-            target = name if name not in live else f".{name.removesuffix('.safetensors')}.{token}.safetensors"
+            target = name if name not in live else STAGING.format(stem=name.removesuffix(".safetensors"), token=token)
             kept = {it.name for it in items}
             meta = {"format": "pt", **(extra if n == 1 else {}), **{d: k for d, k in plan.aliases.items() if k in kept}}
             st.write(directory / target, items, meta, checksum_key=st.KEY_CRC)
@@ -365,24 +368,18 @@ def write(
             committed = True
             for tmp, name in zip(on_disk, final, strict=True):
                 if tmp != name:
-                    _place(directory / tmp, directory / name)
+                    link_or_copy(directory / tmp, directory / name)
         if n > 1 or index.exists():  # one file replacing a sharded set: an index names it until the old set is gone
             _write_index(index, index_meta, _weight_map(groups, final))
         committed = True
     except BaseException:
         if not committed:
-            for name in on_disk:
-                if name not in live:
-                    (directory / name).unlink(missing_ok=True)
+            remove_names(directory, [name for name in on_disk if name not in live])
             if pre_index:
-                index.unlink(missing_ok=True)
+                remove(index)
         raise
     old = live | {base} | set(on_disk) | {m.group(0) for m in map(_staging(base).fullmatch, os.listdir(directory)) if m}
-    for name in old - set(final):
-        (directory / name).unlink(missing_ok=True)
-    if n == 1 and index.exists():
-        index.unlink()  # the single file stands alone now
-    fsync_dir(directory)
+    remove_names(directory, sorted(old - set(final)) + ([index.name] if n == 1 and index.exists() else []))
     return directory
 
 
@@ -423,9 +420,14 @@ def _live_files(index: Path) -> set[str]:
     return {s for s in weight_map.values() if s and "/" not in s and "\\" not in s and s not in (".", "..")}
 
 
+# a new shard written beside an old one of the same name until the new index names it
+STAGING = Template(".{stem}.{token}.safetensors", stem=".+", token="[0-9a-f]{8}")
+
+
 def _staging(base: str) -> re.Pattern[str]:
-    stem = re.escape(base.removesuffix(".safetensors"))
-    return re.compile(rf"\.{stem}(-\d{{5}}-of-\d{{5}})?\.[0-9a-f]{{8}}\.safetensors")
+    """The staging names of every shard ``base`` (the pattern's ``{suffix}`` empty) can have."""
+    stem = re.escape(base.removesuffix(".safetensors")) + f"(?:{SUFFIX.pattern.pattern})?"
+    return Template(STAGING.text, **{**STAGING.fields, "stem": stem}).pattern
 
 
 def _weight_map(groups: list[list[st.Item]], names: list[str]) -> dict[str, str]:
@@ -433,10 +435,7 @@ def _weight_map(groups: list[list[st.Item]], names: list[str]) -> dict[str, str]
 
 
 def _write_index(index: Path, metadata: dict[str, Any], weight_map: dict[str, str]) -> None:
-    with atomic_write(index) as f:
-        write_all(
-            f, json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, ensure_ascii=False).encode()
-        )
+    write_bytes(index, json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, ensure_ascii=False).encode())
 
 
 def _index_old_single(index: Path, single: Path) -> bool:
@@ -449,19 +448,6 @@ def _index_old_single(index: Path, single: Path) -> bool:
     _write_index(index, {"total_size": total}, {name: single.name for name in sorted(header.entries)})
     return True
 
-
-def _place(src: Path, dst: Path) -> None:
-    """Make ``dst`` hold ``src``'s bytes atomically while ``src`` stays (a hard link, else a copy)."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.link")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        with open(src, "rb") as s, atomic_write(dst) as f:
-            while piece := s.read(CHUNK):
-                write_all(f, piece)
-        return
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
 
 FORMAT = Format(
     NAME,

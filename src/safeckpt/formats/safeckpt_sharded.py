@@ -14,8 +14,6 @@ import contextlib
 import functools
 import mmap
 import os
-import re
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,8 @@ import msgpack
 import torch
 
 from .. import _shapes, codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
+from .._fs import MappedFile, checksum, member_problem
+from .._storage import GENERATION, Generation, Layout, Template, literal, naming, target_dir
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, iter_leaves, unique_name
@@ -42,14 +41,11 @@ KEY_GENERATION = "safeckpt.generation"
 # the index's last key: the CRC-32 of the whole index file with this value read as "00000000"
 KEY_INDEX_CRC = "crc32"
 _CRC_TAIL = b"\xa5crc32\xa8"  # msgpack fixstr "crc32", then the fixstr header of 8 hex digits
-# Files a save may leave behind: shards (and their temporaries) of any generation, index temporaries.
-_OURS = re.compile(
-    r"^\.?shard-(?P<gen>[0-9a-f]{8,64})-\d{5}-\d{5}\.safetensors(\.[0-9a-f]+\.tmp)?$|^\."
-    + re.escape(INDEX)
-    + r"\.[0-9a-f]+\.tmp$"
-)
-# A save in progress holds a lock on this file (removed when it ends); a killed save's is left unlocked.
-_LOCK = re.compile(r"^\.safeckpt-(?P<gen>[0-9a-f]{8,64})\.lock$")
+# The names a save gives its files: shards of its generation (their temporaries and the index's
+# are `Template.temporary()`), and the file a save in progress holds locked (a killed save's is
+# left unlocked). Generations, commit and sweep: `_storage.Layout`.
+SHARD = Template("shard-{gen}-{rank:05d}-{part:05d}.safetensors", gen=GENERATION, rank=r"\d{5}", part=r"\d{5}")
+LOCK = Template(".safeckpt-{gen}.lock", gen=GENERATION)
 _DTYPES = {str(d).removeprefix("torch."): d for d in [*st.CODES, *st.AS_REAL]}
 
 
@@ -61,21 +57,14 @@ def sniff(head: bytes, path: Path) -> bool:
         if (path / INDEX).is_file():
             return True
         with contextlib.suppress(OSError):
-            return any(_OURS.match(e.name) and e.name[0] != "." for e in os.scandir(path))
+            return any(SHARD.match(e.name) for e in os.scandir(path))
         return False
     return path.name == INDEX and NAME.encode() in head[:64]
 
 
-def new_generation() -> str:
-    """A fresh generation id (48 random bits, hex) naming one save's shards."""
-    return secrets.token_hex(6)
-
-
-class Live:
-    """A fresh generation for a save into ``root``, marked in progress until `release` (or the
-    process's death) by a lock held on ``.safeckpt-<generation>.lock``: another save's cleanup
-    never deletes the files of a generation still being written. What killed saves left (dead
-    generations other than the committed one) is removed first, so their space is free again.
+class Live(Generation):
+    """A fresh generation for a save into ``root``, in progress until `release` (see
+    `_storage.Generation`).
 
     Example:
         >>> with Live(root) as generation:
@@ -83,59 +72,12 @@ class Live:
     """
 
     def __init__(self, root: Path) -> None:
-        sweep(root)
-        while True:
-            self.generation = new_generation()
-            self._path = root / f".safeckpt-{self.generation}.lock"
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            self._file = os.fdopen(fd, "rb+", buffering=0)  # closed (so unlocked) when collected, at the latest
-            # a cleanup that found the file unlocked just before the lock was taken may have removed it
-            if not (lock(fd, wait=True) and os.fstat(fd).st_nlink == 0):
-                return
-            self._file.close()
-
-    def release(self) -> None:
-        """The save is over (committed or failed): its generation is an ordinary one from now on."""
-        if not self._file.closed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
-            self._file.close()
-
-    def __enter__(self) -> str:
-        return self.generation
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-
-def sweep(root: Path) -> list[Path]:
-    """Remove the files of dead generations other than the committed one (none if the index is
-    unreadable: a damaged checkpoint's shards are not ours to judge)."""
-    with _committing(root):
-        try:
-            keep = read_index(root)["generation"]
-        except CorruptCheckpointError:
-            if os.path.lexists(root / INDEX):
-                return []
-            keep = ""
-        return collect_garbage(root, keep)
-
-
-@contextlib.contextmanager
-def _committing(root: Path) -> Iterator[None]:
-    """Hold the directory's lock: one save at a time writes the index and collects garbage, so a
-    cleanup never deletes the generation another save has just committed."""
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        lock(fd, wait=True)  # where directories cannot be locked (some network filesystems): go on unlocked
-        yield
-    finally:
-        os.close(fd)
+        super().__init__(root, LAYOUT)
 
 
 def shard_name(generation: str, rank: int, part: int) -> str:
     """The file name of ``part`` of the shards ``rank`` writes in save ``generation``."""
-    return f"shard-{generation}-{rank:05d}-{part:05d}.safetensors"
+    return SHARD.format(gen=generation, rank=rank, part=part)
 
 
 def chunk_key(name: str, offsets: tuple[int, ...], sizes: tuple[int, ...], shape: tuple[int, ...]) -> str:
@@ -182,7 +124,7 @@ class _Shard:
         return self._mapped
 
     def _missing(self) -> CorruptCheckpointError:
-        m, now = _OURS.match(self.path.name), None
+        m, now = SHARD.match(self.path.name), None
         with contextlib.suppress(CorruptCheckpointError, OSError):
             now = read_index(self.path.parent)["generation"]
         if m and now and now != m.group("gen"):
@@ -440,17 +382,6 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def target_dir(path: Path) -> Path:
-    """The directory a save to ``path`` writes (created, parents too); a file there is refused."""
-    root = Path(os.path.realpath(os.fspath(path)))
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(
-            f"{path} is a file; a sharded checkpoint is a directory: pick another path, or remove the file"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 @dataclass
 class Piece:
     """A chunk to write: tensor ``name``'s box at ``offsets`` of ``sizes``, and how to get its values."""
@@ -540,18 +471,7 @@ def commit(
     }
     packed = msgpack.packb(index, use_bin_type=True)
     packed = packed[:-8] + f"{checksum(packed):08x}".encode()
-    with _committing(root):
-        for rec in file_records:  # a concurrent save's cleanup must not have taken them (see `Live`)
-            size = os.stat(root / rec["name"]).st_size if (root / rec["name"]).is_file() else None
-            if size != rec["size"]:
-                raise CorruptCheckpointError(
-                    f"{root / rec['name']}: this save's shard is gone or changed before the commit (another "
-                    "process cleaning the directory?); nothing was committed, the previous checkpoint is untouched"
-                )
-        with atomic_write(root / INDEX) as f:
-            write_all(f, packed)
-        collect_garbage(root, keep=generation)
-    return root
+    return LAYOUT.commit(root, generation, packed, {rec["name"]: rec["size"] for rec in file_records})
 
 
 def _refuse(ok: bool, what: str) -> None:
@@ -559,27 +479,6 @@ def _refuse(ok: bool, what: str) -> None:
         raise RuntimeError(
             f"safeckpt cannot index this save: {what}; please report it (the previous checkpoint is untouched)"
         )
-
-
-def collect_garbage(root: Path, keep: str) -> list[Path]:
-    """Delete shards (and leftover temporaries) of every generation but ``keep`` and those a save
-    in progress holds (`Live`); other files stay."""
-    removed = []
-    live: dict[str, bool] = {}
-    for entry in os.scandir(root):
-        m = _OURS.match(entry.name) or _LOCK.match(entry.name)
-        gen = m.group("gen") if m else None
-        if m and gen is None and is_held(Path(entry.path)):
-            continue  # an index temporary a concurrent save is writing (only without directory locks)
-        if gen is not None and gen != keep and gen not in live:
-            live[gen] = is_held(root / f".safeckpt-{gen}.lock") is True
-        if m and gen != keep and not live.get(gen or "") and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    if removed:
-        fsync_dir(root)
-    return removed
 
 
 def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = None) -> Path:
@@ -607,26 +506,12 @@ def write(ckpt: Checkpoint, path: Path, *, max_shard_size: int | str | None = No
                 written = [(p.name, frec, crec) for p, frec, crec in write_shards(root, generation, 0, pieces, limit)]
                 return commit(root, generation, written, declared, skeleton, ckpt.metadata)
             except BaseException:
-                discard(root, generation)
+                LAYOUT.discard(root, generation)
                 raise
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise
         raise naming(e, root, "checkpoint") from e
-
-
-def discard(root: Path, generation: str) -> None:
-    """After a failed save: remove its own files (their space is often what it lacked), unless
-    its index made it in before the failure."""
-    with contextlib.suppress(CorruptCheckpointError, OSError):
-        if read_index(root)["generation"] == generation:
-            return
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(root):
-            m = _OURS.match(entry.name)
-            if m and m.group("gen") == generation:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
 
 
 def _split(name: str, x: torch.Tensor | TensorRef, limit: int | None) -> list[Piece]:
@@ -724,6 +609,8 @@ def index_problems(root: Path) -> list[str]:
             "(restore it, or re-save)"
         ]
     return []
+
+LAYOUT = Layout(literal(INDEX), SHARD, LOCK, committed=lambda root: read_index(root)["generation"])
 
 FORMAT = Format(
     NAME, EXTENSIONS, "any", sniff=sniff, read=read, write=write, write_options=frozenset({"max_shard_size"}), verify=verify

@@ -29,7 +29,8 @@ import torch
 
 from .. import sparse
 from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
-from .._fs import MappedFile, Span, atomic_write
+from .._fs import MappedFile, Span
+from .._storage import atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
 from . import Format, _omegaconf, _pickle, _zip
