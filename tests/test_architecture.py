@@ -142,3 +142,86 @@ def test_the_checks_see_a_cycle_and_a_private_name() -> None:
     lazy = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert resolve("safeckpt.hub", False, lazy[0].level, lazy[0].module) == "safeckpt"
     assert "safeckpt.api" in known
+
+
+# -- one module creates, renames and deletes files ---------------------------------------------------
+
+_OS_MOVES = {"replace", "rename", "renames", "unlink", "remove", "rmdir", "removedirs", "link", "symlink", "truncate"}
+_SHUTIL_MOVES = {"rmtree", "move", "copy", "copy2", "copyfile", "copytree"}
+_PATH_MOVES = {"unlink", "rename", "rmdir", "symlink_to", "hardlink_to", "touch", "write_text", "write_bytes"}
+_STORAGE = "safeckpt/_storage.py"
+# (file, function) -> why it may write a file that is not a checkpoint file, outside `_storage`
+ALLOWED_WRITERS = {
+    ("safeckpt/hub.py", "_commit"): "the Hub cache's refs/<revision> file, laid out as huggingface_hub's own cache",
+    ("safeckpt/hub.py", "_build"): "placeholders and the manifest of a Hub view, inside the temporary directory "
+    "`_storage.new_directory` renames into place whole",
+}
+
+
+def _is_write_mode(node: ast.expr | None) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and any(c in node.value for c in "wxa+")
+
+
+def _mentions(node: ast.AST, names: set[str]) -> bool:
+    return any(
+        (isinstance(n, ast.Attribute) and n.attr in names) or (isinstance(n, ast.Name) and n.id in names)
+        for n in ast.walk(node)
+    )
+
+
+def file_moves(tree: ast.AST) -> Iterator[tuple[int, str, str]]:
+    """``(line, enclosing function, call)`` for every call that creates, renames or deletes a file."""
+    stack: list[tuple[ast.AST, str]] = [(tree, "<module>")]
+    while stack:
+        node, func = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            func = node.name
+        stack.extend((child, func) for child in ast.iter_child_nodes(node))
+        if not isinstance(node, ast.Call):
+            continue
+        f, what = node.func, None
+        mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+        if isinstance(f, ast.Name) and f.id == "open" and _is_write_mode(mode):
+            what = "open(..., write mode)"
+        elif isinstance(f, ast.Attribute):
+            owner = f.value.id if isinstance(f.value, ast.Name) else None
+            if owner == "os" and f.attr in _OS_MOVES:
+                what = f"os.{f.attr}"
+            elif owner == "os" and f.attr == "open" and len(node.args) > 1 and _mentions(node.args[1], {"O_CREAT", "O_TRUNC"}):
+                what = "os.open(O_CREAT)"
+            elif owner == "shutil" and f.attr in _SHUTIL_MOVES:
+                what = f"shutil.{f.attr}"
+            elif owner not in ("os", "shutil") and f.attr in _PATH_MOVES:
+                what = f".{f.attr}()"
+            elif f.attr == "replace" and len(node.args) == 1 and not node.keywords:  # Path.replace; str.replace takes two
+                what = ".replace()"
+            elif f.attr == "open" and owner != "os" and _is_write_mode(node.args[0] if node.args else mode):
+                what = ".open(write mode)"
+        if what:
+            yield node.lineno, func, what
+
+
+def test_only_storage_creates_renames_or_deletes_files() -> None:
+    found = []
+    for path in modules().values():
+        rel = path.relative_to(SRC.parent).as_posix()
+        if rel == _STORAGE:
+            continue
+        for line, func, what in file_moves(ast.parse(path.read_text(), str(path))):
+            if (rel, func) not in ALLOWED_WRITERS:
+                found.append(f"{rel}:{line} in {func}(): {what}")
+    assert not found, "files created, renamed or deleted outside _storage:\n" + "\n".join(sorted(found))
+
+
+def test_the_file_move_scan_sees_each_kind() -> None:
+    src = (
+        "import os, shutil\nfrom pathlib import Path\n"
+        "def f(p, q, t):\n"
+        "    os.replace(p, q); os.unlink(p); shutil.rmtree(p); Path(p).unlink(); Path(p).rename(q)\n"
+        "    Path(p).replace(q); p.symlink_to(q); p.hardlink_to(q); p.rmdir(); os.link(p, q)\n"
+        "    os.open(p, os.O_WRONLY | os.O_CREAT); open(p, 'wb'); open(p, mode='x'); p.open('w')\n"
+        "    t.replace('a', 'b'); open(p); open(p, 'rb'); os.open(p, os.O_RDONLY); p.read_text()\n"
+    )
+    kinds = [what for _, func, what in file_moves(ast.parse(src)) if func == "f"]
+    assert len(kinds) == 14, kinds
+    assert {"os.open(O_CREAT)", "open(..., write mode)", ".replace()", ".open(write mode)"} <= set(kinds)
