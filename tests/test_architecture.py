@@ -187,13 +187,20 @@ def file_moves(tree: ast.AST) -> Iterator[tuple[int, str, str]]:
             owner = f.value.id if isinstance(f.value, ast.Name) else None
             if owner == "os" and f.attr in _OS_MOVES:
                 what = f"os.{f.attr}"
-            elif owner == "os" and f.attr == "open" and len(node.args) > 1 and _mentions(node.args[1], {"O_CREAT", "O_TRUNC"}):
+            elif (
+                owner == "os"
+                and f.attr == "open"
+                and len(node.args) > 1
+                and _mentions(node.args[1], {"O_CREAT", "O_TRUNC"})
+            ):
                 what = "os.open(O_CREAT)"
             elif owner == "shutil" and f.attr in _SHUTIL_MOVES:
                 what = f"shutil.{f.attr}"
             elif owner not in ("os", "shutil") and f.attr in _PATH_MOVES:
                 what = f".{f.attr}()"
-            elif f.attr == "replace" and len(node.args) == 1 and not node.keywords:  # Path.replace; str.replace takes two
+            elif (
+                f.attr == "replace" and len(node.args) == 1 and not node.keywords
+            ):  # Path.replace; str.replace takes two
                 what = ".replace()"
             elif f.attr == "open" and owner != "os" and _is_write_mode(node.args[0] if node.args else mode):
                 what = ".open(write mode)"

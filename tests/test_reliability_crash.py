@@ -334,7 +334,7 @@ def test_sigkill_at_every_phase_and_at_random_instants(
             owners = [sharded.LAYOUT.generation_of(n) for n in left]
             gens = {gen for ours, gen in owners if ours} | {m["gen"] for n in left if (m := sharded.LOCK.match(n))}
             assert len(gens - {None, sharded.read_index(path)["generation"]}) <= 1 and all(
-                ours or sharded.LOCK.match(n) for n, (ours, _) in zip(left, owners)
+                ours or sharded.LOCK.match(n) for n, (ours, _) in zip(left, owners, strict=True)
             ), left
         return got
 

@@ -124,9 +124,7 @@ def target_dir(path: str | os.PathLike[str], what: str = "a sharded checkpoint")
     """The directory a save to ``path`` writes (created, parents too); a file there is refused."""
     root = Path(os.path.realpath(os.fspath(path)))
     if root.exists() and not root.is_dir():
-        raise FileExistsError(
-            f"{path} is a file; {what} is a directory: pick another path, or remove the file"
-        )
+        raise FileExistsError(f"{path} is a file; {what} is a directory: pick another path, or remove the file")
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -342,7 +342,9 @@ def write(
     plan = stf.plan(ckpt, directory)
     groups = split(plan.items, limit)
     n = len(groups)
-    final = [base] if n == 1 else [filename_pattern.format(suffix=SUFFIX.format(part=i, parts=n)) for i in range(1, n + 1)]
+    final = (
+        [base] if n == 1 else [filename_pattern.format(suffix=SUFFIX.format(part=i, parts=n)) for i in range(1, n + 1)]
+    )
     index = directory / (base + ".index.json")
     live = _live_files(index)
     extra = stf.carried_metadata(ckpt.metadata, plan)
@@ -435,7 +437,9 @@ def _weight_map(groups: list[list[st.Item]], names: list[str]) -> dict[str, str]
 
 
 def _write_index(index: Path, metadata: dict[str, Any], weight_map: dict[str, str]) -> None:
-    write_bytes(index, json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, ensure_ascii=False).encode())
+    write_bytes(
+        index, json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, ensure_ascii=False).encode()
+    )
 
 
 def _index_old_single(index: Path, single: Path) -> bool:

@@ -610,6 +610,7 @@ def index_problems(root: Path) -> list[str]:
         ]
     return []
 
+
 LAYOUT = Layout(literal(INDEX), SHARD, LOCK, committed=lambda root: read_index(root)["generation"])
 
 FORMAT = Format(
