@@ -676,7 +676,7 @@ def test_cli_push_and_pull_take_hf_arguments(hub: Hub, tmp_path: Path, capsys: p
     )
     assert code == 0 and not list((tmp_path / "none").rglob("*.safeckpt")), err
     code, out, err = run("pull", f"{repo}-nope", "--json")
-    assert code == 2 and set(json.loads(out)) == {"error", "path", "hint"} and "not found" in json.loads(out)["error"]
+    assert code == 2 and set(json.loads(out)) == {"error", "path", "hint", "key"} and "not found" in json.loads(out)["error"]
 
 
 def test_folder_view_skips_subfolders_and_other_formats_copies(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:

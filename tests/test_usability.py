@@ -231,7 +231,7 @@ def test_json_errors_are_one_object_on_stdout(tmp_path: Path, capsys: pytest.Cap
         assert plain_code == json_code == code, (args, plain_err)
         assert plain_out == "" and err.strip() == plain_err.strip(), args  # stderr keeps its one line
         report = json.loads(out)  # one object, nothing else on stdout
-        assert set(report) == {"error", "path", "hint"} and report["error"], (args, report)
+        assert set(report) == {"error", "path", "hint", "key"} and report["error"], (args, report)
         assert report["path"] == path, (args, report)
         assert f"{report['error']}; {report['hint']}" in err or report["error"] in err, (args, report, err)
     _, out, _ = main(capsys, "inspect", missing, "--json")

@@ -362,7 +362,10 @@ def checked(ref: TensorRef) -> torch.Tensor:
     if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
         raise CorruptCheckpointError(
             f"{ref.source}: tensor {ref.name!r} declared {ref.dtype} {list(ref.shape)} "
-            f"but reads as {t.dtype} {list(t.shape)}; the file is damaged"
+            f"but reads as {t.dtype} {list(t.shape)}; the file is damaged",
+            path=ref.source,
+            key=ref.name,
+            hint="the file is damaged",
         )
     return t.detach()
 

@@ -155,7 +155,7 @@ def run_pull(args: argparse.Namespace) -> int:
             repo_id, filename=filename, allow_patterns=args.include, ignore_patterns=args.exclude, **options
         )
     except HubNotFoundError as e:
-        if filename is None or f"no file {filename!r}" not in str(e):
+        if filename is None or e.key != filename:  # not "no such file": no folder of that name either
             raise
         folder = filename  # an hf:// path may name a folder: pull what is under it
         path = (

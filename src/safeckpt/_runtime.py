@@ -72,7 +72,7 @@ def verify(ckpt: Checkpoint | Path) -> None:
     path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
     problems = fmt.verify(path) if fmt.verify is not None else []
     if problems:
-        raise CorruptCheckpointError("; ".join(problems))
+        raise CorruptCheckpointError("; ".join(problems), path=path, hint="restore the file from a copy or re-save it")
 
 
 def across_ranks(state: Any, format: str | None = None) -> bool:

@@ -522,7 +522,9 @@ def _verify_source(ckpt: Checkpoint) -> None:
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(
             f"{e}; the source fails its own checksums, so nothing was written: converting it would carry the damage "
-            "into a file with new, matching checksums"
+            "into a file with new, matching checksums",
+            path=e.path,
+            hint=e.hint,
         ) from None
 
 

@@ -884,18 +884,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _print_error_json(error: str, path: str | None, hint: str | None) -> None:
+def _print_error_json(error: str, path: str | None, hint: str | None, key: str | None = None) -> None:
     """An error as the one JSON object a ``--json`` caller parses from stdout."""
-    print(json.dumps({"error": error, "path": path, "hint": hint}, ensure_ascii=False), flush=True)
+    print(json.dumps({"error": error, "path": path, "hint": hint, "key": key}, ensure_ascii=False), flush=True)
 
 
-def _error_fields(e: BaseException, line: str) -> tuple[str, str | None, str | None]:
-    """(error, path, hint) of an error line from `_fix`: the hint is what follows its first '; '."""
+def _error_fields(e: BaseException, line: str) -> tuple[str, str | None, str | None, str | None]:
+    """(error, path, hint, key) of an error line from `_fix`: the hint is what follows its first
+    '; '; the path as the command was given it, else the error's own; the key the error names."""
     path = getattr(e, "safeckpt_path", None)
+    if path is None and isinstance(e, CheckpointError):
+        path = e.path
     if path is None and isinstance(e, OSError) and e.filename is not None:
         path = e.filename
     error, _, hint = line.partition("; ")
-    return error, None if path is None else str(path), hint or None
+    key = e.key if isinstance(e, CheckpointError) else None
+    return error, None if path is None else str(path), hint or None, key
 
 
 def _global_flags() -> _Parser:
@@ -955,7 +959,7 @@ def _fix(e: BaseException) -> str:
         msg += "; check the path"
     elif isinstance(e, PermissionError):
         msg += "; check its permissions, or choose another path"
-    elif isinstance(e, IsADirectoryError) and "give" not in msg:
+    elif isinstance(e, IsADirectoryError) and e.errno is not None:  # the OS's; safeckpt's own says the fix
         msg += "; give a checkpoint file, not a directory"
     elif isinstance(e, UnknownFormatError):
         is_dir = where is not None and Path(str(where)).is_dir()
@@ -966,16 +970,29 @@ def _fix(e: BaseException) -> str:
         )
     elif isinstance(e, UnsafeCheckpointError):
         msg += "; run `safeckpt verify` on it to list every global it refers to"
-    elif isinstance(e, CorruptCheckpointError) and "damaged" not in msg:
+    elif isinstance(e, CorruptCheckpointError) and e.hint is None:  # else the message says the fix already
         msg += "; the file is damaged: fetch or save it again"
     elif isinstance(e, ImportError):
         extra = {"huggingface_hub": "hub", "lightning": "lightning"}.get((e.name or "").split(".")[0])
         msg += f"; install it: pip install 'safeckpt[{extra}]'" if extra else "; install the missing package"
     elif not isinstance(e, (Usage, Found, CheckpointError, OSError, ValueError, TypeError, KeyError, RuntimeError)):
         msg = f"unexpected {type(e).__name__}: {msg}; re-run with --debug and report it"
-    if where is not None and str(where) not in msg:
+    if where is not None and not _names_its_file(e):
         msg = f"{where}: {msg}"
     return msg
+
+
+def _names_its_file(e: BaseException) -> bool:
+    """Whether ``e``'s message already names the file: safeckpt's own errors about a file do (its
+    rule: every CheckpointError, and the ValueError/TypeError/KeyError/RuntimeError it raises),
+    an OSError names its ``filename`` (`_fix` spells it so); another library's error does not."""
+    if isinstance(e, CheckpointError) or (isinstance(e, OSError) and e.filename is not None):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raiser = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return isinstance(e, (ValueError, TypeError, KeyError, RuntimeError)) and raiser.split(".")[0] == "safeckpt"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

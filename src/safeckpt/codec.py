@@ -146,7 +146,7 @@ def _pack(obj: Any) -> bytes:
 def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> Any:
     """Turn a value into msgpack natives and ExtTypes, checking every type on the way."""
     if depth > MAX_DEPTH:
-        raise TypeError(f"{where(path)} is nested more than {MAX_DEPTH} levels deep; flatten it before saving")
+        raise Refused(path, f" is nested more than {MAX_DEPTH} levels deep; flatten it before saving")
     cls = type(obj)
     if obj is None or cls in (bool, str, bytes, float) or (cls is int and _INT64_MIN <= obj <= _UINT64_MAX):
         return obj
@@ -157,16 +157,37 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
     # exact classes first: none of them is a tensor, so the matched rows' order is kept
     row = _BY_CLASS.get(cls) or next((r for r in _MATCHED if r.match is not None and r.match(obj)), None)
     if row is None or row.encode is None:
-        raise Unstorable(f"{where(path)} is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
+        raise Unstorable(path, f" is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
     return _ext(row.code, row.encode(obj, path, tensor_name, depth))
 
 
-class Unstorable(TypeError):
+class Refused(TypeError):
+    """The refusal of the value at tree path ``key`` (a tuple of keys); the message is
+    ``where(key)`` followed by ``detail``, so a caller can name the place in its own words.
+
+    Example:
+        >>> e = Refused(("hparams", "cb"), " is nested too deep")
+        >>> str(e), where(e.key, "checkpoint") + e.detail
+        ("state['hparams']['cb'] is nested too deep", "checkpoint['hparams']['cb'] is nested too deep")
+    """
+
+    def __init__(self, key: tuple[Any, ...], detail: str) -> None:
+        super().__init__(where(key) + detail)
+        self.key, self.detail = key, detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.key, self.detail)
+
+
+class Unstorable(Refused):
     """The refusal of a value whose type the codec does not store; ``cls`` is that type."""
 
-    def __init__(self, message: str, cls: type) -> None:
-        super().__init__(message)
+    def __init__(self, key: tuple[Any, ...], detail: str, cls: type) -> None:
+        super().__init__(key, detail)
         self.cls = cls
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.key, self.detail, self.cls)
 
 
 def unstorable_fix(cls: type) -> str:
@@ -199,7 +220,7 @@ def _prepare_map(obj: dict[Any, Any], path: tuple[Any, ...], tensor_name: Any, d
 
 def _np_dtype_str(dtype: np.dtype, path: tuple[Any, ...]) -> str:
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufcSUmM":
-        raise TypeError(f"{where(path)} is a numpy value of dtype {dtype}; only plain numeric numpy data can be stored")
+        raise Refused(path, f" is a numpy value of dtype {dtype}; only plain numeric numpy data can be stored")
     return dtype.str
 
 
@@ -218,7 +239,7 @@ def _enc_sparse(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -
     from . import sparse
 
     if tensor_name is None:
-        raise TypeError(f"{where(path)} is a sparse tensor where only plain values may appear")
+        raise Refused(path, " is a sparse tensor where only plain values may appear")
     layout, size, comps, coalesced = sparse.parts(obj)
     names = sparse.COMPONENTS[layout]
     refs = [_ext(Ext.TENSOR, tensor_name((*path, n), c)) for n, c in zip(names, comps, strict=True)]
@@ -530,9 +551,10 @@ def _bytes(value: Any) -> bytes:
 def _enc_bigint(obj: int, path: tuple[Any, ...], *_: Any) -> bytes:
     n = (obj.bit_length() + 8) // 8
     if n > MAX_INT_BYTES:  # refused at save as at load: it could not even be printed
-        raise TypeError(
-            f"{where(path)} is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
-            "(about 4300 decimal digits, the most Python prints); store it as bytes or a string"
+        raise Refused(
+            path,
+            f" is an int of {n} bytes; safeckpt stores ints up to {MAX_INT_BYTES} bytes "
+            "(about 4300 decimal digits, the most Python prints); store it as bytes or a string",
         )
     return obj.to_bytes(n, "big", signed=True)
 
@@ -553,8 +575,9 @@ def _enc_ordered(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) 
 
 def _enc_tensor(obj: Any, path: tuple[Any, ...], tensor_name: Any, _: int) -> Any:
     if tensor_name is None:
-        raise TypeError(
-            f"{where(path)} is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict"
+        raise Refused(
+            path,
+            " is a tensor where only plain values may appear (a dict key, set member or Namespace attribute); use a dict",
         )
     return tensor_name(path, obj)
 
@@ -567,7 +590,7 @@ def _enc_user(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> 
     try:
         data = entry.to_data(obj)
     except Exception as e:
-        raise TypeError(f"{where(path)}: to_data of registered type {entry.name!r} failed: {e}") from e
+        raise Refused(path, f": to_data of registered type {entry.name!r} failed: {e}") from e
     return [entry.name, _prepare(data, path, tensor_name, depth + 1)]
 
 

@@ -421,7 +421,7 @@ def _errors(
             f"{what}: {filename or repo_id} is not in the local cache ({hub.cache}) and {why}; {fix}"
         ) from None
     except errors.EntryNotFoundError:
-        raise HubNotFoundError(f"{what}: no file {filename!r} in {repo_id} at revision {rev!r}") from None
+        raise HubNotFoundError(f"{what}: no file {filename!r} in {repo_id} at revision {rev!r}", key=filename) from None
     except errors.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         said = _one_line(getattr(e, "server_message", None) or str(e).splitlines()[0])

@@ -158,9 +158,8 @@ _HINTS = {
 
 def _unstorable(error: TypeError, checkpoint: dict[str, Any], path: object) -> TypeError:
     """The codec's refusal, spelled for a Lightning user: the checkpoint path and what to change."""
-    message = str(error)
-    if message.startswith("state["):
-        message = "checkpoint[" + message.removeprefix("state[")
+    # the place in the checkpoint as the user indexes it, not the codec's name for it ("state[...]")
+    message = codec.where(error.key, "checkpoint") + error.detail if isinstance(error, codec.Refused) else str(error)
     top = _first_refused(checkpoint)
     if top is None:
         return TypeError(f"{path}: {message}")

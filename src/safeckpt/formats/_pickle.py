@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .._budget import MAX_INT_BYTES, HashFloodError, KeyGuard, collidable
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict
 
 __all__ = [
@@ -1094,8 +1094,8 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
     memo: dict[int, Any] = {}
     table, unpack_from = _SCAN, struct.unpack_from
 
-    def err(what: str, at: int) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{source}: malformed pickle at byte {at}: {what}")
+    def err(what: str, at: int, kind: type[CorruptCheckpointError] = CorruptCheckpointError) -> CorruptCheckpointError:
+        return kind(f"{source}: malformed pickle at byte {at}: {what}")
 
     def text(v: Any) -> str | None:
         if isinstance(v, tuple):
@@ -1111,11 +1111,11 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
             if k >= 0:
                 return bytes(data[start : i + k]), i + k + 1
             i, step = j, min(step * 2, 1 << 20)
-        raise err("a text opcode's line has no end (truncated)", at)
+        raise err("a text opcode's line has no end (truncated)", at, TruncatedCheckpointError)
 
     while True:
         if pos >= n:
-            raise err("no STOP opcode (truncated)", pos)
+            raise err("no STOP opcode (truncated)", pos, TruncatedCheckpointError)
         at = pos
         op = data[pos]
         pos += 1
@@ -1129,7 +1129,7 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
         try:
             if kind == 1:
                 if pos + arg > n:
-                    raise err("truncated argument", at)
+                    raise err("truncated argument", at, TruncatedCheckpointError)
                 if op == 0x71 or op == 0x72:
                     memo[data[pos] if op == 0x71 else unpack_from("<I", data, pos)[0]] = stack[-1] if stack else None
                 elif op == 0x68 or op == 0x6A:
@@ -1141,11 +1141,15 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
             elif kind == 2:
                 fmt, size = arg
                 if pos + size > n:
-                    raise err("truncated length", at)
+                    raise err("truncated length", at, TruncatedCheckpointError)
                 (k,) = unpack_from(fmt, data, pos)
                 pos += size
                 if k < 0 or k > n - pos:
-                    raise err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos)
+                    raise err(
+                        f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)",
+                        pos,
+                        TruncatedCheckpointError,
+                    )
                 if op in _STRING_OPS and k <= _NAME_LIMIT:
                     value = (pos, k)
                 pos += k

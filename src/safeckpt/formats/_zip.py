@@ -120,8 +120,8 @@ def parse(
     if start < 0 or end > len(view) or end - start < _EOCD_SIZE + _LOCAL_SIZE:
         raise CorruptCheckpointError(f"{source}: too short to be a zip archive ({max(0, end - start)} bytes)")
 
-    def err(what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{source}: not a valid torch zip archive: {what}")
+    def err(what: str, hint: str | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: not a valid torch zip archive: {what}", hint=hint)
 
     if bytes(view[start : start + 4]) != LOCAL:
         raise err("it does not start with a local file header (PK\\x03\\x04)")
@@ -194,7 +194,7 @@ def parse(
     cd_end = cd_offset + cd_size
     for index in range(n_total):
         if pos + _CENTRAL_SIZE > cd_end or bytes(view[start + pos : start + pos + 4]) != CENTRAL:
-            raise err(f"central directory entry {index} is damaged")
+            raise err(f"central directory entry {index} is damaged", hint="the file is damaged")
         (flags, method, crc, csize, usize, name_len, extra_len, comment_len, disk_start, local_at) = _u(
             "<2xxxHH4xIIIHHHH6xI", view, start + pos + 4
         )

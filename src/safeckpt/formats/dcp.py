@@ -368,8 +368,8 @@ class _Dir:
         self._archives: dict[tuple[str, int], _zip.Archive] = {}
         self._blobs: dict[tuple[str, int], tuple[st.Header, dict[str, Any]]] = {}
 
-    def bad(self, what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{self.meta_file}: {what}")
+    def bad(self, what: str, hint: str | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.meta_file}: {what}", path=self.meta_file, hint=hint)
 
     def file(self, name: str, fqn: str) -> MappedFile:
         """The data file ``name`` refers to: a plain file name inside the directory, nothing else."""
@@ -384,7 +384,8 @@ class _Dir:
             ):
                 raise self.bad(
                     f"the storage entry of {fqn!r} points to {name!r}, which is not a file name inside the checkpoint "
-                    "directory; safeckpt reads only files next to .metadata (the file was crafted or damaged)"
+                    "directory; safeckpt reads only files next to .metadata (the file was crafted or damaged)",
+                    hint="the file was crafted or damaged",
                 )
             target = self.path / name
             if member_problem(self.path, name) is not None:  # the rule every directory format shares
@@ -414,7 +415,8 @@ class _Dir:
             return "safetensors"
         raise self.bad(
             f"byte {offset} of {name} starts neither a torch.save archive nor a safetensors blob "
-            f"({head[:8].hex() or 'end of file'}); the file is damaged or the metadata is wrong"
+            f"({head[:8].hex() or 'end of file'}); the file is damaged or the metadata is wrong",
+            hint="the file is damaged or the metadata is wrong",
         )
 
     def blob(self, s: Storage) -> tuple[st.Header, dict[str, Any]]:

@@ -233,12 +233,18 @@ def read_index(root: Path) -> dict[str, Any]:
         ) from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, RecursionError) as e:
         raise CorruptCheckpointError(
-            f"{path}: the index is not valid msgpack ({codec.error_detail(e)}); the file is damaged"
+            f"{path}: the index is not valid msgpack ({codec.error_detail(e)}); the file is damaged",
+            path=path,
+            hint="the file is damaged",
         ) from None
 
     def need(ok: bool, what: str) -> None:
         if not ok:
-            raise CorruptCheckpointError(f"{path}: invalid index: {what}; the file is damaged (restore it, or re-save)")
+            raise CorruptCheckpointError(
+                f"{path}: invalid index: {what}; the file is damaged (restore it, or re-save)",
+                path=path,
+                hint="the file is damaged (restore it, or re-save)",
+            )
 
     need(isinstance(index, dict) and index.get("format") == NAME, f"not a {NAME} index")
     version = index.get("version")

@@ -31,7 +31,7 @@ from .. import sparse
 from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span
 from .._storage import atomic_write
-from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
 from . import Format, _omegaconf, _pickle, _zip
 from ._pickle import Global, Handler, Inert
@@ -308,8 +308,10 @@ def _looks_like_pickle(head: bytes) -> bool:
         return False
     try:
         _pickle.scan(head, 0, "")
-    except CheckpointError as e:
-        return "truncated" in str(e)
+    except TruncatedCheckpointError:
+        return True  # the head ran out first: a pickle longer than the head
+    except CheckpointError:
+        return False
     return True
 
 
