@@ -762,3 +762,31 @@ def test_a_listing_that_escapes_the_folder_is_refused(
     with pytest.raises(HubError, match="refusing to write it"):
         safeckpt.open(f"hf://{repo}/weights")
     assert not list(Path(os.environ["HF_HOME"]).rglob("escaped.json"))
+
+
+def test_pull_of_a_folder_decides_by_the_error_key_not_its_text(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`safeckpt pull hf://repo/folder` first asks for a file of that name; the Hub's "no such file"
+    carries the file as ``key``, and that (not the message's words) makes it pull the folder."""
+    from safeckpt import cli as safeckpt_cli
+
+    repo = hub.repo()
+    hubmod.push_to_hub(safeckpt.save(tmp_path / "a.safeckpt", train_state(1)), repo, path_in_repo="runs/a.safeckpt")
+    with pytest.raises(HubNotFoundError) as info:
+        hubmod.pull_from_hub(repo, filename="runs", cache_dir=tmp_path / "c0")
+    assert info.value.key == "runs"
+    real = hubmod.pull_from_hub
+
+    def reworded(*args: Any, **kwargs: Any) -> Path:
+        try:
+            return real(*args, **kwargs)
+        except HubNotFoundError as e:  # the same error in other words: the decision must not change
+            raise HubNotFoundError("the Hub has nothing by that name", key=e.key) from None
+
+    monkeypatch.setattr(hubmod, "pull_from_hub", reworded)
+    capsys.readouterr()
+    code = safeckpt_cli.main(["pull", f"hf://{repo}/runs", "--cache-dir", str(tmp_path / "c1")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert safeckpt.load(Path(out.strip()) / "a.safeckpt")["step"] == 1
