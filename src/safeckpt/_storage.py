@@ -71,9 +71,19 @@ class Template:
         """The fields of ``name`` if this template gives it (a whole-name match), else None."""
         return self.pattern.fullmatch(name)
 
+    def where(self, **fields: str) -> Template:
+        """This template with some fields' patterns narrowed (the names it gives are the same).
+
+        Example:
+            >>> TEMPORARY.where(name=re.escape("a.bin")).match(".a.bin.0badcafe.tmp") is not None
+            True
+        """
+        return Template(self.text, **{**self.fields, **fields})
+
     def temporary(self) -> Template:
         """The names `temp_name` gives the temporaries of this template's files."""
-        return Template("." + self.text + ".{token}.tmp", **self.fields, token="[0-9a-f]{8}")
+        text = TEMPORARY.text.replace("{name}", self.text, 1)
+        return Template(text, **self.fields, token=TEMPORARY.fields["token"])
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"
@@ -84,6 +94,11 @@ def literal(name: str) -> Template:
     return Template(name.replace("{", "{{").replace("}", "}}"))
 
 
+# a file being written (`atomic_write`), and a hard link about to be renamed over a file (`link_or_copy`)
+TEMPORARY = Template(".{name}.{token}.tmp", name=".+", token="[0-9a-f]{8}")
+LINK = Template(".{name}.{token}.link", name=".+", token="[0-9a-f]{8}")
+
+
 def temp_name(name: str) -> str:
     """A fresh name for a temporary of the file ``name`` (what `atomic_write` creates beside it).
 
@@ -91,7 +106,7 @@ def temp_name(name: str) -> str:
         >>> temp_name("step-7.safeckpt")
         '.step-7.safeckpt.3fa9c2d1.tmp'
     """
-    return f".{name}.{secrets.token_hex(4)}.tmp"
+    return TEMPORARY.format(name=name, token=secrets.token_hex(4))
 
 
 def temp_pattern(name_regex: str) -> re.Pattern[str]:
@@ -102,7 +117,7 @@ def temp_pattern(name_regex: str) -> re.Pattern[str]:
         >>> bool(temp_pattern(re.escape("step-7.safeckpt")).fullmatch(temp_name("step-7.safeckpt")))
         True
     """
-    return Template(".{name}.{token}.tmp", name=name_regex, token="[0-9a-f]{8}").pattern
+    return TEMPORARY.where(name=name_regex).pattern
 
 
 # -- one file ---------------------------------------------------------------------------------------
@@ -326,7 +341,7 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         >>> link_or_copy("cache/blobs/3f2a", "view/model.safetensors")
     """
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.link")
+    tmp = dst.with_name(LINK.format(name=dst.name, token=secrets.token_hex(4)))
     try:
         os.link(os.path.realpath(src), tmp)
     except OSError:

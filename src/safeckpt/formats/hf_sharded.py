@@ -429,7 +429,7 @@ STAGING = Template(".{stem}.{token}.safetensors", stem=".+", token="[0-9a-f]{8}"
 def _staging(base: str) -> re.Pattern[str]:
     """The staging names of every shard ``base`` (the pattern's ``{suffix}`` empty) can have."""
     stem = re.escape(base.removesuffix(".safetensors")) + f"(?:{SUFFIX.pattern.pattern})?"
-    return Template(STAGING.text, **{**STAGING.fields, "stem": stem}).pattern
+    return STAGING.where(stem=stem).pattern
 
 
 def _weight_map(groups: list[list[st.Item]], names: list[str]) -> dict[str, str]:
