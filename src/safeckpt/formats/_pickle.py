@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from .. import _dtypes, _torch_values
 from .._budget import MAX_INT_BYTES, HashFloodError, KeyGuard, collidable
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict
@@ -317,39 +317,27 @@ def _path(cls: type[pathlib.PurePath]) -> Callable[..., pathlib.PurePath]:
     return make
 
 
-def _size(dims: Any = ()) -> torch.Size:
+def _size(dims: Any = ()) -> Any:
     if not isinstance(dims, (tuple, list)) or not all(type(d) is int and d >= 0 for d in dims):
         raise _bad(f"torch.Size() takes non-negative ints, got {dims!r}")
-    return torch.Size(dims)
+    return _torch_values.real(_torch_values.Size(dims))
 
 
-_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]{1,6})?\Z")
+def _device(kind: Any, index: Any = None) -> Any:
+    return _torch_values.real(_torch_values.device(kind, index))
 
 
-def checked_device(kind: Any, index: Any = None) -> torch.device:
-    if (
-        not isinstance(kind, str)
-        or not _DEVICE.match(kind)
-        or not (index is None or (type(index) is int and 0 <= index < 1 << 20))
-    ):
-        raise _bad(f"torch.device({kind!r}, {index!r}) is not a device")
-    try:
-        return torch.device(kind) if index is None else torch.device(kind, index)
-    except RuntimeError as e:
-        raise _bad(f"torch.device({kind!r}): {e}") from None
-
-
-_LAYOUTS = {
-    f"torch.{n}": getattr(torch, n)
+checked_device = _torch_values.checked_device  # codec's name for it
+_LAYOUTS = frozenset(
+    f"torch.{n}"
     for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged")
-    if hasattr(torch, n)
-}
+)
 
 
-def _layout(name: Any) -> torch.layout:
+def _layout(name: Any) -> Any:
     if name not in _LAYOUTS:
-        raise _bad(f"unknown torch layout {name!r}")
-    return _LAYOUTS[name]
+        raise _bad(f"unknown torch layout {name!r:.40}")
+    return _torch_values.real(_torch_values.Layout(name.removeprefix("torch.")))
 
 
 # numpy: plain numeric and string data only; object and structured dtypes never.
@@ -440,15 +428,8 @@ def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     return _array(tuple(shape) if isinstance(shape, (list, tuple)) else shape, _real_dtype(dtype), order == "F", buf)
 
 
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    names = """float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex128 complex64 complex32
-    uint16 uint32 uint64 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2
-    qint8 quint8 qint32 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2 bits8 bits16
-    float double half long int short cfloat cdouble chalf""".split()  # noqa: SIM905
-    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
-
-
-TORCH_DTYPES = _torch_dtypes()
+# torch.float32 & co. (and torch's other spellings: torch.double...), pushed as values
+DTYPE_GLOBALS: dict[str, _dtypes.DType] = {f"torch.{name}": _dtypes.by_name(name) for name in _dtypes.names()}
 
 
 def _base() -> dict[str, Handler]:
@@ -463,7 +444,7 @@ def _base() -> dict[str, Handler]:
         "builtins.bytes": Handler(call=_bytes),
         "argparse.Namespace": Handler(call=_namespace, new=_namespace, build=_namespace_build),
         "torch.Size": Handler(call=_size),
-        "torch.device": Handler(call=checked_device),
+        "torch.device": Handler(call=_device),
         "torch.serialization._get_layout": Handler(call=_layout),
         "numpy.dtype": Handler(call=_np_dtype, build=_np_dtype_build),
         "numpy.ndarray": Handler(),
@@ -495,8 +476,8 @@ def _base() -> dict[str, Handler]:
         "safeckpt.tree",
     ):
         table[f"{mod}.AttributeDict"] = Handler(call=_attribute_dict, new=_attribute_dict, build=_empty_build)
-    for name, dtype in TORCH_DTYPES.items():
-        table[f"torch.{name}"] = Handler(value=dtype)
+    for name, dtype in DTYPE_GLOBALS.items():
+        table[name] = Handler(value=dtype)
     return table
 
 
@@ -656,7 +637,7 @@ class _VM:
             if not self.allowed(full) or is_denied(full) or not GLOBAL_NAME.match(full):
                 raise _refusal(self.source, [full], self.allowed)
             handler = Handler(call=lambda *a, _n=full: Inert(_n, args=a), new=lambda *a, _n=full: Inert(_n, args=a))
-        return handler.value if handler.value is not _NO_VALUE else Global(full, handler)
+        return _torch_values.real(handler.value) if handler.value is not _NO_VALUE else Global(full, handler)
 
     def invoke(self, ref: Any, fn: str, args: Any) -> Any:
         if not isinstance(ref, Global):

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointEr
 from ..tree import Checkpoint, TensorRef, path_name
 from . import Format, _zip, torch_pickle
 from . import _safetensors as st
-from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
+from ._pickle import BASE, DTYPE_GLOBALS, Handler, globals_in, unpickle
 from ._tiling import tiling_error
 
 NAME = "dcp"
@@ -318,7 +318,7 @@ HANDLERS: dict[str, Handler] = {
 # exactly what .metadata may name: the DCP dataclasses, torch.Size, layouts, dtypes, a pathlib path
 META_GLOBALS = frozenset(
     [*HANDLERS, "torch.Size", "torch.serialization._get_layout"]
-    + [f"torch.{n}" for n in TORCH_DTYPES]
+    + list(DTYPE_GLOBALS)
     + [n for n in BASE if n.startswith("pathlib.")]
 )
 

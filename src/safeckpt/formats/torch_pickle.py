@@ -22,18 +22,20 @@ from argparse import Namespace
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .. import sparse
+from .. import _dtypes, _torch_values, sparse
 from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span, atomic_write
 from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
 from . import Format, _omegaconf, _pickle, _zip
 from ._pickle import Global, Handler, Inert
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "torch"
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
@@ -54,7 +56,7 @@ _MAGIC_BYTES = LEGACY_MAGIC.to_bytes(10, "little")
 class StorageType:
     """``torch.FloatStorage`` & co. as a value: the element type (``None``: untyped bytes)."""
 
-    dtype: torch.dtype | None
+    dtype: _dtypes.DType | None
 
 
 @dataclass(eq=False)
@@ -62,7 +64,7 @@ class Storage:
     """One storage record: ``numel`` elements of ``dtype`` at absolute file ``offset``."""
 
     key: str
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     numel: int
     location: str
     offset: int = -1
@@ -81,7 +83,7 @@ class TensorSpec:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     requires_grad: bool = False
     parameter: bool = False
     conj: bool = False
@@ -99,7 +101,14 @@ def _dims(x: Any, what: str) -> tuple[int, ...]:
 
 
 def _tensor(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype, requires_grad: Any, hooks: Any, metadata: Any
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    dtype: _dtypes.DType,
+    requires_grad: Any,
+    hooks: Any,
+    metadata: Any,
 ) -> TensorSpec:
     if not isinstance(storage, Storage):
         raise _bad(f"a tensor is rebuilt from a {type(storage).__name__}, not from one of the file's storages")
@@ -124,8 +133,8 @@ def _tensor(
         ):
             raise _bad(f"unknown tensor metadata {metadata!r:.80}")
         conj, neg = metadata.get("conj", False), metadata.get("neg", False)
-    if storage.dtype != dtype and storage.dtype != torch.uint8:
-        raise _bad(f"a {dtype} tensor over a {storage.dtype} storage")
+    if storage.dtype is not dtype and storage.dtype is not _UINT8:
+        raise _bad(f"a torch.{dtype.name} tensor over a torch.{storage.dtype.name} storage")
     available = storage.nbytes // dtype.itemsize
     if all(size):
         extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) + 1
@@ -138,12 +147,14 @@ def _tensor(
     return TensorSpec(storage, offset, size, stride, dtype, requires_grad, False, conj, neg)
 
 
-_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_UINT8 = _dtypes.BY_NAME["uint8"]
+_QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
 
 
-def _check_grad(requires_grad: bool, dtype: torch.dtype) -> None:
-    if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-        raise _bad(f"a {dtype} tensor cannot require gradients (only floating point and complex ones can)")
+def _check_grad(requires_grad: bool, dtype: _dtypes.DType) -> None:
+    # torch's is_floating_point / is_complex, by name
+    if requires_grad and not dtype.name.startswith(("float", "bfloat", "complex")):
+        raise _bad(f"a torch.{dtype.name} tensor cannot require gradients (only floating point and complex ones can)")
 
 
 def _rebuild_v2(
@@ -163,10 +174,11 @@ def _rebuild_v2(
 def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, metadata: Any = None
 ) -> TensorSpec:
-    if not isinstance(dtype, torch.dtype) or dtype in _QUANTIZED:
+    row = _dtypes.of(dtype) if _torch_values.is_a(dtype, "dtype") else None
+    if row is None or row.name in _QUANTIZED:
         # torch writes quantized tensors with _rebuild_qtensor (refused): a bare quantized dtype has no quantizer
         raise _bad(f"_rebuild_tensor_v3 needs a plain dtype, got {dtype!r}")
-    return _tensor(storage, offset, size, stride, dtype, requires_grad, hooks, metadata)
+    return _tensor(storage, offset, size, stride, row, requires_grad, hooks, metadata)
 
 
 def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorSpec:
@@ -202,20 +214,6 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Te
     return spec
 
 
-_STORAGE_NAMES = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "BFloat16Storage": torch.bfloat16,
-    "ComplexDoubleStorage": torch.complex128,
-    "ComplexFloatStorage": torch.complex64,
-}
 _REBUILDERS = {
     "torch._utils._rebuild_tensor": _rebuild_v1,
     "torch._utils._rebuild_tensor_v2": _rebuild_v2,
@@ -233,17 +231,10 @@ class SparseSpec:
     coalesced: bool | None
 
 
-def _get_layout(name: Any) -> torch.layout:
-    layouts = {f"torch.{k}": v for k, v in sparse.LAYOUTS.items()} | {"torch.strided": torch.strided}
-    if name not in layouts:
-        raise _bad(f"unknown tensor layout {name!r:.40}")
-    return layouts[name]
-
-
 def _rebuild_sparse(layout: Any, data: Any) -> SparseSpec:
     """torch's ``_rebuild_sparse_tensor(layout, data)``: recorded, built only when loaded (with
     torch's invariant checks)."""
-    if not isinstance(layout, torch.layout) or not isinstance(data, tuple):
+    if not _torch_values.is_a(layout, "layout") or not isinstance(data, tuple):
         raise _bad("_rebuild_sparse_tensor takes a sparse layout and a tuple")
     name = sparse.layout_name(layout)
     if name == "sparse_coo":
@@ -268,11 +259,11 @@ def _torch_table() -> dict[str, Handler]:
     table["torch.Tensor"] = Handler()
     table["torch.nn.parameter.Parameter"] = Handler()
     for mod in ("torch", "torch.cuda"):
-        for name, dtype in _STORAGE_NAMES.items():
-            table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
+        for name, dtype in _dtypes.BY_STORAGE.items():
+            if not name.startswith("Q"):  # torch pickles quantized tensors with _rebuild_qtensor (refused)
+                table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
     table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
     table["torch._utils._rebuild_sparse_tensor"] = Handler(call=_rebuild_sparse)
-    table["torch.serialization._get_layout"] = Handler(call=_get_layout)
     table.update(_omegaconf.handlers())  # Hydra configs in Lightning hyper_parameters, as plain data
     return table
 
@@ -392,7 +383,7 @@ class _Reader:
                 raise _bad(f"bad storage persistent id {pid!r:.100}")
             if not isinstance(key, str) or not re.fullmatch(r"[0-9]{1,20}", key):
                 raise _bad(f"bad storage key {key!r:.40}")
-            dtype = stype.dtype or torch.uint8
+            dtype = stype.dtype or _UINT8
             known = self.storages.get(key)
             if known is not None:
                 if (known.dtype, known.numel) != (dtype, numel):
@@ -404,7 +395,7 @@ class _Reader:
             storage = Storage(key, dtype, numel, location, record.offset, record.crc32 or None)
             if storage.nbytes != record.size:
                 raise _bad(
-                    f"storage {key}: declared {storage.nbytes} bytes ({numel} x {dtype}), the record has {record.size}"
+                    f"storage {key}: declared {storage.nbytes} bytes ({numel} x torch.{dtype.name}), the record has {record.size}"
                 )
             self.storages[key] = storage
             return storage
@@ -509,7 +500,7 @@ class _Reader:
                 raise _bad(
                     f"storage {key} is a legacy storage view (PyTorch < 1.0); load and re-save it with an old PyTorch"
                 )
-            dtype = stype.dtype or torch.uint8
+            dtype = stype.dtype or _UINT8
             known = self.storages.setdefault(key, Storage(key, dtype, numel, location))
             if (known.dtype, known.numel) != (dtype, numel):
                 raise _bad(f"storage {key} is declared twice with different types or sizes")
@@ -648,14 +639,17 @@ def materialize(
     Example:
         >>> t = materialize(MappedFile(path), storage, TensorSpec(storage, 0, (2, 3), (3, 1), torch.float32))
     """
+    import torch
+
     item = spec.dtype.itemsize
     count = storage.nbytes // item
-    key = (storage.offset, storage.nbytes, spec.dtype)
+    dtype = _dtypes.to_torch(spec.dtype)
+    key = (storage.offset, storage.nbytes, dtype)
     base = copies.get(key) if copies is not None else None
     if base is not None:
         pass
     elif count == 0:
-        base = torch.empty(0, dtype=spec.dtype)
+        base = torch.empty(0, dtype=dtype)
     else:
         copied = bool(storage.offset % item) or (byteswap and item > 1)
         if storage.offset % item:
@@ -666,9 +660,9 @@ def materialize(
         else:
             raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
         if byteswap and item > 1:
-            unit = item // 2 if spec.dtype.is_complex else item
+            unit = item // 2 if dtype.is_complex else item
             raw = raw.view(-1, unit).flip(-1).reshape(-1)
-        base = raw.view(spec.dtype)
+        base = raw.view(dtype)
         if copied and copies is not None:
             copies[key] = base
     t = base.as_strided(spec.size, spec.stride, spec.offset)
@@ -692,10 +686,7 @@ _LEAF_TYPES = (
     bytes,
     bytearray,
     complex,
-    torch.Size,
-    torch.dtype,
-    torch.device,
-    torch.layout,
+    *_torch_values.STAND_INS,
     np.generic,
     np.ndarray,
     np.dtype,
@@ -712,6 +703,7 @@ class _Tree:
         self.active: set[int] = set()
         self.refs: dict[tuple[int, tuple[Any, ...]], TensorRef] = {}
         self.expanded = 0  # bytes the file's expanded views add once loaded
+        self.leaf_types = _LEAF_TYPES + _torch_values.torch_types()
 
     def err(self, path: tuple[Any, ...], what: str) -> CorruptCheckpointError:
         where = "/".join(map(str, path)) or "the root"
@@ -731,7 +723,7 @@ class _Tree:
             raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
         if len(path) > MAX_DEPTH:
             raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
-        if isinstance(obj, _LEAF_TYPES) and type(obj) not in (list, tuple):
+        if isinstance(obj, self.leaf_types) and type(obj) not in (list, tuple):
             return obj
         if isinstance(obj, SparseSpec):
             if not tensors:
@@ -797,7 +789,7 @@ class _Tree:
         view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
         return TensorRef(
             path_name(path),
-            obj.dtype,
+            obj.dtype,  # type: ignore[arg-type]  # a DType row: resolved lazily
             obj.size,
             self.reader.source,
             self.reader.tensor_loader(obj),
@@ -994,6 +986,8 @@ def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2) -> Path:
         >>> safeckpt.convert("run.safeckpt", "run.pt", format="torch")
         PosixPath('run.pt')
     """
+    import torch
+
     obj = ckpt.to_python()
     with atomic_write(path) as f:
         torch.save(obj, f, pickle_protocol=pickle_protocol)
