@@ -552,7 +552,7 @@ _values = hs.recursive(
 @given(value=_values, protocol=hs.integers(0, 5))
 def test_vm_agrees_with_pickle_on_plain_values(value: Any, protocol: int) -> None:
     data = pickle.dumps(value, protocol=protocol)
-    assert _pickle.unpickle(data, source="x") == pickle.loads(data)
+    assert _pickle.load(data, source="x").value == pickle.loads(data)
 
 
 def test_vm_builds_the_allowed_value_types() -> None:
@@ -580,14 +580,14 @@ def test_vm_builds_the_allowed_value_types() -> None:
     for protocol in (2, 4, 5):
         for v in values:
             data = pickle.dumps(v, protocol=protocol)
-            got, ref = _pickle.unpickle(data, source="x"), pickle.loads(data)  # our own benign bytes
+            got, ref = _pickle.load(data, source="x").value, pickle.loads(data)  # our own benign bytes
             assert type(got) is type(ref), (protocol, v)
             if isinstance(v, np.ndarray):
                 assert got.dtype == ref.dtype and got.tobytes(order="A") == ref.tobytes(order="A")
                 assert got.flags.f_contiguous == ref.flags.f_contiguous
             else:
                 assert got == ref == v, (protocol, v)
-        got_od = _pickle.unpickle(pickle.dumps(od, protocol=protocol), source="x")
+        got_od = _pickle.load(pickle.dumps(od, protocol=protocol), source="x").value
         assert got_od._metadata == od._metadata  # type: ignore[attr-defined]
 
 
@@ -629,9 +629,9 @@ def test_file_changed_after_open_is_an_error_not_a_crash(tmp_path: Path) -> None
 def test_values_that_would_confuse_their_readers_are_refused(tmp_path: Path) -> None:
     shadow = b"\x80\x02cargparse\nNamespace\n)\x81}X\x0b\x00\x00\x00_get_kwargsK\x01sb."
     with pytest.raises(CorruptCheckpointError, match="Namespace's own"):
-        _pickle.unpickle(shadow, source="ns.pkl")
+        _pickle.load(shadow, source="ns.pkl")
     key = b"\x80\x02}cmylib\nThing\nK\x01s."  # an admitted class used as a dict key
-    tree = _pickle.unpickle(key, source="k.pkl", allow=["mylib.Thing"])
+    tree = _pickle.load(key, source="k.pkl", allow=["mylib.Thing"]).value
     assert [type(k).__name__ for k in tree] == ["Global"]
     path = tmp_path / "k.pkl"
     path.write_bytes(key)

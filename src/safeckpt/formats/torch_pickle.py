@@ -117,7 +117,7 @@ def _tensor(
     size, stride = _dims(size, "size"), _dims(stride, "stride")
     if len(size) != len(stride):
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
-    if math.prod(size) > MAX_ELEMENTS or any(x > MAX_ELEMENTS for x in (*size, *stride)):  # a 0 dim hides others
+    if max((*size, *stride), default=0) > MAX_ELEMENTS or math.prod(size) > MAX_ELEMENTS:  # a 0 dim hides others
         raise _bad(f"tensor size {list(size)} / stride {list(stride)} beyond {MAX_ELEMENTS} elements")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
@@ -381,7 +381,7 @@ class _Reader:
                 or numel < 0
             ):
                 raise _bad(f"bad storage persistent id {pid!r:.100}")
-            if not isinstance(key, str) or not re.fullmatch(r"[0-9]{1,20}", key):
+            if not isinstance(key, str) or not (key.isdigit() and key.isascii() and len(key) <= 20):
                 raise _bad(f"bad storage key {key!r:.40}")
             dtype = stype.dtype or _UINT8
             known = self.storages.get(key)
@@ -406,20 +406,15 @@ class _Reader:
             return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
         self.info["producer"] = "torchscript"
         extra = _script_records(_pickle.scan(data, 0, self.source)[0])
-        obj, end, names = _pickle.load(
+        out = _pickle.load(
             data,
-            0,
             source=f"{self.source} (data.pkl)",
             persistent_load=persistent_load,
             allow=allow,
             extra={**TORCH, **extra},
         )
-        if end != len(data):
-            raise CorruptCheckpointError(
-                f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP"
-            )
-        self.globals.extend(n for n in names if n not in extra)
-        return script_state_dict(obj, self.source)
+        self.globals.extend(n for n in out.globals if n not in extra)
+        return script_state_dict(out.value, self.source)
 
     def _small(self, record: _zip.Record | None) -> str | None:
         if record is None:
@@ -438,16 +433,9 @@ class _Reader:
             self.info["pickle_protocol"] = view[1]
 
     def _unpickle(self, data: Any, source: str, persistent_load: Any, allow: Iterable[str]) -> Any:
-        obj, end, names = _pickle.load(
-            data, 0, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH
-        )
-        if end != len(data):
-            raise CorruptCheckpointError(
-                f"{source}: {len(data) - end} bytes of trailing data after the pickle's STOP "
-                "(a second pickle hidden behind the first?)"
-            )
-        self.globals.extend(names)
-        return obj
+        out = _pickle.load(data, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH)
+        self.globals.extend(out.globals)
+        return out.value
 
     # legacy -----------------------------------------------------------------------------------
     def read_legacy(self, allow: Iterable[str]) -> Any:
@@ -458,16 +446,17 @@ class _Reader:
             pos: int, what: str, persistent_load: Any = None, allow_: Iterable[str] = ()
         ) -> tuple[Any, int]:
             extra = TORCH if persistent_load is not None else {}
-            obj, end, names = _pickle.load(
+            out = _pickle.load(
                 data,
                 pos,
                 source=f"{src} (legacy {what} pickle)",
                 persistent_load=persistent_load,
                 allow=allow_,
                 extra=extra,
+                trailing=True,
             )
-            self.globals.extend(names)
-            return obj, end
+            self.globals.extend(out.globals)
+            return out.value, out.end
 
         magic, pos = next_pickle(0, "magic")
         if magic != LEGACY_MAGIC:
@@ -717,13 +706,16 @@ class _Tree:
             raise self.err(path, "nested too deeply to read") from None
 
     def _convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
+        cls = type(obj)
         # the budget counts values of about a dict's size; a set costs four (216 bytes, not 64)
-        self.budget -= 4 if type(obj) in (set, frozenset) else 1
+        self.budget -= 4 if cls is set or cls is frozenset else 1
         if self.budget < 0:
             raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
         if len(path) > MAX_DEPTH:
             raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
-        if isinstance(obj, self.leaf_types) and type(obj) not in (list, tuple):
+        if cls is TensorSpec and tensors:  # the common case first
+            return self.tensor(obj, path)
+        if isinstance(obj, self.leaf_types) and cls is not list and cls is not tuple:
             return obj
         if isinstance(obj, SparseSpec):
             if not tensors:
@@ -823,12 +815,13 @@ class _Tree:
         s, item = spec.storage, spec.dtype.itemsize
         if self.reader.byteorder != "little" or spec.conj or spec.neg or s.offset < 0:
             return None
-        expect, n = [], 1
-        for d in reversed(spec.size):
-            expect.append(n)
-            n *= d
-        if n > 1 and any(d > 1 and st != e for d, st, e in zip(spec.size, spec.stride, reversed(expect), strict=True)):
-            return None
+        n = math.prod(spec.size)
+        if n > 1:  # C order: each dimension of more than one element strides over the ones after it
+            inner = 1
+            for d, st in zip(reversed(spec.size), reversed(spec.stride), strict=True):
+                if d > 1 and st != inner:
+                    return None
+                inner *= d
         whole = spec.offset == 0 and n * item == s.nbytes
         return Span(self.reader.mapped, s.offset + spec.offset * item, s.crc32 if whole else None)
 
