@@ -1076,7 +1076,7 @@ _STACK_EFFECT = {
 }
 
 
-def _scan_row(op: pickletools.OpcodeInfo) -> tuple[int, Any, int, int]:
+def _scan_row(op: pickletools.OpcodeInfo, follow_memo: bool) -> tuple[int, Any, int, int]:
     arg = op.arg
     size: Any = 0
     if arg is None:
@@ -1087,7 +1087,7 @@ def _scan_row(op: pickletools.OpcodeInfo) -> tuple[int, Any, int, int]:
         kind, size = _LINES, 2 if arg.name.endswith("_pair") else 1
     else:
         kind, size = _SIZED, _LENGTH[arg.n]
-    if op.name in _TRACKED_OPS:
+    if op.name in _TRACKED_OPS and (follow_memo or op.name not in _MEMO_OPS):
         kind = _TRACKED
     before, after = op.stack_before, op.stack_after
     keep = 0  # items left in place under the operands (APPEND's list, BUILD's object)
@@ -1106,10 +1106,16 @@ def _scan_row(op: pickletools.OpcodeInfo) -> tuple[int, Any, int, int]:
     return kind, size, pops, pushes
 
 
+# the memo matters only for STACK_GLOBAL's operands, which pickle writes from protocol 4 on: an
+# older pickle is scanned stepping over its memo opcodes (they are 40% of torch's). Should one use
+# STACK_GLOBAL on names from the memo all the same, the scan cannot name them, and refuses them.
+_MEMO_OPS = {"BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "MEMOIZE", "DUP"}
 _SCAN: list[tuple[int, Any, int, int] | None] = [None] * 256
+_SCAN_NO_MEMO: list[tuple[int, Any, int, int] | None] = [None] * 256
 for _op in pickletools.opcodes:
     if _op.name not in ("MARK", "STOP"):  # the loop handles these two itself
-        _SCAN[ord(_op.code)] = _scan_row(_op)
+        _SCAN[ord(_op.code)] = _scan_row(_op, True)
+        _SCAN_NO_MEMO[ord(_op.code)] = _scan_row(_op, False)
 _STRING_OPS = frozenset(_codes("BINUNICODE SHORT_BINUNICODE BINUNICODE8 SHORT_BINSTRING BINSTRING"))
 _SCAN_OPS = _codes("MARK STOP BINPUT LONG_BINPUT BINGET LONG_BINGET MEMOIZE DUP")
 _NAME_OPS = _codes("GLOBAL INST STACK_GLOBAL UNICODE STRING GET PUT OBJ")
@@ -1138,7 +1144,8 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
     stack: list[Any] = []  # (start, length) of short strings; None for any other value
     marks: list[int] = []
     memo: dict[int, Any] = {}
-    table, unpack_from = _SCAN, struct.unpack_from
+    follow_memo = n > pos + 1 and data[pos] == pickle.PROTO[0] and data[pos + 1] >= 4
+    table, unpack_from = _SCAN if follow_memo else _SCAN_NO_MEMO, struct.unpack_from
     # opcode bytes as locals: as fast as literals in the loop (module globals cost a quarter more)
     FIXED, SIZED, TRACKED = _FIXED, _SIZED, _TRACKED
     MARK, STOP, BINPUT, LONG_BINPUT, BINGET, LONG_BINGET, MEMOIZE, DUP = _SCAN_OPS

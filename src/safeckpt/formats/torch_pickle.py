@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import os
 import pathlib
 import re
@@ -95,9 +96,13 @@ def _bad(what: str) -> CorruptCheckpointError:
 
 
 def _dims(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in x):
+    # C-level checks (run per tensor): exact ints only (not bools), none negative
+    if not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS or not set(map(type, x)) <= _INT or min(x, default=0) < 0:
         raise _bad(f"tensor {what} must be up to {MAX_DIMS} non-negative ints, got {x!r:.80}")
     return tuple(x)
+
+
+_INT = {int}
 
 
 def _tensor(
@@ -117,7 +122,8 @@ def _tensor(
     size, stride = _dims(size, "size"), _dims(stride, "stride")
     if len(size) != len(stride):
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
-    if max((*size, *stride), default=0) > MAX_ELEMENTS or math.prod(size) > MAX_ELEMENTS:  # a 0 dim hides others
+    # a 0 dim hides others from the product
+    if max(size, default=0) > MAX_ELEMENTS or max(stride, default=0) > MAX_ELEMENTS or math.prod(size) > MAX_ELEMENTS:
         raise _bad(f"tensor size {list(size)} / stride {list(stride)} beyond {MAX_ELEMENTS} elements")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
@@ -137,7 +143,7 @@ def _tensor(
         raise _bad(f"a torch.{dtype.name} tensor over a torch.{storage.dtype.name} storage")
     available = storage.nbytes // dtype.itemsize
     if all(size):
-        extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) + 1
+        extent = offset + sum(map(operator.mul, size, stride)) - sum(stride) + 1  # offset + sum((n - 1) * s) + 1
         if extent > available:
             raise _bad(
                 f"tensor view [{offset}, {extent}) exceeds its storage of {available} elements (storage {storage.key})"
