@@ -638,11 +638,12 @@ class _VM:
         return _torch_values.real(handler.value) if handler.value is not _NO_VALUE else Global(full, handler)
 
     def invoke(self, ref: Any, fn: str, args: Any) -> Any:
-        if not isinstance(ref, Global):
+        if type(ref) is not Global:
             raise UnsafeCheckpointError(
                 f"{self.source}: the pickle calls a {type(ref).__name__}, which is not an allowed callable"
             )
-        impl = getattr(ref.handler, fn)
+        handler = ref.handler
+        impl = handler.call if fn == "call" else handler.new
         if impl is None:
             how = "called" if fn == "call" else "instantiated (NEWOBJ)"
             raise UnsafeCheckpointError(
@@ -656,9 +657,9 @@ class _VM:
             raise type(e)(f"{self.source}: {ref.name}: {e}") from None
         except (TypeError, ValueError, OverflowError, KeyError, IndexError, RecursionError) as e:
             raise self.err(f"bad arguments to {ref.name}: {e}") from None
-        if ref.handler.build is not None:
-            self.buildable[id(obj)] = (obj, ref.handler.build)
-        elif isinstance(obj, Inert):
+        if handler.build is not None:
+            self.buildable[id(obj)] = (obj, handler.build)
+        elif type(obj) is Inert:
             self.buildable[id(obj)] = (obj, inert_build)
         return obj
 
@@ -713,7 +714,7 @@ class _VM:
     def run(self) -> Any:
         """Execute the (already scanned) pickle; the value its STOP returns."""
         data, n, st, memo, marks, ops, invoke = self.data, self.n, self.stack, self.memo, self.marks, _OPS, self.invoke
-        unpack_from = struct.unpack_from
+        push, u16, u32, i32, max_memo = st.append, _U16.unpack_from, _U32.unpack_from, _I32.unpack_from, MAX_MEMO
         # torch's opcodes are inlined, most frequent first; the opcode bytes are locals, which
         # compare as fast as literals (module globals made this loop 8-12% slower)
         (
@@ -728,16 +729,16 @@ class _VM:
                 op = data[pos]
                 pos += 1
                 if op == LONG_BINPUT:
-                    (k,) = unpack_from("<I", data, pos)
-                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
+                    (k,) = u32(data, pos)
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= max_memo:
                         self.memo_put(k)
                     memo[k] = st[-1]
                     pos += 4
                 elif op == BINGET:
-                    st.append(memo[data[pos]])
+                    push(memo[data[pos]])
                     pos += 1
                 elif op == BININT1:
-                    st.append(data[pos])
+                    push(data[pos])
                     pos += 1
                 elif op == MARK:
                     if len(marks) >= MAX_MARK_DEPTH:
@@ -749,7 +750,7 @@ class _VM:
                     at = marks.pop()
                     t = tuple(st[at:])
                     del st[at:]
-                    st.append(t)
+                    push(t)
                 elif op == REDUCE:
                     if len(st) - (marks[-1] if marks else 0) < 2:
                         raise self.err("stack underflow", pos)
@@ -757,23 +758,23 @@ class _VM:
                     self.pos = pos
                     st[-1] = invoke(st[-1], "call", args)
                 elif op == BININT2:
-                    st.append(unpack_from("<H", data, pos)[0])
+                    push(u16(data, pos)[0])
                     pos += 2
                 elif op == EMPTY_TUPLE:
-                    st.append(())
+                    push(())
                 elif op == BINUNICODE or op == SHORT_BINUNICODE:  # noqa: SIM109 (a tuple of locals is built per test)
                     if op == BINUNICODE:
-                        (k,) = unpack_from("<I", data, pos)
+                        (k,) = u32(data, pos)
                         pos += 4
                     else:
                         k = data[pos]
                         pos += 1
                     if k > n - pos:
                         raise self.err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos)
-                    st.append(str(data[pos : pos + k], "utf-8", "surrogatepass"))
+                    push(str(data[pos : pos + k], "utf-8", "surrogatepass"))
                     pos += k
                 elif op == NEWFALSE:
-                    st.append(False)
+                    push(False)
                 elif op == BINPERSID:
                     if len(st) <= (marks[-1] if marks else 0):
                         raise self.err("stack underflow", pos)
@@ -785,28 +786,28 @@ class _VM:
                         raise self.err("stack underflow", pos)
                     t = tuple(st[-k:])
                     del st[-k:]
-                    st.append(t)
+                    push(t)
                 elif op == LONG_BINGET:
-                    st.append(memo[unpack_from("<I", data, pos)[0]])
+                    push(memo[u32(data, pos)[0]])
                     pos += 4
                 elif op == BINPUT:
-                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= max_memo:
                         self.pos = pos
                         self.memo_put(data[pos])
                     memo[data[pos]] = st[-1]
                     pos += 1
                 elif op == EMPTY_DICT:
-                    st.append({})
+                    push({})
                 elif op == BININT:
-                    st.append(unpack_from("<i", data, pos)[0])
+                    push(i32(data, pos)[0])
                     pos += 4
                 elif op == MEMOIZE:
                     self.pos = pos
                     self.memo_put(len(memo))
                 elif op == NEWTRUE:
-                    st.append(True)
+                    push(True)
                 elif op == NONE:
-                    st.append(None)
+                    push(None)
                 elif op == STOP:
                     self.pos = pos
                     if len(st) != 1 or marks:
@@ -992,6 +993,9 @@ def _frozenset_op(vm: _VM) -> None:
 
 def _utf8(b: bytes) -> str:
     return b.decode("utf-8", "surrogatepass")
+
+
+_U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
 
 
 def _codes(names: str) -> tuple[int, ...]:
