@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 import safeckpt
-from conformance import FormatConformance, Net, sample_state_dict
+from conformance import MLP, FormatConformance, Net, sample_state_dict, tensor_bytes
 from safeckpt import _dtypes, formats
 from safeckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from safeckpt.formats import _pickle, _zip
@@ -43,15 +43,6 @@ LIGHTNING_FIXTURES = ROOT / "fixtures" / "lightning"
 BENIGN = sorted(p for p in TORCH_FIXTURES.glob("*.pt") if p.name != "module.pt") + sorted(
     LIGHTNING_FIXTURES.glob("*.ckpt")
 )
-
-
-class MLP(torch.nn.Module):
-    """The model of fixtures/torch/friend.pt (see its make_fixtures.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1 = torch.nn.Linear(8, 16)
-        self.l2 = torch.nn.Linear(16, 4)
 
 
 # -- conformance: zip (protocol 2 and 4) and legacy, made by the real torch.save -------------------
@@ -104,11 +95,6 @@ def _lightning_attribute_dict(x: Any) -> bool:
     return type(x).__name__ == "AttributeDict" and "lightning" in type(x).__module__
 
 
-def _logical_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().resolve_conj().resolve_neg().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def same(ours: Any, theirs: Any, where: str = "root") -> None:
     """Key for key, bit for bit: what safeckpt read equals what torch.load returned."""
     if isinstance(theirs, torch.Tensor):
@@ -124,7 +110,7 @@ def same(ours: Any, theirs: Any, where: str = "root") -> None:
             theirs.is_conj(),
             theirs.is_neg(),
         ), where
-        assert _logical_bytes(ours) == _logical_bytes(theirs), f"{where}: tensor bytes differ"
+        assert tensor_bytes(ours) == tensor_bytes(theirs), f"{where}: tensor bytes differ"
         return
     if _lightning_attribute_dict(theirs):
         assert type(ours) is safeckpt.AttributeDict, where
