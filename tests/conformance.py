@@ -51,6 +51,15 @@ class Net(torch.nn.Module):
         return self.head(self.norm(self.l1(self.emb(x))))
 
 
+class MLP(torch.nn.Module):
+    """The model of fixtures/torch/friend.pt and its twins (see fixtures/torch/make_fixtures.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(8, 16)
+        self.l2 = torch.nn.Linear(16, 4)
+
+
 def sample_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return {k: v.clone() for k, v in Net().state_dict().items()}
@@ -70,7 +79,7 @@ def assert_bits_equal(a: Any, b: Any, where: str = "root", *, strict: bool = Fal
         if strict:
             assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
             assert a.requires_grad == b.requires_grad and a.device == b.device, where
-        assert _raw(a) == _raw(b), f"{where}: tensor bytes differ"
+        assert tensor_bytes(a) == tensor_bytes(b), f"{where}: tensor bytes differ"
         return
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, dict):
@@ -93,9 +102,25 @@ def assert_bits_equal(a: Any, b: Any, where: str = "root", *, strict: bool = Fal
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def _raw(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a tensor's values in C order (conjugation and negation applied), on the CPU."""
     t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (so nan and -0.0 count), wherever each tensor lives."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def sorted_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with its keys in sorted order (for comparing key order-insensitively, values in order)."""
+    return {k: d[k] for k in sorted(d)}
 
 
 def truncated_copies(path: Path, cut_points: list[int], dest: Path) -> list[tuple[str, Path]]:

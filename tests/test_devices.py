@@ -21,6 +21,7 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 import safeckpt
+from conformance import bits_equal
 from safeckpt import _device
 from safeckpt.manager import CheckpointManager
 
@@ -51,15 +52,6 @@ def source_model() -> TiedLM:
 def meta_model() -> TiedLM:
     with torch.device("meta"):
         return TiedLM()
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach().cpu(), b.detach().cpu()
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    )
 
 
 def assert_materialized(model: nn.Module, want: nn.Module, device: str = "cpu") -> None:

@@ -21,7 +21,7 @@ from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_s
 from safetensors import safe_open
 
 import safeckpt
-from conformance import FormatConformance, assert_bits_equal, sample_state_dict
+from conformance import FormatConformance, assert_bits_equal, sample_state_dict, sorted_dict
 from safeckpt import _fs, formats
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
@@ -38,10 +38,6 @@ HAS_TORCH_READER = "torch" in formats.names()
 needs_torch_reader = pytest.mark.skipif(
     not HAS_TORCH_READER, reason="the torch format (restricted unpickler) is not registered yet"
 )
-
-
-def sorted_dict(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: d[k] for k in sorted(d)}
 
 
 def stock_dir(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

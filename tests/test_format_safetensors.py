@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 import safeckpt
-from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict
+from conformance import FormatConformance, Net, assert_bits_equal, sample_state_dict, sorted_dict
 from safeckpt import formats
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
@@ -31,10 +31,6 @@ fx = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fx)
 
 SAFETENSORS_FIXTURES = sorted(p for p in FIXTURES.rglob("*.safetensors"))
-
-
-def sorted_dict(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: d[k] for k in sorted(d)}
 
 
 def stock(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

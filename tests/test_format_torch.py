@@ -8,6 +8,7 @@ import collections
 import contextlib
 import io
 import itertools
+import json
 import os
 import pathlib
 import pickle
@@ -26,11 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 import safeckpt
-from conformance import FormatConformance, Net, sample_state_dict
-from safeckpt import formats
+from conformance import MLP, FormatConformance, Net, sample_state_dict, tensor_bytes
+from safeckpt import _dtypes, formats
 from safeckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from safeckpt.formats import _pickle, _zip
 from safeckpt.formats import torch_pickle as tp
+from safeckpt.tree import TensorRef, iter_leaves
 
 sys.path.insert(0, str(Path(__file__).parent / "attacks"))
 from make_attacks import Entry, Zip  # the corpus generator's zip writer
@@ -41,15 +43,6 @@ LIGHTNING_FIXTURES = ROOT / "fixtures" / "lightning"
 BENIGN = sorted(p for p in TORCH_FIXTURES.glob("*.pt") if p.name != "module.pt") + sorted(
     LIGHTNING_FIXTURES.glob("*.ckpt")
 )
-
-
-class MLP(torch.nn.Module):
-    """The model of fixtures/torch/friend.pt (see its make_fixtures.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1 = torch.nn.Linear(8, 16)
-        self.l2 = torch.nn.Linear(16, 4)
 
 
 # -- conformance: zip (protocol 2 and 4) and legacy, made by the real torch.save -------------------
@@ -102,11 +95,6 @@ def _lightning_attribute_dict(x: Any) -> bool:
     return type(x).__name__ == "AttributeDict" and "lightning" in type(x).__module__
 
 
-def _logical_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().resolve_conj().resolve_neg().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def same(ours: Any, theirs: Any, where: str = "root") -> None:
     """Key for key, bit for bit: what safeckpt read equals what torch.load returned."""
     if isinstance(theirs, torch.Tensor):
@@ -122,7 +110,7 @@ def same(ours: Any, theirs: Any, where: str = "root") -> None:
             theirs.is_conj(),
             theirs.is_neg(),
         ), where
-        assert _logical_bytes(ours) == _logical_bytes(theirs), f"{where}: tensor bytes differ"
+        assert tensor_bytes(ours) == tensor_bytes(theirs), f"{where}: tensor bytes differ"
         return
     if _lightning_attribute_dict(theirs):
         assert type(ours) is safeckpt.AttributeDict, where
@@ -288,7 +276,7 @@ def test_tensors_are_zero_copy_views_of_the_file(name: str) -> None:
 
 
 def test_view_bounds_are_checked_before_any_tensor_exists() -> None:
-    storage = tp.Storage("0", torch.float32, 4, "cpu", 0)
+    storage = tp.Storage("0", _dtypes.of(torch.float32), 4, "cpu", 0)
     ok = tp._rebuild_v2(storage, 1, (3,), (1,))
     assert ok.size == (3,)
     assert tp._rebuild_v2(storage, 0, (1000, 4), (0, 1)).size == (1000, 4)  # stride 0: an expanded view
@@ -305,8 +293,8 @@ def test_view_bounds_are_checked_before_any_tensor_exists() -> None:
         with pytest.raises(CorruptCheckpointError, match=match):
             tp._rebuild_v2(storage, *args)
     with pytest.raises(CorruptCheckpointError, match="plain dtype"):
-        tp._rebuild_v3(tp.Storage("2", torch.uint8, 4, "cpu", 0), 0, (4,), (1,), False, None, torch.qint8)
-    ints = tp.Storage("1", torch.int64, 4, "cpu", 0)
+        tp._rebuild_v3(tp.Storage("2", _dtypes.of(torch.uint8), 4, "cpu", 0), 0, (4,), (1,), False, None, torch.qint8)
+    ints = tp.Storage("1", _dtypes.of(torch.int64), 4, "cpu", 0)
     with pytest.raises(CorruptCheckpointError, match="cannot require gradients"):
         tp._rebuild_v2(ints, 0, (4,), (1,), True)
     with pytest.raises(CorruptCheckpointError, match="cannot require gradients"):
@@ -348,7 +336,7 @@ def test_big_endian_files_are_byteswapped(tmp_path: Path) -> None:
     same(ours, torch.load(src, weights_only=False))
     # torch swaps typed storages too, but leaves the new dtypes' untyped storages as they are
     theirs = torch.load(big, weights_only=False)
-    old = {k for k, v in ours.items() if v.dtype in tp._STORAGE_NAMES.values()}
+    old = {k for k, v in ours.items() if _dtypes.of(v.dtype) in _dtypes.BY_STORAGE.values()}
     assert {"float32", "complex128", "int64", "bfloat16"} <= old
     same({k: ours[k] for k in old}, {k: theirs[k] for k in old})
 
@@ -550,7 +538,7 @@ _values = hs.recursive(
 @given(value=_values, protocol=hs.integers(0, 5))
 def test_vm_agrees_with_pickle_on_plain_values(value: Any, protocol: int) -> None:
     data = pickle.dumps(value, protocol=protocol)
-    assert _pickle.unpickle(data, source="x") == pickle.loads(data)
+    assert _pickle.load(data, source="x").value == pickle.loads(data)
 
 
 def test_vm_builds_the_allowed_value_types() -> None:
@@ -578,14 +566,14 @@ def test_vm_builds_the_allowed_value_types() -> None:
     for protocol in (2, 4, 5):
         for v in values:
             data = pickle.dumps(v, protocol=protocol)
-            got, ref = _pickle.unpickle(data, source="x"), pickle.loads(data)  # our own benign bytes
+            got, ref = _pickle.load(data, source="x").value, pickle.loads(data)  # our own benign bytes
             assert type(got) is type(ref), (protocol, v)
             if isinstance(v, np.ndarray):
                 assert got.dtype == ref.dtype and got.tobytes(order="A") == ref.tobytes(order="A")
                 assert got.flags.f_contiguous == ref.flags.f_contiguous
             else:
                 assert got == ref == v, (protocol, v)
-        got_od = _pickle.unpickle(pickle.dumps(od, protocol=protocol), source="x")
+        got_od = _pickle.load(pickle.dumps(od, protocol=protocol), source="x").value
         assert got_od._metadata == od._metadata  # type: ignore[attr-defined]
 
 
@@ -627,9 +615,9 @@ def test_file_changed_after_open_is_an_error_not_a_crash(tmp_path: Path) -> None
 def test_values_that_would_confuse_their_readers_are_refused(tmp_path: Path) -> None:
     shadow = b"\x80\x02cargparse\nNamespace\n)\x81}X\x0b\x00\x00\x00_get_kwargsK\x01sb."
     with pytest.raises(CorruptCheckpointError, match="Namespace's own"):
-        _pickle.unpickle(shadow, source="ns.pkl")
+        _pickle.load(shadow, source="ns.pkl")
     key = b"\x80\x02}cmylib\nThing\nK\x01s."  # an admitted class used as a dict key
-    tree = _pickle.unpickle(key, source="k.pkl", allow=["mylib.Thing"])
+    tree = _pickle.load(key, source="k.pkl", allow=["mylib.Thing"]).value
     assert [type(k).__name__ for k in tree] == ["Global"]
     path = tmp_path / "k.pkl"
     path.write_bytes(key)
@@ -661,3 +649,93 @@ def test_damaged_zip_headers_fail_cleanly(
         safeckpt.open(path).to_python()
     with contextlib.suppress(CheckpointError):
         tp.verify(path)
+
+
+# -- the torch-free read path (issue 19) -------------------------------------------------------------
+
+_NO_TORCH_FILES = [
+    TORCH_FIXTURES / "friend.pt",
+    TORCH_FIXTURES / "friend_legacy.pt",
+    TORCH_FIXTURES / "dtypes.pt",
+    TORCH_FIXTURES / "dtypes_legacy.pt",
+    TORCH_FIXTURES / "protocol4.pt",
+    TORCH_FIXTURES / "structures.pt",
+    TORCH_FIXTURES / "optimizer.pt",
+    LIGHTNING_FIXTURES / "trainer.ckpt",
+    LIGHTNING_FIXTURES / "fabric.ckpt",
+    ROOT / "fixtures" / "realworld" / "sparse.pt",
+    ROOT / "fixtures" / "realworld" / "legacy_shared.pt",
+    ROOT / "fixtures" / "realworld" / "scripted.pt",
+]
+_LIST_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+from safeckpt import tree
+from safeckpt._dtypes import DType
+from safeckpt.formats import torch_pickle
+out = {}
+for name in sys.argv[1:]:
+    ckpt = torch_pickle.read(Path(name))
+    out[name] = {
+        "tensors": {k: [r.dtype_info.name, list(r.shape), r.span is not None] for k, r in ckpt.tensors().items()},
+        "values": [
+            f"torch.{v.name}" if isinstance(v, DType) else repr(v)  # a dtype's stand-in is a _dtypes row
+            for _, v in tree.iter_leaves(ckpt.tree)
+            if not isinstance(v, tree.TensorRef)
+        ],
+    }
+assert "torch" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_torch_files_are_parsed_without_importing_torch() -> None:
+    """Listing a torch.save / Lightning / legacy / TorchScript file's tensors (names, dtypes, shapes,
+    file spans for a byte copy) and its other values needs no torch; torch is imported only to
+    materialize, and then agrees with the torch-free listing and bit for bit with torch.load."""
+    from conformance import run_without_torch
+
+    probe = run_without_torch("import safeckpt.tree, safeckpt._fs")
+    if probe.returncode:  # this branch's tree/_fs still import torch (the torch-free data layer is i19a's)
+        pytest.skip(f"safeckpt.tree/_fs import torch here: {probe.stderr.strip().splitlines()[-1]}")
+    p = run_without_torch(_LIST_WITHOUT_TORCH, *map(str, _NO_TORCH_FILES))
+    assert p.returncode == 0, p.stderr
+    listed = json.loads(p.stdout)
+    for path in _NO_TORCH_FILES:
+        ckpt = safeckpt.open(path)
+        refs = ckpt.tensors()
+        assert listed[str(path)]["tensors"] == {
+            k: [str(r.dtype).removeprefix("torch."), list(r.shape), r.span is not None] for k, r in refs.items()
+        }
+        # non-tensor torch values print as torch prints them, with torch or without
+        assert listed[str(path)]["values"] == [
+            repr(v) for _, v in iter_leaves(ckpt.tree) if not isinstance(v, TensorRef)
+        ]
+    friend = safeckpt.open(TORCH_FIXTURES / "friend.pt").to_python()
+    same(friend, torch.load(TORCH_FIXTURES / "friend.pt", weights_only=True))
+
+
+def test_stand_ins_become_torch_values_when_materialized() -> None:
+    from safeckpt import _torch_values
+    from safeckpt.tree import Checkpoint
+
+    tree = {
+        "size": _torch_values.Size((2, 3)),
+        "dtype": _dtypes.BY_NAME["bfloat16"],
+        "device": _torch_values.Device("cuda", 1),
+        "layout": _torch_values.Layout("sparse_csr"),
+    }
+    # torch-free, and printed as torch prints them
+    assert repr([tree["size"], tree["device"], tree["layout"]]) == repr(
+        [torch.Size([2, 3]), torch.device("cuda", 1), torch.sparse_csr]
+    )
+    out = Checkpoint(tree, format="torch", path="x.pt").to_python()
+    assert out == {
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cuda", 1),
+        "layout": torch.sparse_csr,
+    }
+    assert type(out["size"]) is torch.Size
+    with pytest.raises(CorruptCheckpointError, match="is not a device"):
+        _torch_values.to_torch(_torch_values.Device("Nope"))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import safeckpt
-from conformance import assert_bits_equal
+from conformance import MLP, assert_bits_equal
 from safeckpt.errors import UnsafeCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +34,6 @@ class TrainerNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 1))
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(8, 16)
-        self.l2 = nn.Linear(16, 4)
 
 
 def equal_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -152,7 +152,7 @@ def _pickle_file(tmp_path: Path, data: bytes, name: str = "x.pkl") -> Path:
 
 def test_pickle_mark_depth(tmp_path: Path) -> None:
     ok = b"\x80\x02" + b"(" * _pickle.MAX_MARK_DEPTH + b"t" * _pickle.MAX_MARK_DEPTH + b"0N."
-    assert _pickle.unpickle(ok, source="ok.pkl") is None
+    assert _pickle.load(ok, source="ok.pkl").value is None
     path = _pickle_file(tmp_path, b"\x80\x02" + b"(" * (_pickle.MAX_MARK_DEPTH + 1) + b".")
     with pytest.raises(
         CorruptCheckpointError, match=rf"{path}: malformed pickle at byte \d+: more than 10000 nested MARKs"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import safeckpt
-from conformance import assert_bits_equal
+from conformance import assert_bits_equal, sorted_dict
 from safeckpt import formats
 from safeckpt.errors import CorruptCheckpointError, UnknownFormatError, UnsafeCheckpointError
 
@@ -245,7 +245,7 @@ def test_accelerate_folder_resumes_in_one_call(folder: str) -> None:
         if model_file.suffix == ".safetensors"
         else torch.load(model_file, weights_only=True)
     )
-    assert_bits_equal(_sorted(model.state_dict()), _sorted(want_model))
+    assert_bits_equal(sorted_dict(model.state_dict()), sorted_dict(want_model))
     assert_bits_equal(opt.state_dict(), torch.load(d / "optimizer.bin", weights_only=True))
     assert sched.state_dict() == torch.load(d / "scheduler.bin", weights_only=True)
     assert counter.state_dict() == torch.load(d / "custom_checkpoint_0.pkl", weights_only=True)
@@ -253,10 +253,6 @@ def test_accelerate_folder_resumes_in_one_call(folder: str) -> None:
     assert (
         rng["step"] == 0 and rng["numpy_random_seed"][0] == "MT19937" and rng["torch_manual_seed"].dtype == torch.uint8
     )
-
-
-def _sorted(sd: Any) -> dict[str, Any]:
-    return {k: sd[k] for k in sorted(sd)}
 
 
 def test_accelerate_folder_against_accelerate_load_state() -> None:
@@ -272,7 +268,7 @@ def test_accelerate_folder_against_accelerate_load_state() -> None:
     safeckpt.load(
         RW / "accelerate_state", {"model": model, "optimizer": opt, "scheduler": sched, "custom_checkpoint_0": counter}
     )
-    assert_bits_equal(_sorted(model.state_dict()), _sorted(ref[0].state_dict()))
+    assert_bits_equal(sorted_dict(model.state_dict()), sorted_dict(ref[0].state_dict()))
     assert_bits_equal(opt.state_dict(), ref[1].optimizer.state_dict())
     assert sched.state_dict()["last_epoch"] == ref[2].scheduler.state_dict()["last_epoch"]
     assert counter.state_dict() == counter_ref.state_dict()

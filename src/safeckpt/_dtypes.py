@@ -127,3 +127,13 @@ def torch_loaded() -> bool:
         True
     """
     return "torch" in sys.modules
+
+
+def names() -> list[str]:
+    """Every name torch has for a dtype (``torch.<name>``): the rows' and torch's other spellings.
+
+    Example:
+        >>> "float32" in names() and "double" in names()
+        True
+    """
+    return [*BY_NAME, *_ALIASES]

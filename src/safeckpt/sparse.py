@@ -10,22 +10,17 @@ and ``formats/torch.md`` (``_rebuild_sparse_tensor``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptCheckpointError
 from .tree import TensorRef
 
-LAYOUTS: dict[str, torch.layout] = {
-    "sparse_coo": torch.sparse_coo,
-    "sparse_csr": torch.sparse_csr,
-    "sparse_csc": torch.sparse_csc,
-    "sparse_bsr": torch.sparse_bsr,
-    "sparse_bsc": torch.sparse_bsc,
-}
+if TYPE_CHECKING:  # imported when a tensor is built: reading a file's structure needs no torch
+    import torch
+
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "sparse_coo": ("indices", "values"),
     "sparse_csr": ("crow_indices", "col_indices", "values"),
@@ -36,13 +31,16 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 MAX_DIMS = 64
 
 
-def layout_name(layout: torch.layout) -> str:
+def layout_name(layout: Any) -> str:
     return str(layout).removeprefix("torch.")
 
 
 def is_sparse(x: Any) -> bool:
     """A sparse torch tensor or a `SparseTensorRef`."""
-    return isinstance(x, SparseTensorRef) or (isinstance(x, torch.Tensor) and x.layout != torch.strided)
+    torch = sys.modules.get("torch")  # without torch imported, x cannot be a tensor
+    return isinstance(x, SparseTensorRef) or (
+        torch is not None and isinstance(x, torch.Tensor) and x.layout != torch.strided
+    )
 
 
 def parts(x: torch.Tensor | SparseTensorRef) -> tuple[str, tuple[int, ...], tuple[Any, ...], bool | None]:
@@ -71,6 +69,8 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
     Example:
         >>> build("sparse_coo", (2, 2), (torch.tensor([[0], [1]]), torch.tensor([3.0])), True)
     """
+    import torch
+
     size = _size(size)
     try:
         if layout == "sparse_coo":
@@ -79,18 +79,14 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
             return t.coalesce() if coalesced else t
         compressed, plain, values = components
         return torch.sparse_compressed_tensor(
-            compressed, plain, values, size, layout=LAYOUTS[layout], check_invariants=True
+            compressed, plain, values, size, layout=getattr(torch, layout), check_invariants=True
         )
     except (RuntimeError, ValueError, TypeError) as e:
         raise CorruptCheckpointError(f"an invalid {layout} tensor: {str(e).splitlines()[0][:200]}") from None
 
 
 def _size(size: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(size, (tuple, list, torch.Size))
-        or len(size) > MAX_DIMS
-        or not all(type(d) is int and d >= 0 for d in size)
-    ):
+    if not isinstance(size, (tuple, list)) or len(size) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in size):
         raise CorruptCheckpointError(
             f"a sparse tensor's size must be up to {MAX_DIMS} non-negative ints, got {size!r:.80}"
         )
@@ -151,4 +147,5 @@ def sparse_ref(
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{source}: {name}: {e}") from None
 
-    return SparseTensorRef(name, values.dtype, size, source, load, layout=layout, components=comps, coalesced=coalesced)
+    dtype: Any = values.dtype_info  # a torch-free row: TensorRef resolves it when asked
+    return SparseTensorRef(name, dtype, size, source, load, layout=layout, components=comps, coalesced=coalesced)

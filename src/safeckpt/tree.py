@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _dtypes, _shapes
+from . import _dtypes, _shapes, _torch_values
 from ._fs import Span
 
 __all__ = [
@@ -389,7 +389,7 @@ class Checkpoint:
                 if key not in cache:
                     cache[key] = x.load(dev)
                 return cache[key]
-            return x
+            return _torch_values.to_torch(x) if isinstance(x, _torch_values.STAND_INS) else x
 
         return map_leaves(root, leaf)
 

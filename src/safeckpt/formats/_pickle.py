@@ -9,9 +9,9 @@ classes without a global (``INST``, ``OBJ``, ``EXT*``) and out-of-band buffers a
 every length, the memo and the nesting are bounded by the input (spec: ``formats/torch.md``).
 
 Example:
-    >>> unpickle(pickle.dumps({"step": 3, "betas": (0.9, 0.99)}), source="x.pkl")
+    >>> load(pickle.dumps({"step": 3, "betas": (0.9, 0.99)}), source="x.pkl").value
     {'step': 3, 'betas': (0.9, 0.99)}
-    >>> unpickle(b"cposix\\nsystem\\n(S'id'\\ntR.", source="evil.pkl")
+    >>> load(b"cposix\\nsystem\\n(S'id'\\ntR.", source="evil.pkl")
     Traceback (most recent call last):
     safeckpt.errors.UnsafeCheckpointError: evil.pkl: the pickle refers to global 'posix.system', ...
 """
@@ -23,6 +23,8 @@ import codecs
 import collections
 import math
 import pathlib
+import pickle
+import pickletools
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -30,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from .. import _dtypes, _torch_values
 from .._budget import MAX_INT_BYTES, HashFloodError, KeyGuard, collidable
 from ..errors import CorruptCheckpointError, TruncatedCheckpointError, UnsafeCheckpointError
 from ..tree import AttributeDict
@@ -42,11 +44,10 @@ __all__ = [
     "Global",
     "Handler",
     "Inert",
+    "Unpickled",
     "globals_in",
     "is_denied",
     "load",
-    "unpickle",
-    "unpickle_at",
 ]
 
 MAX_MEMO = 1 << 22  # memo entries (each costs at least one byte of input)
@@ -257,6 +258,8 @@ def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
 
 
 def _ordered_dict(items: Any = ()) -> collections.OrderedDict[Any, Any]:
+    if type(items) is tuple and not items:  # torch pickles an empty one (a tensor's hooks) per tensor
+        return collections.OrderedDict()
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items):
         raise _bad("OrderedDict() takes a list of (key, value) pairs")
     _guard_keys(k for k, _ in items)
@@ -317,39 +320,27 @@ def _path(cls: type[pathlib.PurePath]) -> Callable[..., pathlib.PurePath]:
     return make
 
 
-def _size(dims: Any = ()) -> torch.Size:
+def _size(dims: Any = ()) -> Any:
     if not isinstance(dims, (tuple, list)) or not all(type(d) is int and d >= 0 for d in dims):
         raise _bad(f"torch.Size() takes non-negative ints, got {dims!r}")
-    return torch.Size(dims)
+    return _torch_values.real(_torch_values.Size(dims))
 
 
-_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]{1,6})?\Z")
+def _device(kind: Any, index: Any = None) -> Any:
+    return _torch_values.real(_torch_values.device(kind, index))
 
 
-def checked_device(kind: Any, index: Any = None) -> torch.device:
-    if (
-        not isinstance(kind, str)
-        or not _DEVICE.match(kind)
-        or not (index is None or (type(index) is int and 0 <= index < 1 << 20))
-    ):
-        raise _bad(f"torch.device({kind!r}, {index!r}) is not a device")
-    try:
-        return torch.device(kind) if index is None else torch.device(kind, index)
-    except RuntimeError as e:
-        raise _bad(f"torch.device({kind!r}): {e}") from None
-
-
-_LAYOUTS = {
-    f"torch.{n}": getattr(torch, n)
+checked_device = _torch_values.checked_device  # codec's name for it
+_LAYOUTS = frozenset(
+    f"torch.{n}"
     for n in ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged")
-    if hasattr(torch, n)
-}
+)
 
 
-def _layout(name: Any) -> torch.layout:
+def _layout(name: Any) -> Any:
     if name not in _LAYOUTS:
-        raise _bad(f"unknown torch layout {name!r}")
-    return _LAYOUTS[name]
+        raise _bad(f"unknown torch layout {name!r:.40}")
+    return _torch_values.real(_torch_values.Layout(name.removeprefix("torch.")))
 
 
 # numpy: plain numeric and string data only; object and structured dtypes never.
@@ -440,15 +431,8 @@ def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     return _array(tuple(shape) if isinstance(shape, (list, tuple)) else shape, _real_dtype(dtype), order == "F", buf)
 
 
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    names = """float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex128 complex64 complex32
-    uint16 uint32 uint64 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu float4_e2m1fn_x2
-    qint8 quint8 qint32 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2 bits8 bits16
-    float double half long int short cfloat cdouble chalf""".split()  # noqa: SIM905
-    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
-
-
-TORCH_DTYPES = _torch_dtypes()
+# torch.float32 & co. (and torch's other spellings: torch.double...), pushed as values
+DTYPE_GLOBALS: dict[str, _dtypes.DType] = {f"torch.{name}": _dtypes.by_name(name) for name in _dtypes.names()}
 
 
 def _base() -> dict[str, Handler]:
@@ -463,7 +447,7 @@ def _base() -> dict[str, Handler]:
         "builtins.bytes": Handler(call=_bytes),
         "argparse.Namespace": Handler(call=_namespace, new=_namespace, build=_namespace_build),
         "torch.Size": Handler(call=_size),
-        "torch.device": Handler(call=checked_device),
+        "torch.device": Handler(call=_device),
         "torch.serialization._get_layout": Handler(call=_layout),
         "numpy.dtype": Handler(call=_np_dtype, build=_np_dtype_build),
         "numpy.ndarray": Handler(),
@@ -495,8 +479,8 @@ def _base() -> dict[str, Handler]:
         "safeckpt.tree",
     ):
         table[f"{mod}.AttributeDict"] = Handler(call=_attribute_dict, new=_attribute_dict, build=_empty_build)
-    for name, dtype in TORCH_DTYPES.items():
-        table[f"torch.{name}"] = Handler(value=dtype)
+    for name, dtype in DTYPE_GLOBALS.items():
+        table[name] = Handler(value=dtype)
     return table
 
 
@@ -540,15 +524,15 @@ def _refusal(source: str, names: list[str], allowed: Callable[[str], bool]) -> U
 class _VM:
     def __init__(
         self,
-        data: bytes | bytearray | memoryview,
+        data: bytes,
         pos: int,
         source: str,
         table: Mapping[str, Handler],
         allowed: Callable[[str], bool],
         persistent_load: Callable[[Any], Any] | None,
     ) -> None:
-        self.data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-        self.n = len(self.data)
+        self.data = data
+        self.n = len(data)
         self.pos = pos
         self.source = source
         self.table = table
@@ -582,16 +566,11 @@ class _VM:
         return struct.unpack(fmt, self.read(size))[0]
 
     def line(self) -> bytes:
-        start = i = self.pos
-        step = 256
-        while i < self.n:
-            j = min(self.n, i + step)
-            k = bytes(self.data[i:j]).find(b"\n")
-            if k >= 0:
-                self.pos = i + k + 1
-                return bytes(self.data[start : i + k])
-            i, step = j, min(step * 2, 1 << 20)
-        raise self.err("a text opcode's line has no end (truncated)")
+        end = _line_end(self.data, self.pos)
+        if end < 0:
+            raise self.err("a text opcode's line has no end (truncated)")
+        out, self.pos = self.data[self.pos : end], end + 1
+        return out
 
     # -- stack ---------------------------------------------------------------------------------
     def pop(self) -> Any:
@@ -656,14 +635,15 @@ class _VM:
             if not self.allowed(full) or is_denied(full) or not GLOBAL_NAME.match(full):
                 raise _refusal(self.source, [full], self.allowed)
             handler = Handler(call=lambda *a, _n=full: Inert(_n, args=a), new=lambda *a, _n=full: Inert(_n, args=a))
-        return handler.value if handler.value is not _NO_VALUE else Global(full, handler)
+        return _torch_values.real(handler.value) if handler.value is not _NO_VALUE else Global(full, handler)
 
     def invoke(self, ref: Any, fn: str, args: Any) -> Any:
-        if not isinstance(ref, Global):
+        if type(ref) is not Global:
             raise UnsafeCheckpointError(
                 f"{self.source}: the pickle calls a {type(ref).__name__}, which is not an allowed callable"
             )
-        impl = getattr(ref.handler, fn)
+        handler = ref.handler
+        impl = handler.call if fn == "call" else handler.new
         if impl is None:
             how = "called" if fn == "call" else "instantiated (NEWOBJ)"
             raise UnsafeCheckpointError(
@@ -677,9 +657,9 @@ class _VM:
             raise type(e)(f"{self.source}: {ref.name}: {e}") from None
         except (TypeError, ValueError, OverflowError, KeyError, IndexError, RecursionError) as e:
             raise self.err(f"bad arguments to {ref.name}: {e}") from None
-        if ref.handler.build is not None:
-            self.buildable[id(obj)] = (obj, ref.handler.build)
-        elif isinstance(obj, Inert):
+        if handler.build is not None:
+            self.buildable[id(obj)] = (obj, handler.build)
+        elif type(obj) is Inert:
             self.buildable[id(obj)] = (obj, inert_build)
         return obj
 
@@ -731,91 +711,107 @@ class _VM:
         target.extend(items)
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, allow_trailing: bool) -> Any:
-        # the opcodes torch's pickles are made of are inlined; the rest go through _OPS
-        data, n, st, memo, marks, ops = self.data, self.n, self.stack, self.memo, self.marks, _OPS
-        unpack_from = struct.unpack_from
+    def run(self) -> Any:
+        """Execute the (already scanned) pickle; the value its STOP returns."""
+        data, n, st, memo, marks, ops, invoke = self.data, self.n, self.stack, self.memo, self.marks, _OPS, self.invoke
+        push, u16, u32, i32, max_memo = st.append, _U16.unpack_from, _U32.unpack_from, _I32.unpack_from, MAX_MEMO
+        # torch's opcodes are inlined, most frequent first; the opcode bytes are locals, which
+        # compare as fast as literals (module globals made this loop 8-12% slower)
+        (
+            LONG_BINPUT, BINGET, BININT1, MARK, TUPLE, REDUCE, BININT2, EMPTY_TUPLE, BINUNICODE, NEWFALSE,
+            BINPERSID, TUPLE1, TUPLE3, LONG_BINGET, BINPUT, EMPTY_DICT, BININT, MEMOIZE, SHORT_BINUNICODE,
+            NEWTRUE, NONE, STOP,
+        ) = _RUN_OPS  # fmt: skip
         pos = self.pos
         op = -1
         try:
             while True:
                 op = data[pos]
                 pos += 1
-                if op == 0x71:  # BINPUT
-                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
-                        self.pos = pos
-                        self.memo_put(data[pos])
-                    memo[data[pos]] = st[-1]
-                    pos += 1
-                elif op == 0x68:  # BINGET
-                    st.append(memo[data[pos]])
-                    pos += 1
-                elif op == 0x72:  # LONG_BINPUT
-                    (k,) = unpack_from("<I", data, pos)
-                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= MAX_MEMO:
+                if op == LONG_BINPUT:
+                    (k,) = u32(data, pos)
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= max_memo:
                         self.memo_put(k)
                     memo[k] = st[-1]
                     pos += 4
-                elif op == 0x6A:  # LONG_BINGET
-                    st.append(memo[unpack_from("<I", data, pos)[0]])
-                    pos += 4
-                elif op == 0x58 or op == 0x8C:  # BINUNICODE, SHORT_BINUNICODE
-                    if op == 0x58:
-                        (k,) = unpack_from("<I", data, pos)
+                elif op == BINGET:
+                    push(memo[data[pos]])
+                    pos += 1
+                elif op == BININT1:
+                    push(data[pos])
+                    pos += 1
+                elif op == MARK:
+                    if len(marks) >= MAX_MARK_DEPTH:
+                        raise self.err(f"more than {MAX_MARK_DEPTH} nested MARKs", pos)
+                    marks.append(len(st))
+                elif op == TUPLE:
+                    if not marks:
+                        raise self.err("no MARK to pop to", pos)
+                    at = marks.pop()
+                    t = tuple(st[at:])
+                    del st[at:]
+                    push(t)
+                elif op == REDUCE:
+                    if len(st) - (marks[-1] if marks else 0) < 2:
+                        raise self.err("stack underflow", pos)
+                    args = st.pop()
+                    self.pos = pos
+                    st[-1] = invoke(st[-1], "call", args)
+                elif op == BININT2:
+                    push(u16(data, pos)[0])
+                    pos += 2
+                elif op == EMPTY_TUPLE:
+                    push(())
+                elif op == BINUNICODE or op == SHORT_BINUNICODE:  # noqa: SIM109 (a tuple of locals is built per test)
+                    if op == BINUNICODE:
+                        (k,) = u32(data, pos)
                         pos += 4
                     else:
                         k = data[pos]
                         pos += 1
                     if k > n - pos:
                         raise self.err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos)
-                    st.append(str(data[pos : pos + k], "utf-8", "surrogatepass"))
+                    push(str(data[pos : pos + k], "utf-8", "surrogatepass"))
                     pos += k
-                elif op == 0x28:  # MARK
-                    if len(marks) >= MAX_MARK_DEPTH:
-                        raise self.err(f"more than {MAX_MARK_DEPTH} nested MARKs", pos)
-                    marks.append(len(st))
-                elif op == 0x4B:  # BININT1
-                    st.append(data[pos])
-                    pos += 1
-                elif op == 0x4A:  # BININT
-                    st.append(unpack_from("<i", data, pos)[0])
-                    pos += 4
-                elif op == 0x74:  # TUPLE
-                    if not marks:
-                        raise self.err("no MARK to pop to", pos)
-                    at = marks.pop()
-                    t = tuple(st[at:])
-                    del st[at:]
-                    st.append(t)
-                elif 0x85 <= op <= 0x87:  # TUPLE1-3
-                    k = op - 0x84
+                elif op == NEWFALSE:
+                    push(False)
+                elif op == BINPERSID:
+                    if len(st) <= (marks[-1] if marks else 0):
+                        raise self.err("stack underflow", pos)
+                    self.pos = pos
+                    _persid(self, st.pop())
+                elif TUPLE1 <= op <= TUPLE3:  # TUPLE1, TUPLE2, TUPLE3
+                    k = op - TUPLE1 + 1
                     if len(st) - (marks[-1] if marks else 0) < k:
                         raise self.err("stack underflow", pos)
                     t = tuple(st[-k:])
                     del st[-k:]
-                    st.append(t)
-                elif op == 0x29:
-                    st.append(())
-                elif op == 0x89:
-                    st.append(False)
-                elif op == 0x88:
-                    st.append(True)
-                elif op == 0x4E:
-                    st.append(None)
-                elif op == 0x7D:
-                    st.append({})
-                elif op == 0x94:  # MEMOIZE
+                    push(t)
+                elif op == LONG_BINGET:
+                    push(memo[u32(data, pos)[0]])
+                    pos += 4
+                elif op == BINPUT:
+                    if len(st) <= (marks[-1] if marks else 0) or len(memo) >= max_memo:
+                        self.pos = pos
+                        self.memo_put(data[pos])
+                    memo[data[pos]] = st[-1]
+                    pos += 1
+                elif op == EMPTY_DICT:
+                    push({})
+                elif op == BININT:
+                    push(i32(data, pos)[0])
+                    pos += 4
+                elif op == MEMOIZE:
                     self.pos = pos
                     self.memo_put(len(memo))
-                elif op == 0x2E:  # STOP
+                elif op == NEWTRUE:
+                    push(True)
+                elif op == NONE:
+                    push(None)
+                elif op == STOP:
                     self.pos = pos
                     if len(st) != 1 or marks:
                         raise self.err(f"{len(st)} values and {len(marks)} open MARKs at STOP (expected one value)")
-                    if not allow_trailing and pos != n:
-                        raise CorruptCheckpointError(
-                            f"{self.source}: {n - pos} bytes of trailing data after the pickle's STOP "
-                            "(a second pickle hidden behind the first?)"
-                        )
                     return st[0]
                 else:
                     handler = ops.get(op)
@@ -912,12 +908,6 @@ def _stack_global(vm: _VM) -> None:
     vm.stack.append(vm.find(module, name))
 
 
-def _reduce(vm: _VM) -> None:
-    args = vm.pop()
-    fn = vm.pop()
-    vm.stack.append(vm.invoke(fn, "call", args))
-
-
 def _newobj(vm: _VM) -> None:
     args = vm.pop()
     cls = vm.pop()
@@ -1005,84 +995,150 @@ def _utf8(b: bytes) -> str:
     return b.decode("utf-8", "surrogatepass")
 
 
+_U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
+
+
+def _codes(names: str) -> tuple[int, ...]:
+    """The bytes of pickle's opcodes by name (``"MARK STOP"``): what the loops compare ``op`` with."""
+    return tuple(getattr(pickle, name)[0] for name in names.split())
+
+
+_RUN_OPS = _codes(
+    """LONG_BINPUT BINGET BININT1 MARK TUPLE REDUCE BININT2 EMPTY_TUPLE BINUNICODE NEWFALSE BINPERSID TUPLE1 TUPLE3
+    LONG_BINGET BINPUT EMPTY_DICT BININT MEMOIZE SHORT_BINUNICODE NEWTRUE NONE STOP"""
+)
 # the opcodes `_VM.run` does not inline
 _OPS: dict[int, Callable[[_VM], object]] = {
-    0x80: _proto,
-    0x95: _frame,
-    0x30: lambda vm: vm.pop() and None,
-    0x31: lambda vm: vm.pop_mark() and None,
-    0x32: lambda vm: vm.stack.append(vm.top()),
-    0x4D: lambda vm: vm.stack.append(vm.unpack("<H", 2)),  # BININT2
-    0x8A: lambda vm: _long(vm, vm.read(1)[0]),  # LONG1
-    0x8B: lambda vm: _long(vm, vm.unpack("<i", 4)),  # LONG4
-    0x47: lambda vm: vm.stack.append(vm.unpack(">d", 8)),  # BINFLOAT
-    0x49: _int_text,  # INT
-    0x4C: lambda vm: vm.stack.append(int(vm.line().rstrip(b"L"))),  # LONG
-    0x46: lambda vm: vm.stack.append(float(vm.line())),  # FLOAT
-    0x8D: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<Q", 8)))),  # BINUNICODE8
-    0x56: lambda vm: vm.stack.append(vm.line().decode("raw_unicode_escape")),  # UNICODE
-    0x55: lambda vm: vm.stack.append(vm.read(vm.read(1)[0]).decode("utf-8")),  # SHORT_BINSTRING
-    0x54: lambda vm: vm.stack.append(vm.read(vm.unpack("<i", 4)).decode("utf-8")),  # BINSTRING
-    0x53: _string_text,  # STRING
-    0x43: lambda vm: vm.stack.append(vm.read(vm.read(1)[0])),  # SHORT_BINBYTES
-    0x42: lambda vm: vm.stack.append(vm.read(vm.unpack("<I", 4))),  # BINBYTES
-    0x8E: lambda vm: vm.stack.append(vm.read(vm.unpack("<Q", 8))),  # BINBYTES8
-    0x96: lambda vm: vm.stack.append(bytearray(vm.read(vm.unpack("<Q", 8)))),  # BYTEARRAY8
-    0x5D: lambda vm: vm.stack.append([]),
-    0x6C: lambda vm: vm.stack.append(vm.pop_mark()),  # LIST
-    0x64: _dict,
-    0x8F: _empty_set,
-    0x90: _additems,
-    0x91: _frozenset_op,
-    0x61: _append,
-    0x65: _appends,
-    0x73: _setitem,
-    0x75: _setitems,
-    0x70: _put_text,
-    0x67: _get_text,
-    0x63: _global,
-    0x93: _stack_global,
-    0x52: _reduce,
-    0x81: _newobj,
-    0x92: _newobj_ex,
-    0x62: lambda vm: vm.build(),
-    0x51: lambda vm: _persid(vm, vm.pop()),  # BINPERSID
-    0x50: lambda vm: _persid(vm, vm.line().decode("ascii")),  # PERSID
+    pickle.PROTO[0]: _proto,
+    pickle.FRAME[0]: _frame,
+    pickle.POP[0]: lambda vm: vm.pop() and None,
+    pickle.POP_MARK[0]: lambda vm: vm.pop_mark() and None,
+    pickle.DUP[0]: lambda vm: vm.stack.append(vm.top()),
+    pickle.LONG1[0]: lambda vm: _long(vm, vm.read(1)[0]),
+    pickle.LONG4[0]: lambda vm: _long(vm, vm.unpack("<i", 4)),
+    pickle.BINFLOAT[0]: lambda vm: vm.stack.append(vm.unpack(">d", 8)),
+    pickle.INT[0]: _int_text,
+    pickle.LONG[0]: lambda vm: vm.stack.append(int(vm.line().rstrip(b"L"))),
+    pickle.FLOAT[0]: lambda vm: vm.stack.append(float(vm.line())),
+    pickle.BINUNICODE8[0]: lambda vm: vm.stack.append(_utf8(vm.read(vm.unpack("<Q", 8)))),
+    pickle.UNICODE[0]: lambda vm: vm.stack.append(vm.line().decode("raw_unicode_escape")),
+    pickle.SHORT_BINSTRING[0]: lambda vm: vm.stack.append(vm.read(vm.read(1)[0]).decode("utf-8")),
+    pickle.BINSTRING[0]: lambda vm: vm.stack.append(vm.read(vm.unpack("<i", 4)).decode("utf-8")),
+    pickle.STRING[0]: _string_text,
+    pickle.SHORT_BINBYTES[0]: lambda vm: vm.stack.append(vm.read(vm.read(1)[0])),
+    pickle.BINBYTES[0]: lambda vm: vm.stack.append(vm.read(vm.unpack("<I", 4))),
+    pickle.BINBYTES8[0]: lambda vm: vm.stack.append(vm.read(vm.unpack("<Q", 8))),
+    pickle.BYTEARRAY8[0]: lambda vm: vm.stack.append(bytearray(vm.read(vm.unpack("<Q", 8)))),
+    pickle.EMPTY_LIST[0]: lambda vm: vm.stack.append([]),
+    pickle.LIST[0]: lambda vm: vm.stack.append(vm.pop_mark()),
+    pickle.DICT[0]: _dict,
+    pickle.EMPTY_SET[0]: _empty_set,
+    pickle.ADDITEMS[0]: _additems,
+    pickle.FROZENSET[0]: _frozenset_op,
+    pickle.APPEND[0]: _append,
+    pickle.APPENDS[0]: _appends,
+    pickle.SETITEM[0]: _setitem,
+    pickle.SETITEMS[0]: _setitems,
+    pickle.PUT[0]: _put_text,
+    pickle.GET[0]: _get_text,
+    pickle.GLOBAL[0]: _global,
+    pickle.STACK_GLOBAL[0]: _stack_global,
+    pickle.NEWOBJ[0]: _newobj,
+    pickle.NEWOBJ_EX[0]: _newobj_ex,
+    pickle.BUILD[0]: lambda vm: vm.build(),
+    pickle.PERSID[0]: lambda vm: _persid(vm, vm.line().decode("ascii")),
 }
-_REFUSED = {
-    0x69: "INST",
-    0x6F: "OBJ",
-    0x82: "EXT1",
-    0x83: "EXT2",
-    0x84: "EXT4",
-    0x97: "NEXT_BUFFER",
-    0x98: "READONLY_BUFFER",
-}
+# opcodes that build objects without naming a global: refused by the scan and the VM
+_REFUSED = {_codes(name)[0]: name for name in ("INST", "OBJ", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER")}
 
 
 # -- the static scan -------------------------------------------------------------------------------
 
-# the static scan: opcode -> (argument kind, argument, values popped (-1: to MARK), values pushed);
-# kinds: 0 none, 1 fixed size, 2 length-prefixed (struct format, size), 3 text lines
-_SCAN: dict[int, tuple[int, Any, int, int]] = {
-    0x80: (1, 1, 0, 0), 0x95: (1, 8, 0, 0), 0x28: (0, 0, 0, 0), 0x30: (0, 0, 1, 0), 0x31: (0, 0, -1, 0),
-    0x32: (0, 0, 0, 1), 0x4E: (0, 0, 0, 1), 0x88: (0, 0, 0, 1), 0x89: (0, 0, 0, 1), 0x4B: (1, 1, 0, 1),
-    0x4D: (1, 2, 0, 1), 0x4A: (1, 4, 0, 1), 0x8A: (2, ("<B", 1), 0, 1), 0x8B: (2, ("<i", 4), 0, 1),
-    0x47: (1, 8, 0, 1), 0x49: (3, 1, 0, 1), 0x4C: (3, 1, 0, 1), 0x46: (3, 1, 0, 1), 0x58: (2, ("<I", 4), 0, 1),
-    0x8C: (2, ("<B", 1), 0, 1), 0x8D: (2, ("<Q", 8), 0, 1), 0x56: (3, 1, 0, 1), 0x55: (2, ("<B", 1), 0, 1),
-    0x54: (2, ("<i", 4), 0, 1), 0x53: (3, 1, 0, 1), 0x43: (2, ("<B", 1), 0, 1), 0x42: (2, ("<I", 4), 0, 1),
-    0x8E: (2, ("<Q", 8), 0, 1), 0x96: (2, ("<Q", 8), 0, 1), 0x29: (0, 0, 0, 1), 0x74: (0, 0, -1, 1),
-    0x85: (0, 0, 1, 1), 0x86: (0, 0, 2, 1), 0x87: (0, 0, 3, 1), 0x5D: (0, 0, 0, 1), 0x6C: (0, 0, -1, 1),
-    0x7D: (0, 0, 0, 1), 0x64: (0, 0, -1, 1), 0x8F: (0, 0, 0, 1), 0x90: (0, 0, -1, 0), 0x91: (0, 0, -1, 1),
-    0x61: (0, 0, 1, 0), 0x65: (0, 0, -1, 0), 0x73: (0, 0, 2, 0), 0x75: (0, 0, -1, 0), 0x70: (3, 1, 0, 0),
-    0x71: (1, 1, 0, 0), 0x72: (1, 4, 0, 0), 0x94: (0, 0, 0, 0), 0x67: (3, 1, 0, 1), 0x68: (1, 1, 0, 1),
-    0x6A: (1, 4, 0, 1), 0x63: (3, 2, 0, 1), 0x93: (0, 0, 2, 1), 0x52: (0, 0, 2, 1), 0x81: (0, 0, 2, 1),
-    0x92: (0, 0, 3, 1), 0x62: (0, 0, 1, 0), 0x51: (0, 0, 1, 1), 0x50: (3, 1, 0, 1), 0x69: (3, 2, -1, 1),
-    0x6F: (0, 0, -1, 1), 0x82: (1, 1, 0, 1), 0x83: (1, 2, 0, 1), 0x84: (1, 4, 0, 1), 0x97: (0, 0, 0, 1),
-    0x98: (0, 0, 1, 1),
-}  # fmt: skip
-_STRING_OPS = {0x58, 0x8C, 0x8D, 0x55, 0x54}
+# how the scan steps over each opcode, derived from pickletools' descriptions (as fickling does):
+# (kind, argument, values popped (-1: to MARK), values pushed). Kinds: no argument, a fixed-size
+# one (its size), a length-prefixed one (the length's struct format and size), text lines (how
+# many); _TRACKED: an opcode whose effect on the memo or the names the scan follows (a fixed
+# argument's size, or 0)
+_NONE, _FIXED, _SIZED, _LINES, _TRACKED = 0, 1, 2, 3, 4
+_TRACKED_OPS = {"BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "MEMOIZE", "DUP", "STACK_GLOBAL", "OBJ"}
+_TRACKED_OPS |= {"EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
+_LENGTH = {  # length-prefixed arguments: the struct format of the length
+    pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1),
+    pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
+    pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4),
+    pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8),
+}
+# pickletools describes an opcode that replaces its operands by a result of the same kind
+# (REDUCE: [any, any] -> [any]) just like one that leaves the stack's bottom item in place
+# (BUILD: [any, any] -> [any]); the first kind is spelled out here
+_STACK_EFFECT = {
+    "REDUCE": (2, 1),
+    "NEWOBJ": (2, 1),
+    "NEWOBJ_EX": (3, 1),
+    "BINPERSID": (1, 1),
+    "READONLY_BUFFER": (1, 1),
+}
+
+
+def _scan_row(op: pickletools.OpcodeInfo, follow_memo: bool) -> tuple[int, Any, int, int]:
+    arg = op.arg
+    size: Any = 0
+    if arg is None:
+        kind = _NONE
+    elif arg.n >= 0:
+        kind, size = _FIXED, arg.n
+    elif arg.n == pickletools.UP_TO_NEWLINE:
+        kind, size = _LINES, 2 if arg.name.endswith("_pair") else 1
+    else:
+        kind, size = _SIZED, _LENGTH[arg.n]
+    if op.name in _TRACKED_OPS and (follow_memo or op.name not in _MEMO_OPS):
+        kind = _TRACKED
+    before, after = op.stack_before, op.stack_after
+    keep = 0  # items left in place under the operands (APPEND's list, BUILD's object)
+    while (
+        keep < min(len(before), len(after))
+        and before[keep] is after[keep]
+        and before[keep] is not pickletools.markobject
+    ):
+        keep += 1
+    if op.name in _STACK_EFFECT:
+        pops, pushes = _STACK_EFFECT[op.name]
+    elif pickletools.markobject in before:
+        pops, pushes = -1, len(after) - before.index(pickletools.markobject)
+    else:
+        pops, pushes = len(before) - keep, len(after) - keep
+    return kind, size, pops, pushes
+
+
+# the memo matters only for STACK_GLOBAL's operands, which pickle writes from protocol 4 on: an
+# older pickle is scanned stepping over its memo opcodes (they are 40% of torch's). Should one use
+# STACK_GLOBAL on names from the memo all the same, the scan cannot name them, and refuses them.
+_MEMO_OPS = {"BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "MEMOIZE", "DUP"}
+_SCAN: list[tuple[int, Any, int, int] | None] = [None] * 256
+_SCAN_NO_MEMO: list[tuple[int, Any, int, int] | None] = [None] * 256
+for _op in pickletools.opcodes:
+    if _op.name not in ("MARK", "STOP"):  # the loop handles these two itself
+        _SCAN[ord(_op.code)] = _scan_row(_op, True)
+        _SCAN_NO_MEMO[ord(_op.code)] = _scan_row(_op, False)
+_STRING_OPS = frozenset(_codes("BINUNICODE SHORT_BINUNICODE BINUNICODE8 SHORT_BINSTRING BINSTRING"))
+_SCAN_OPS = _codes("MARK STOP BINPUT LONG_BINPUT BINGET LONG_BINGET MEMOIZE DUP")
+_NAME_OPS = _codes("GLOBAL INST STACK_GLOBAL UNICODE STRING GET PUT OBJ")
 _NAME_LIMIT = 1024  # longer strings cannot be (parts of) a global name worth resolving
+
+
+def _line_end(data: bytes | bytearray | memoryview, pos: int) -> int:
+    """Where the text argument starting at ``pos`` ends (its newline), or -1; never copies more
+    than it searches (``data`` may map a whole legacy file)."""
+    if isinstance(data, bytes):
+        return data.find(b"\n", pos)
+    i, n, step = pos, len(data), 256
+    while i < n:
+        j = min(n, i + step)
+        k = bytes(data[i:j]).find(b"\n")
+        if k >= 0:
+            return i + k
+        i, step = j, min(step * 2, 1 << 20)
+    return -1
 
 
 def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[list[str], int]:
@@ -1092,7 +1148,13 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
     stack: list[Any] = []  # (start, length) of short strings; None for any other value
     marks: list[int] = []
     memo: dict[int, Any] = {}
-    table, unpack_from = _SCAN, struct.unpack_from
+    follow_memo = n > pos + 1 and data[pos] == pickle.PROTO[0] and data[pos + 1] >= 4
+    table, unpack_from = _SCAN if follow_memo else _SCAN_NO_MEMO, struct.unpack_from
+    # opcode bytes as locals: as fast as literals in the loop (module globals cost a quarter more)
+    FIXED, SIZED, TRACKED = _FIXED, _SIZED, _TRACKED
+    MARK, STOP, BINPUT, LONG_BINPUT, BINGET, LONG_BINGET, MEMOIZE, DUP = _SCAN_OPS
+    GLOBAL, INST, STACK_GLOBAL, UNICODE, STRING, GET, PUT, OBJ = _NAME_OPS
+    string_ops = _STRING_OPS
 
     def err(what: str, at: int, kind: type[CorruptCheckpointError] = CorruptCheckpointError) -> CorruptCheckpointError:
         return kind(f"{source}: malformed pickle at byte {at}: {what}")
@@ -1103,106 +1165,105 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
         return v if isinstance(v, str) else None
 
     def line(at: int) -> tuple[bytes, int]:
-        start = i = at
-        step = 256
-        while i < n:
-            j = min(n, i + step)
-            k = bytes(data[i:j]).find(b"\n")
-            if k >= 0:
-                return bytes(data[start : i + k]), i + k + 1
-            i, step = j, min(step * 2, 1 << 20)
-        raise err("a text opcode's line has no end (truncated)", at, TruncatedCheckpointError)
+        end = _line_end(data, at)
+        if end < 0:
+            raise err("a text opcode's line has no end (truncated)", at, TruncatedCheckpointError)
+        return bytes(data[at:end]), end + 1
 
-    while True:
-        if pos >= n:
-            raise err("no STOP opcode (truncated)", pos, TruncatedCheckpointError)
-        at = pos
-        op = data[pos]
-        pos += 1
-        spec = table.get(op)
-        if spec is None:
-            if op == 0x2E:
-                return list(names), pos
-            raise err(f"unknown opcode {op:#04x}", at)
-        kind, arg, pops, pushes = spec
-        value: Any = None
-        try:
-            if kind == 1:
-                if pos + arg > n:
-                    raise err("truncated argument", at, TruncatedCheckpointError)
-                if op == 0x71 or op == 0x72:
-                    memo[data[pos] if op == 0x71 else unpack_from("<I", data, pos)[0]] = stack[-1] if stack else None
-                elif op == 0x68 or op == 0x6A:
-                    value = memo.get(data[pos] if op == 0x68 else unpack_from("<I", data, pos)[0])
-                elif op in (0x82, 0x83, 0x84):
-                    code = int.from_bytes(bytes(data[pos : pos + arg]), "little")
-                    names[f"<{_REFUSED[op]} extension code {code}>"] = None
+    at = op = pos
+    try:
+        while True:
+            at = pos
+            op = data[pos]
+            pos += 1
+            spec = table[op]
+            if spec is None:
+                if op == STOP:
+                    return list(names), pos
+                if op == MARK:
+                    marks.append(len(stack))
+                    continue
+                raise err(f"unknown opcode {op:#04x}", at)
+            kind, arg, pops, pushes = spec
+            value: Any = None
+            if kind == FIXED:
                 pos += arg
-            elif kind == 2:
-                fmt, size = arg
-                if pos + size > n:
-                    raise err("truncated length", at, TruncatedCheckpointError)
-                (k,) = unpack_from(fmt, data, pos)
-                pos += size
-                if k < 0 or k > n - pos:
-                    raise err(
-                        f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)",
-                        pos,
-                        TruncatedCheckpointError,
-                    )
-                if op in _STRING_OPS and k <= _NAME_LIMIT:
-                    value = (pos, k)
-                pos += k
-            elif kind == 3:
-                first, pos = line(pos)
-                if op == 0x63 or op == 0x69:
-                    second, pos = line(pos)
-                    names[_full_name(first.decode("utf-8"), second.decode("utf-8"))] = None
-                elif op == 0x56:
-                    value = first.decode("raw_unicode_escape")
-                elif op == 0x53:
-                    value = first.decode("raw_unicode_escape")[1:-1]
-                elif op == 0x67 or op == 0x70:
-                    # an index the VM refuses (too large to hash cheaply) is not recorded here
-                    if len(first) > 10 or not first.strip().isdigit() or int(first) >= MAX_MEMO_INDEX:
-                        pass
-                    elif op == 0x67:
-                        value = memo.get(int(first))
-                    else:
-                        memo[int(first)] = stack[-1] if stack else None
-            elif op == 0x94:
-                memo[len(memo)] = stack[-1] if stack else None
-            elif op == 0x32:
-                value = stack[-1] if stack else None
-            elif op == 0x93:
-                module, name = (text(stack[-2]), text(stack[-1])) if len(stack) >= 2 else (None, None)
-                label = (
-                    _full_name(module, name)
-                    if module is not None and name is not None
-                    else f"<STACK_GLOBAL at byte {at} with computed operands>"
-                )
-                names[label] = None
-            elif op == 0x6F:
-                names.setdefault("<OBJ opcode>", None)
-            elif op == 0x97 or op == 0x98:
-                names.setdefault(f"<{_REFUSED[op]} opcode>", None)
-        except CorruptCheckpointError:
-            raise
-        except (UnicodeDecodeError, ValueError) as e:
-            raise err(f"opcode {op:#04x}: {e}", at) from None
-        if op == 0x28:
-            marks.append(len(stack))
-            continue
-        if pops == -1:
-            if not marks:
-                raise err("no MARK to pop to", at)
-            del stack[marks.pop() :]
-        elif pops:
-            if len(stack) - (marks[-1] if marks else 0) < pops:
-                raise err("stack underflow", at)
-            del stack[-pops:]
-        if pushes:
-            stack.append(value)
+                if pos > n:
+                    raise err("truncated argument", at, TruncatedCheckpointError)
+            elif kind:
+                if kind == TRACKED:
+                    if pos + arg > n:
+                        raise err("truncated argument", at, TruncatedCheckpointError)
+                    if op == LONG_BINPUT or op == BINPUT:  # noqa: SIM109 (a tuple of locals is built per test)
+                        memo[data[pos] if op == BINPUT else unpack_from("<I", data, pos)[0]] = (
+                            stack[-1] if stack else None
+                        )
+                    elif op == BINGET or op == LONG_BINGET:  # noqa: SIM109 (a tuple of locals is built per test)
+                        value = memo.get(data[pos] if op == BINGET else unpack_from("<I", data, pos)[0])
+                    elif op == MEMOIZE:
+                        memo[len(memo)] = stack[-1] if stack else None
+                    elif op == DUP:
+                        value = stack[-1] if stack else None
+                    elif op == STACK_GLOBAL:
+                        module, name = (text(stack[-2]), text(stack[-1])) if len(stack) >= 2 else (None, None)
+                        label = (
+                            _full_name(module, name)
+                            if module is not None and name is not None
+                            else f"<STACK_GLOBAL at byte {at} with computed operands>"
+                        )
+                        names[label] = None
+                    elif op == OBJ:
+                        names.setdefault("<OBJ opcode>", None)
+                    elif arg:  # EXT1/2/4
+                        code = int.from_bytes(bytes(data[pos : pos + arg]), "little")
+                        names[f"<{_REFUSED[op]} extension code {code}>"] = None
+                    else:  # the out-of-band buffer opcodes
+                        names.setdefault(f"<{_REFUSED[op]} opcode>", None)
+                    pos += arg
+                elif kind == SIZED:
+                    fmt, size = arg
+                    if pos + size > n:
+                        raise err("truncated length", at, TruncatedCheckpointError)
+                    (k,) = unpack_from(fmt, data, pos)
+                    pos += size
+                    if k < 0 or k > n - pos:
+                        raise err(f"needs {k} bytes, only {n - pos} remain (truncated, or a bogus length)", pos, TruncatedCheckpointError)
+                    if op in string_ops and k <= _NAME_LIMIT:
+                        value = (pos, k)
+                    pos += k
+                else:  # text lines
+                    first, pos = line(pos)
+                    if op == GLOBAL or op == INST:  # noqa: SIM109 (a tuple of locals is built per test)
+                        second, pos = line(pos)
+                        names[_full_name(first.decode("utf-8"), second.decode("utf-8"))] = None
+                    elif op == UNICODE:
+                        value = first.decode("raw_unicode_escape")
+                    elif op == STRING:
+                        value = first.decode("raw_unicode_escape")[1:-1]
+                    elif op == GET or op == PUT:  # noqa: SIM109 (a tuple of locals is built per test)
+                        # an index the VM refuses (too large to hash cheaply) is not recorded here
+                        if len(first) > 10 or not first.strip().isdigit() or int(first) >= MAX_MEMO_INDEX:
+                            pass
+                        elif op == GET:
+                            value = memo.get(int(first))
+                        else:
+                            memo[int(first)] = stack[-1] if stack else None
+            if pops == -1:
+                if not marks:
+                    raise err("no MARK to pop to", at)
+                del stack[marks.pop() :]
+            elif pops:
+                if len(stack) - (marks[-1] if marks else 0) < pops:
+                    raise err("stack underflow", at)
+                del stack[-pops:]
+            if pushes:
+                stack.append(value)
+    except CorruptCheckpointError:
+        raise
+    except IndexError:
+        raise err("no STOP opcode (truncated)", pos, TruncatedCheckpointError) from None
+    except (UnicodeDecodeError, ValueError, struct.error) as e:
+        raise err(f"opcode {op:#04x}: {e}", at) from None
 
 
 def globals_in(data: bytes | bytearray | memoryview) -> list[str]:
@@ -1218,24 +1279,14 @@ def globals_in(data: bytes | bytearray | memoryview) -> list[str]:
     return scan(data, 0, "<pickle>")[0]
 
 
-def unpickle_at(
-    data: bytes | bytearray | memoryview,
-    offset: int = 0,
-    *,
-    source: str,
-    persistent_load: Callable[[Any], Any] | None = None,
-    allow: Iterable[str] = (),
-    extra: Mapping[str, Handler] | None = None,
-) -> tuple[Any, int]:
-    """Unpickle the pickle that starts at ``offset``; return it and the offset just past its STOP.
+@dataclass(frozen=True)
+class Unpickled:
+    """What `load` returns: the ``value``, the offset just past the pickle's STOP (``end``), and the
+    ``globals`` it names (scanned once, before anything was built)."""
 
-    For files that hold several pickles in a row (torch's legacy format). See `unpickle`.
-
-    Example:
-        >>> obj, end = unpickle_at(data, 0, source="old.pt")
-    """
-    obj, end, _ = load(data, offset, source=source, persistent_load=persistent_load, allow=allow, extra=extra)
-    return obj, end
+    value: Any
+    end: int
+    globals: list[str]
 
 
 def load(
@@ -1246,12 +1297,30 @@ def load(
     persistent_load: Callable[[Any], Any] | None = None,
     allow: Iterable[str] = (),
     extra: Mapping[str, Handler] | None = None,
-) -> tuple[Any, int, list[str]]:
-    """`unpickle_at` that also returns the globals the pickle names (scanned once, before anything is built).
+    trailing: bool = False,
+) -> Unpickled:
+    """Rebuild the object the pickle at ``offset`` describes, through the allow-list only.
+
+    Args:
+        data: the bytes (any buffer: a legacy file's map holds several pickles in a row).
+        source: what to name in error messages (the file, and the record inside it).
+        persistent_load: called with each persistent id (``BINPERSID``); without it, persistent
+            ids are refused.
+        allow: extra global names (``"pkg.mod.Class"`` or ``"pkg.*"``) to admit as `Inert`
+            records; names in `DENIED_MODULES`/`DENIED_NAMES` stay refused.
+        extra: more `Handler`s by exact global name (they take precedence over `BASE`).
+        trailing: accept bytes after STOP (otherwise `CorruptCheckpointError`).
+
+    Raises:
+        UnsafeCheckpointError: a global outside the table, or a refused opcode; raised before
+            anything is built.
+        CorruptCheckpointError: anything malformed: truncation, bad lengths, stack misuse.
 
     Example:
+        >>> load(pickle.dumps([1, {"a": (2, 3)}]), source="x.pkl").value
+        [1, {'a': (2, 3)}]
         >>> load(pickle.dumps(collections.OrderedDict(a=1), protocol=4), source="x.pkl")
-        (OrderedDict([('a', 1)]), 52, ['collections.OrderedDict'])
+        Unpickled(value=OrderedDict([('a', 1)]), end=52, globals=['collections.OrderedDict'])
     """
     allowed = allowed_by(allow)
     table = {**BASE, **(extra or {})}
@@ -1263,49 +1332,15 @@ def load(
     ]
     if refused:
         raise _refusal(source, refused, allowed)
-    # the VM runs on a copy of just this pickle: bytes are the fastest to index, and a legacy
-    # file's storages after it are never copied
-    whole = isinstance(data, bytes) and offset == 0 and end == len(data)
-    vm = _VM(data if whole else bytes(memoryview(data)[offset:end]), 0, source, table, allowed, persistent_load)
-    vm.base = offset
-    obj = vm.run(allow_trailing=True)
-    return obj, offset + vm.pos, names
-
-
-def unpickle(
-    data: bytes | bytearray | memoryview,
-    *,
-    source: str,
-    persistent_load: Callable[[Any], Any] | None = None,
-    allow: Iterable[str] = (),
-    extra: Mapping[str, Handler] | None = None,
-    allow_trailing: bool = False,
-) -> Any:
-    """Rebuild the object a pickle describes, through the allow-list only.
-
-    Args:
-        data: the pickle bytes.
-        source: what to name in error messages (the file, and the record inside it).
-        persistent_load: called with each persistent id (``BINPERSID``); without it, persistent
-            ids are refused.
-        allow: extra global names (``"pkg.mod.Class"`` or ``"pkg.*"``) to admit as `Inert`
-            records; names in `DENIED_MODULES`/`DENIED_NAMES` stay refused.
-        extra: more `Handler`s by exact global name (they take precedence over `BASE`).
-        allow_trailing: accept bytes after STOP (otherwise `CorruptCheckpointError`).
-
-    Raises:
-        UnsafeCheckpointError: a global outside the table, or a refused opcode; raised before
-            anything is built.
-        CorruptCheckpointError: anything malformed: truncation, bad lengths, stack misuse.
-
-    Example:
-        >>> unpickle(pickle.dumps([1, {"a": (2, 3)}]), source="x.pkl")
-        [1, {'a': (2, 3)}]
-    """
-    obj, end = unpickle_at(data, 0, source=source, persistent_load=persistent_load, allow=allow, extra=extra)
-    n = len(memoryview(data))
-    if not allow_trailing and end != n:
+    n = len(data)
+    if not trailing and end != n:
         raise CorruptCheckpointError(
             f"{source}: {n - end} bytes of trailing data after the pickle's STOP (a second pickle hidden behind the first?)"
         )
-    return obj
+    # the VM runs on a copy of just this pickle: bytes are the fastest to index, and a legacy
+    # file's storages after it are never copied
+    whole = isinstance(data, bytes) and offset == 0 and end == n
+    body = data if whole and isinstance(data, bytes) else bytes(memoryview(data)[offset:end])
+    vm = _VM(body, 0, source, table, allowed, persistent_load)
+    vm.base = offset
+    return Unpickled(vm.run(), end, names)

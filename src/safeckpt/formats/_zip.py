@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -32,6 +33,9 @@ __all__ = ["Archive", "Record", "looks_like_zip", "parse"]
 
 LOCAL, CENTRAL, EOCD, EOCD64, LOCATOR64 = b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 _EOCD_SIZE, _CENTRAL_SIZE, _LOCAL_SIZE = 22, 46, 30
+# the fields we check of a central directory entry and of a local header (the rest are skipped)
+_CENTRAL = struct.Struct("<4s2xxxHH4xIIIHHHH6xI")
+_LOCAL = struct.Struct("<4s4xHxxxxxxxxxxxxxxxxHH")
 MAX_COMMENT = 0xFFFF
 
 
@@ -190,20 +194,25 @@ def parse(
     skipped: list[str] = []
     spans: list[tuple[int, int, str]] = []
     prefix = ""
-    pos = cd_offset
-    cd_end = cd_offset + cd_size
+    # the whole directory in one read; each entry then costs no more than its own fields
+    directory = bytes(view[start + cd_offset : start + cd_offset + cd_size])
+    central, local_header = _CENTRAL.unpack_from, _LOCAL.unpack_from
+    pos = 0
+    plain = re.compile(r"(?!)")  # matches nothing until the first entry has given the prefix
     for index in range(n_total):
-        if pos + _CENTRAL_SIZE > cd_end or bytes(view[start + pos : start + pos + 4]) != CENTRAL:
+        if pos + _CENTRAL_SIZE > cd_size:
             raise err(f"central directory entry {index} is damaged", hint="the file is damaged")
-        (flags, method, crc, csize, usize, name_len, extra_len, comment_len, disk_start, local_at) = _u(
-            "<2xxxHH4xIIIHHHH6xI", view, start + pos + 4
+        (sig, flags, method, crc, csize, usize, name_len, extra_len, comment_len, disk_start, local_at) = central(
+            directory, pos
         )
+        if sig != CENTRAL:
+            raise err(f"central directory entry {index} is damaged", hint="the file is damaged")
         name_end = pos + _CENTRAL_SIZE + name_len
         entry_end = name_end + extra_len + comment_len
-        if entry_end > cd_end:
+        if entry_end > cd_size:
             raise err(f"central directory entry {index} runs past the directory")
-        raw_name = bytes(view[start + pos + _CENTRAL_SIZE : start + name_end])
-        extra = bytes(view[start + name_end : start + name_end + extra_len])
+        raw_name = directory[pos + _CENTRAL_SIZE : name_end]
+        extra = directory[name_end : name_end + extra_len]
         pos = entry_end
         usize, csize, local_at = _zip64_fields(extra, usize, csize, local_at, err)
         try:
@@ -214,14 +223,18 @@ def parse(
             prefix = name.split("/", 1)[0]
             if "/" not in name or not prefix:
                 raise err(f"the first entry {name!r} is not inside a directory (torch archives are '<name>/...')")
-        _check_name(name, prefix, source)
-        if name[len(prefix) + 1 :] in records or name[len(prefix) + 1 :] in skipped:
+        if not plain.match(name):  # torch's names pass at C speed; the rest get every check
+            _check_name(name, prefix, source)
+        if index == 0:  # the prefix has passed every check: names under it with plain parts are safe
+            plain = re.compile(re.escape(prefix) + r"(/[A-Za-z0-9_][A-Za-z0-9_.-]*)+\Z")
+        rel = name[len(prefix) + 1 :]
+        if rel in records or rel in skipped:
             raise UnsafeCheckpointError(
                 f"{source}: duplicate zip entry {name!r}: readers disagree on which copy counts, so safeckpt reads neither"
             )
         if flags & 0x1 or flags & 0x40:
             raise err(f"entry {name!r} is encrypted")
-        skip = method != 0 and skip_compressed is not None and skip_compressed(name[len(prefix) + 1 :])
+        skip = method != 0 and skip_compressed is not None and skip_compressed(rel)
         if method != 0 and not skip:
             raise err(
                 f"entry {name!r} is compressed (method {method}, {csize} bytes expanding to {usize}); torch writes stored "
@@ -234,10 +247,11 @@ def parse(
         if local_at + _LOCAL_SIZE > cd_offset:
             raise err(f"entry {name!r}: its local header at {local_at} lies past the entries' area")
         lh = start + local_at
-        if bytes(view[lh : lh + 4]) != LOCAL:
+        head = bytes(view[lh : lh + _LOCAL_SIZE + name_len])  # one read: the header and the name we expect
+        l_sig, l_method, l_name_len, l_extra_len = local_header(head)
+        if l_sig != LOCAL:
             raise err(f"entry {name!r}: no local header at {local_at}")
-        (l_method, l_name_len, l_extra_len) = _u("<4xHxxxxxxxxxxxxxxxxHH", view, lh + 4)
-        if l_method != method or bytes(view[lh + _LOCAL_SIZE : lh + _LOCAL_SIZE + l_name_len]) != raw_name:
+        if l_method != method or l_name_len != name_len or head[_LOCAL_SIZE:] != raw_name:
             raise UnsafeCheckpointError(
                 f"{source}: entry {name!r}: the local header disagrees with the central directory (name or method)"
             )
@@ -246,13 +260,12 @@ def parse(
         if data_at + size > cd_offset:
             raise err(f"entry {name!r} ({size} bytes at {data_at}) runs past the entries' area (ends at {cd_offset})")
         spans.append((local_at, data_at + size, name))
-        rel = name[len(prefix) + 1 :]
         if skip:
             skipped.append(rel)
         else:
             records[rel] = Record(rel, start + data_at, usize, crc)
-    if pos != cd_end:
-        raise err(f"the central directory holds {cd_end - pos} bytes after its {n_total} entries")
+    if pos != cd_size:
+        raise err(f"the central directory holds {cd_size - pos} bytes after its {n_total} entries")
     spans.sort()
     for (_, a_end, a_name), (b_start, _, b_name) in itertools.pairwise(spans):
         if b_start < a_end:

@@ -30,7 +30,7 @@ from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointEr
 from ..tree import Checkpoint, TensorRef, path_name
 from . import Format, _zip, torch_pickle
 from . import _safetensors as st
-from ._pickle import BASE, TORCH_DTYPES, Handler, globals_in, unpickle
+from ._pickle import BASE, DTYPE_GLOBALS, Handler, globals_in, load
 from ._tiling import tiling_error
 
 NAME = "dcp"
@@ -318,7 +318,7 @@ HANDLERS: dict[str, Handler] = {
 # exactly what .metadata may name: the DCP dataclasses, torch.Size, layouts, dtypes, a pathlib path
 META_GLOBALS = frozenset(
     [*HANDLERS, "torch.Size", "torch.serialization._get_layout"]
-    + [f"torch.{n}" for n in TORCH_DTYPES]
+    + list(DTYPE_GLOBALS)
     + [n for n in BASE if n.startswith("pathlib.")]
 )
 
@@ -345,7 +345,7 @@ def read_metadata(path: Path) -> Metadata:
             "there; nothing was imported or run. Do not load this checkpoint with torch either: "
             "torch reads .metadata with pickle.load"
         )
-    obj = unpickle(data, source=str(path), extra=HANDLERS)
+    obj = load(data, source=str(path), extra=HANDLERS).value
     meta = _unbox(obj, Metadata)
     if meta is None:
         raise CorruptCheckpointError(f"{path}: holds a {type(obj).__name__}, not a DCP Metadata")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import os
 import pathlib
 import re
@@ -22,12 +23,11 @@ from argparse import Namespace
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .. import sparse
+from .. import _dtypes, _torch_values, sparse
 from .._budget import MAX_VIEW_EXPANSION, VIEW_ALLOWANCE
 from .._fs import MappedFile, Span
 from .._storage import atomic_write
@@ -35,6 +35,9 @@ from ..errors import CheckpointError, CorruptCheckpointError, TruncatedCheckpoin
 from ..tree import AttributeDict, Checkpoint, TensorRef, path_name
 from . import Format, _omegaconf, _pickle, _zip
 from ._pickle import Global, Handler, Inert
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "torch"
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
@@ -55,7 +58,7 @@ _MAGIC_BYTES = LEGACY_MAGIC.to_bytes(10, "little")
 class StorageType:
     """``torch.FloatStorage`` & co. as a value: the element type (``None``: untyped bytes)."""
 
-    dtype: torch.dtype | None
+    dtype: _dtypes.DType | None
 
 
 @dataclass(eq=False)
@@ -63,7 +66,7 @@ class Storage:
     """One storage record: ``numel`` elements of ``dtype`` at absolute file ``offset``."""
 
     key: str
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     numel: int
     location: str
     offset: int = -1
@@ -82,7 +85,7 @@ class TensorSpec:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     requires_grad: bool = False
     parameter: bool = False
     conj: bool = False
@@ -94,13 +97,24 @@ def _bad(what: str) -> CorruptCheckpointError:
 
 
 def _dims(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in x):
+    # C-level checks (run per tensor): exact ints only (not bools), none negative
+    if not isinstance(x, (tuple, list)) or len(x) > MAX_DIMS or not set(map(type, x)) <= _INT or min(x, default=0) < 0:
         raise _bad(f"tensor {what} must be up to {MAX_DIMS} non-negative ints, got {x!r:.80}")
     return tuple(x)
 
 
+_INT = {int}
+
+
 def _tensor(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype, requires_grad: Any, hooks: Any, metadata: Any
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    dtype: _dtypes.DType,
+    requires_grad: Any,
+    hooks: Any,
+    metadata: Any,
 ) -> TensorSpec:
     if not isinstance(storage, Storage):
         raise _bad(f"a tensor is rebuilt from a {type(storage).__name__}, not from one of the file's storages")
@@ -109,7 +123,8 @@ def _tensor(
     size, stride = _dims(size, "size"), _dims(stride, "stride")
     if len(size) != len(stride):
         raise _bad(f"tensor size {list(size)} and stride {list(stride)} differ in length")
-    if math.prod(size) > MAX_ELEMENTS or any(x > MAX_ELEMENTS for x in (*size, *stride)):  # a 0 dim hides others
+    # a 0 dim hides others from the product
+    if max(size, default=0) > MAX_ELEMENTS or max(stride, default=0) > MAX_ELEMENTS or math.prod(size) > MAX_ELEMENTS:
         raise _bad(f"tensor size {list(size)} / stride {list(stride)} beyond {MAX_ELEMENTS} elements")
     if type(requires_grad) is not bool:
         raise _bad("requires_grad must be a bool")
@@ -125,11 +140,11 @@ def _tensor(
         ):
             raise _bad(f"unknown tensor metadata {metadata!r:.80}")
         conj, neg = metadata.get("conj", False), metadata.get("neg", False)
-    if storage.dtype != dtype and storage.dtype != torch.uint8:
-        raise _bad(f"a {dtype} tensor over a {storage.dtype} storage")
+    if storage.dtype is not dtype and storage.dtype is not _UINT8:
+        raise _bad(f"a torch.{dtype.name} tensor over a torch.{storage.dtype.name} storage")
     available = storage.nbytes // dtype.itemsize
     if all(size):
-        extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=False)) + 1
+        extent = offset + sum(map(operator.mul, size, stride)) - sum(stride) + 1  # offset + sum((n - 1) * s) + 1
         if extent > available:
             raise _bad(
                 f"tensor view [{offset}, {extent}) exceeds its storage of {available} elements (storage {storage.key})"
@@ -139,12 +154,14 @@ def _tensor(
     return TensorSpec(storage, offset, size, stride, dtype, requires_grad, False, conj, neg)
 
 
-_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_UINT8 = _dtypes.BY_NAME["uint8"]
+_QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
 
 
-def _check_grad(requires_grad: bool, dtype: torch.dtype) -> None:
-    if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-        raise _bad(f"a {dtype} tensor cannot require gradients (only floating point and complex ones can)")
+def _check_grad(requires_grad: bool, dtype: _dtypes.DType) -> None:
+    # torch's is_floating_point / is_complex, by name
+    if requires_grad and not dtype.name.startswith(("float", "bfloat", "complex")):
+        raise _bad(f"a torch.{dtype.name} tensor cannot require gradients (only floating point and complex ones can)")
 
 
 def _rebuild_v2(
@@ -164,10 +181,11 @@ def _rebuild_v2(
 def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, metadata: Any = None
 ) -> TensorSpec:
-    if not isinstance(dtype, torch.dtype) or dtype in _QUANTIZED:
+    row = _dtypes.of(dtype) if _torch_values.is_a(dtype, "dtype") else None
+    if row is None or row.name in _QUANTIZED:
         # torch writes quantized tensors with _rebuild_qtensor (refused): a bare quantized dtype has no quantizer
         raise _bad(f"_rebuild_tensor_v3 needs a plain dtype, got {dtype!r}")
-    return _tensor(storage, offset, size, stride, dtype, requires_grad, hooks, metadata)
+    return _tensor(storage, offset, size, stride, row, requires_grad, hooks, metadata)
 
 
 def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorSpec:
@@ -203,20 +221,6 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Te
     return spec
 
 
-_STORAGE_NAMES = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "BFloat16Storage": torch.bfloat16,
-    "ComplexDoubleStorage": torch.complex128,
-    "ComplexFloatStorage": torch.complex64,
-}
 _REBUILDERS = {
     "torch._utils._rebuild_tensor": _rebuild_v1,
     "torch._utils._rebuild_tensor_v2": _rebuild_v2,
@@ -234,17 +238,10 @@ class SparseSpec:
     coalesced: bool | None
 
 
-def _get_layout(name: Any) -> torch.layout:
-    layouts = {f"torch.{k}": v for k, v in sparse.LAYOUTS.items()} | {"torch.strided": torch.strided}
-    if name not in layouts:
-        raise _bad(f"unknown tensor layout {name!r:.40}")
-    return layouts[name]
-
-
 def _rebuild_sparse(layout: Any, data: Any) -> SparseSpec:
     """torch's ``_rebuild_sparse_tensor(layout, data)``: recorded, built only when loaded (with
     torch's invariant checks)."""
-    if not isinstance(layout, torch.layout) or not isinstance(data, tuple):
+    if not _torch_values.is_a(layout, "layout") or not isinstance(data, tuple):
         raise _bad("_rebuild_sparse_tensor takes a sparse layout and a tuple")
     name = sparse.layout_name(layout)
     if name == "sparse_coo":
@@ -269,11 +266,11 @@ def _torch_table() -> dict[str, Handler]:
     table["torch.Tensor"] = Handler()
     table["torch.nn.parameter.Parameter"] = Handler()
     for mod in ("torch", "torch.cuda"):
-        for name, dtype in _STORAGE_NAMES.items():
-            table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
+        for name, dtype in _dtypes.BY_STORAGE.items():
+            if not name.startswith("Q"):  # torch pickles quantized tensors with _rebuild_qtensor (refused)
+                table[f"{mod}.{name}"] = Handler(value=StorageType(dtype))
     table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"] = Handler(value=StorageType(None))
     table["torch._utils._rebuild_sparse_tensor"] = Handler(call=_rebuild_sparse)
-    table["torch.serialization._get_layout"] = Handler(call=_get_layout)
     table.update(_omegaconf.handlers())  # Hydra configs in Lightning hyper_parameters, as plain data
     return table
 
@@ -393,9 +390,9 @@ class _Reader:
                 or numel < 0
             ):
                 raise _bad(f"bad storage persistent id {pid!r:.100}")
-            if not isinstance(key, str) or not re.fullmatch(r"[0-9]{1,20}", key):
+            if not isinstance(key, str) or not (key.isdigit() and key.isascii() and len(key) <= 20):
                 raise _bad(f"bad storage key {key!r:.40}")
-            dtype = stype.dtype or torch.uint8
+            dtype = stype.dtype or _UINT8
             known = self.storages.get(key)
             if known is not None:
                 if (known.dtype, known.numel) != (dtype, numel):
@@ -407,7 +404,7 @@ class _Reader:
             storage = Storage(key, dtype, numel, location, record.offset, record.crc32 or None)
             if storage.nbytes != record.size:
                 raise _bad(
-                    f"storage {key}: declared {storage.nbytes} bytes ({numel} x {dtype}), the record has {record.size}"
+                    f"storage {key}: declared {storage.nbytes} bytes ({numel} x torch.{dtype.name}), the record has {record.size}"
                 )
             self.storages[key] = storage
             return storage
@@ -418,20 +415,15 @@ class _Reader:
             return self._unpickle(data, f"{self.source} (data.pkl)", persistent_load, allow)
         self.info["producer"] = "torchscript"
         extra = _script_records(_pickle.scan(data, 0, self.source)[0])
-        obj, end, names = _pickle.load(
+        out = _pickle.load(
             data,
-            0,
             source=f"{self.source} (data.pkl)",
             persistent_load=persistent_load,
             allow=allow,
             extra={**TORCH, **extra},
         )
-        if end != len(data):
-            raise CorruptCheckpointError(
-                f"{self.source} (data.pkl): {len(data) - end} bytes of trailing data after STOP"
-            )
-        self.globals.extend(n for n in names if n not in extra)
-        return script_state_dict(obj, self.source)
+        self.globals.extend(n for n in out.globals if n not in extra)
+        return script_state_dict(out.value, self.source)
 
     def _small(self, record: _zip.Record | None) -> str | None:
         if record is None:
@@ -450,16 +442,9 @@ class _Reader:
             self.info["pickle_protocol"] = view[1]
 
     def _unpickle(self, data: Any, source: str, persistent_load: Any, allow: Iterable[str]) -> Any:
-        obj, end, names = _pickle.load(
-            data, 0, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH
-        )
-        if end != len(data):
-            raise CorruptCheckpointError(
-                f"{source}: {len(data) - end} bytes of trailing data after the pickle's STOP "
-                "(a second pickle hidden behind the first?)"
-            )
-        self.globals.extend(names)
-        return obj
+        out = _pickle.load(data, source=source, persistent_load=persistent_load, allow=allow, extra=TORCH)
+        self.globals.extend(out.globals)
+        return out.value
 
     # legacy -----------------------------------------------------------------------------------
     def read_legacy(self, allow: Iterable[str]) -> Any:
@@ -470,16 +455,17 @@ class _Reader:
             pos: int, what: str, persistent_load: Any = None, allow_: Iterable[str] = ()
         ) -> tuple[Any, int]:
             extra = TORCH if persistent_load is not None else {}
-            obj, end, names = _pickle.load(
+            out = _pickle.load(
                 data,
                 pos,
                 source=f"{src} (legacy {what} pickle)",
                 persistent_load=persistent_load,
                 allow=allow_,
                 extra=extra,
+                trailing=True,
             )
-            self.globals.extend(names)
-            return obj, end
+            self.globals.extend(out.globals)
+            return out.value, out.end
 
         magic, pos = next_pickle(0, "magic")
         if magic != LEGACY_MAGIC:
@@ -512,7 +498,7 @@ class _Reader:
                 raise _bad(
                     f"storage {key} is a legacy storage view (PyTorch < 1.0); load and re-save it with an old PyTorch"
                 )
-            dtype = stype.dtype or torch.uint8
+            dtype = stype.dtype or _UINT8
             known = self.storages.setdefault(key, Storage(key, dtype, numel, location))
             if (known.dtype, known.numel) != (dtype, numel):
                 raise _bad(f"storage {key} is declared twice with different types or sizes")
@@ -651,14 +637,17 @@ def materialize(
     Example:
         >>> t = materialize(MappedFile(path), storage, TensorSpec(storage, 0, (2, 3), (3, 1), torch.float32))
     """
+    import torch
+
     item = spec.dtype.itemsize
     count = storage.nbytes // item
-    key = (storage.offset, storage.nbytes, spec.dtype)
+    dtype = _dtypes.to_torch(spec.dtype)
+    key = (storage.offset, storage.nbytes, dtype)
     base = copies.get(key) if copies is not None else None
     if base is not None:
         pass
     elif count == 0:
-        base = torch.empty(0, dtype=spec.dtype)
+        base = torch.empty(0, dtype=dtype)
     else:
         copied = bool(storage.offset % item) or (byteswap and item > 1)
         if storage.offset % item:
@@ -669,9 +658,9 @@ def materialize(
         else:
             raw = torch.frombuffer(mapped.map, dtype=torch.uint8, count=count * item, offset=storage.offset)
         if byteswap and item > 1:
-            unit = item // 2 if spec.dtype.is_complex else item
+            unit = item // 2 if dtype.is_complex else item
             raw = raw.view(-1, unit).flip(-1).reshape(-1)
-        base = raw.view(spec.dtype)
+        base = raw.view(dtype)
         if copied and copies is not None:
             copies[key] = base
     t = base.as_strided(spec.size, spec.stride, spec.offset)
@@ -695,10 +684,7 @@ _LEAF_TYPES = (
     bytes,
     bytearray,
     complex,
-    torch.Size,
-    torch.dtype,
-    torch.device,
-    torch.layout,
+    *_torch_values.STAND_INS,
     np.generic,
     np.ndarray,
     np.dtype,
@@ -715,6 +701,7 @@ class _Tree:
         self.active: set[int] = set()
         self.refs: dict[tuple[int, tuple[Any, ...]], TensorRef] = {}
         self.expanded = 0  # bytes the file's expanded views add once loaded
+        self.leaf_types = _LEAF_TYPES + _torch_values.torch_types()
 
     def err(self, path: tuple[Any, ...], what: str) -> CorruptCheckpointError:
         where = "/".join(map(str, path)) or "the root"
@@ -728,13 +715,16 @@ class _Tree:
             raise self.err(path, "nested too deeply to read") from None
 
     def _convert(self, obj: Any, path: tuple[Any, ...], tensors: bool = True) -> Any:
+        cls = type(obj)
         # the budget counts values of about a dict's size; a set costs four (216 bytes, not 64)
-        self.budget -= 4 if type(obj) in (set, frozenset) else 1
+        self.budget -= 4 if cls is set or cls is frozenset else 1
         if self.budget < 0:
             raise self.err(path, "the pickle's shared references expand to too many values (a memo bomb?)")
         if len(path) > MAX_DEPTH:
             raise self.err(path[:8], f"nested more than {MAX_DEPTH} levels deep")
-        if isinstance(obj, _LEAF_TYPES) and type(obj) not in (list, tuple):
+        if cls is TensorSpec and tensors:  # the common case first
+            return self.tensor(obj, path)
+        if isinstance(obj, self.leaf_types) and cls is not list and cls is not tuple:
             return obj
         if isinstance(obj, SparseSpec):
             if not tensors:
@@ -800,7 +790,7 @@ class _Tree:
         view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
         return TensorRef(
             path_name(path),
-            obj.dtype,
+            obj.dtype,  # type: ignore[arg-type]  # a DType row: resolved lazily
             obj.size,
             self.reader.source,
             self.reader.tensor_loader(obj),
@@ -834,12 +824,13 @@ class _Tree:
         s, item = spec.storage, spec.dtype.itemsize
         if self.reader.byteorder != "little" or spec.conj or spec.neg or s.offset < 0:
             return None
-        expect, n = [], 1
-        for d in reversed(spec.size):
-            expect.append(n)
-            n *= d
-        if n > 1 and any(d > 1 and st != e for d, st, e in zip(spec.size, spec.stride, reversed(expect), strict=True)):
-            return None
+        n = math.prod(spec.size)
+        if n > 1:  # C order: each dimension of more than one element strides over the ones after it
+            inner = 1
+            for d, st in zip(reversed(spec.size), reversed(spec.stride), strict=True):
+                if d > 1 and st != inner:
+                    return None
+                inner *= d
         whole = spec.offset == 0 and n * item == s.nbytes
         return Span(self.reader.mapped, s.offset + spec.offset * item, s.crc32 if whole else None)
 
@@ -997,6 +988,8 @@ def write(ckpt: Checkpoint, path: Path, *, pickle_protocol: int = 2) -> Path:
         >>> safeckpt.convert("run.safeckpt", "run.pt", format="torch")
         PosixPath('run.pt')
     """
+    import torch
+
     obj = ckpt.to_python()
     with atomic_write(path) as f:
         torch.save(obj, f, pickle_protocol=pickle_protocol)
