@@ -313,13 +313,15 @@ def test_convert_verification_catches_a_lossy_writer(files: dict[str, Path], tmp
     verification must catch it (exit 1) and --no-verify must not (exit 0)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import safeckpt.formats._safetensors as st\n"
-        "_orig = st.tensor_bytes\n"
-        "def flipped(t):\n"
-        "    data = bytearray(_orig(t))\n"
+        "def flip(data):\n"
+        "    data = bytearray(data)\n"
         "    if data:\n"
         "        data[0] ^= 0xFF\n"
         "    return memoryview(bytes(data))\n"
-        "st.tensor_bytes = flipped\n"
+        "_tensor, _span = st.tensor_bytes, st.span_bytes\n"
+        "st.tensor_bytes = lambda t: flip(_tensor(t))\n"
+        "st.span_bytes = lambda span, n: flip(_span(span, n))\n"
+        "st.copy_span = lambda *args: False  # the kernel's file-to-file copy would bypass the fault\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     bad = run("convert", files["run"], tmp_path / "out.safeckpt", env=env)

@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import CheckpointError, CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # advisory locks mark files a live writer is still writing (POSIX; absent on Windows)
     import fcntl
@@ -236,6 +237,8 @@ def write_all(f: BinaryIO, data: memoryview | bytes) -> None:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a tensor's logical value, C-ordered, without a copy when it is already
     contiguous on the CPU (non-contiguous, lazily conjugated or non-CPU tensors are copied once)."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -306,6 +309,8 @@ class MappedFile:
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor stored at ``offset`` (``nbytes`` long) as ``dtype`` and ``shape``, backed by the map."""
+        import torch
+
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if offset < 0 or offset + nbytes > self._stamp[0]:

@@ -12,20 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptCheckpointError
-from .tree import TensorRef
+from .tree import TensorRef, is_tensor
 
-LAYOUTS: dict[str, torch.layout] = {
-    "sparse_coo": torch.sparse_coo,
-    "sparse_csr": torch.sparse_csr,
-    "sparse_csc": torch.sparse_csc,
-    "sparse_bsr": torch.sparse_bsr,
-    "sparse_bsc": torch.sparse_bsc,
-}
+if TYPE_CHECKING:
+    import torch
+
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "sparse_coo": ("indices", "values"),
     "sparse_csr": ("crow_indices", "col_indices", "values"),
@@ -36,13 +30,24 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 MAX_DIMS = 64
 
 
+def __getattr__(name: str) -> Any:
+    """``LAYOUTS`` (layout name -> ``torch.layout``), built when first asked for: it imports torch."""
+    if name != "LAYOUTS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    value = {layout: getattr(torch, layout) for layout in COMPONENTS}
+    globals()[name] = value
+    return value
+
+
 def layout_name(layout: torch.layout) -> str:
     return str(layout).removeprefix("torch.")
 
 
 def is_sparse(x: Any) -> bool:
     """A sparse torch tensor or a `SparseTensorRef`."""
-    return isinstance(x, SparseTensorRef) or (isinstance(x, torch.Tensor) and x.layout != torch.strided)
+    return isinstance(x, SparseTensorRef) or (is_tensor(x) and str(x.layout) != "torch.strided")
 
 
 def parts(x: torch.Tensor | SparseTensorRef) -> tuple[str, tuple[int, ...], tuple[Any, ...], bool | None]:
@@ -71,6 +76,8 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
     Example:
         >>> build("sparse_coo", (2, 2), (torch.tensor([[0], [1]]), torch.tensor([3.0])), True)
     """
+    import torch
+
     size = _size(size)
     try:
         if layout == "sparse_coo":
@@ -79,7 +86,7 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
             return t.coalesce() if coalesced else t
         compressed, plain, values = components
         return torch.sparse_compressed_tensor(
-            compressed, plain, values, size, layout=LAYOUTS[layout], check_invariants=True
+            compressed, plain, values, size, layout=getattr(torch, layout), check_invariants=True
         )
     except (RuntimeError, ValueError, TypeError) as e:
         raise CorruptCheckpointError(f"an invalid {layout} tensor: {str(e).splitlines()[0][:200]}") from None
@@ -87,7 +94,7 @@ def build(layout: str, size: Sequence[int], components: Sequence[torch.Tensor], 
 
 def _size(size: Any) -> tuple[int, ...]:
     if (
-        not isinstance(size, (tuple, list, torch.Size))
+        not isinstance(size, (tuple, list))  # torch.Size is a tuple
         or len(size) > MAX_DIMS
         or not all(type(d) is int and d >= 0 for d in size)
     ):
@@ -151,4 +158,4 @@ def sparse_ref(
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{source}: {name}: {e}") from None
 
-    return SparseTensorRef(name, values.dtype, size, source, load, layout=layout, components=comps, coalesced=coalesced)
+    return SparseTensorRef(name, values.dtype_info, size, source, load, layout=layout, components=comps, coalesced=coalesced)

@@ -19,12 +19,11 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
-from .. import _shapes, codec
+from .. import _dtypes, _shapes, codec
 from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -33,6 +32,9 @@ from . import Format
 from . import _safetensors as st
 from ._tiling import tiling_error
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, tensor_leaf_decoder, tensor_leaf_encoder
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
@@ -50,7 +52,8 @@ _OURS = re.compile(
 )
 # A save in progress holds a lock on this file (removed when it ends); a killed save's is left unlocked.
 _LOCK = re.compile(r"^\.safeckpt-(?P<gen>[0-9a-f]{8,64})\.lock$")
-_DTYPES = {str(d).removeprefix("torch."): d for d in [*st.CODES, *st.AS_REAL]}
+# the dtypes an index may name, as torch-free rows: safetensors' own and the complex ones stored as their real view
+_DTYPES = {name: row for name, row in _dtypes.BY_NAME.items() if row.code is not None or name in st.REAL_OF}
 
 
 def sniff(head: bytes, path: Path) -> bool:
@@ -206,7 +209,7 @@ class Chunk:
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     shard: _Shard = field(repr=False)
     key: str
     begin: int
@@ -215,21 +218,24 @@ class Chunk:
     def tensor(self) -> torch.Tensor:
         """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
         e = self.shard.header.entries.get(self.key)
-        stored, shape = st.AS_REAL.get(self.dtype, self.dtype), self.sizes + ((2,) if self.dtype in st.AS_REAL else ())
+        real = st.real_view(self.dtype)
+        stored, shape = real or self.dtype, self.sizes + ((2,) if real is not None else ())
         if (
             e is None
-            or e.code not in st.DTYPES
-            or e.dtype != stored
+            or e.code not in st.ROWS
+            or e.dtype_info is not stored
             or e.torch_shape != shape
             or (e.begin, e.end) != (self.begin, self.end)
         ):
             found = "no such entry" if e is None else f"{e.code} {list(e.torch_shape)} at bytes [{e.begin}, {e.end})"
             raise CorruptCheckpointError(
-                f"{self.shard.path}: entry {self.key!r} should be {stored} {list(shape)} at bytes [{self.begin}, {self.end}) "
+                f"{self.shard.path}: entry {self.key!r} should be torch.{stored.name} {list(shape)} at bytes [{self.begin}, {self.end}) "
                 f"as the index says, but the shard has {found}; the directory mixes files of different saves"
             )
+        import torch
+
         t = st.entry_tensor(self.shard.mapped, e)
-        return torch.view_as_complex(t) if self.dtype in st.AS_REAL else t
+        return torch.view_as_complex(t) if real is not None else t
 
     def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
         """The sub-box ``offsets``/``lengths`` (relative to this chunk), prefetching exactly the
@@ -263,13 +269,15 @@ class ShardedRef(TensorRef):
     chunks: tuple[Chunk, ...] = ()
 
 
-def _assemble(dtype: torch.dtype, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+def _assemble(dtype: _dtypes.DType, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+    import torch
+
     # Map (and so check against its shard) every chunk before allocating: the chunks tile the
     # tensor, so the allocation is never larger than data that is really on disk.
     parts = [c.tensor() for c in chunks]
     if len(chunks) == 1 and chunks[0].sizes == shape:
         return parts[0]
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=_dtypes.to_torch(dtype))
     for c, part in zip(chunks, parts, strict=True):
         dst = out
         for dim, (o, n) in enumerate(zip(c.offsets, c.sizes, strict=True)):
