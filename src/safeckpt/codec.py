@@ -394,7 +394,7 @@ def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, 
         elif isinstance(node, list):
             children = [(path + (i,), v) for i, v in enumerate(node)]
         else:
-            row = next((r for r in _CONTAINERS if isinstance(node, r.classes)), None)
+            row = next((r for r, classes in _CONTAINERS if isinstance(node, classes)), None)
             if row is not None and row.children is not None:
                 children = [(path + (k,), v) for k, v in row.children(node)]
         stack.extend(reversed(children))
@@ -660,7 +660,9 @@ EXT_TYPES: tuple[ExtType, ...] = (
 )  # fmt: skip
 
 _MATCHED = tuple(row for row in EXT_TYPES if row.match is not None)
-_CONTAINERS = tuple(row for row in EXT_TYPES if row.children is not None)
+_CONTAINERS = tuple(
+    (row, tuple(c for c in row.classes if isinstance(c, type))) for row in EXT_TYPES if row.children is not None
+)
 _BUILD = {row.code: row.decode for row in EXT_TYPES if row.decode is not None}
 _EXT_NAMES = {v: k.lower() for k, v in vars(Ext).items() if isinstance(v, int)}
 # ext values that can be dict keys or set members

@@ -233,7 +233,7 @@ def _same_file_bytes(x: Any, y: Any) -> bool:
     them (False: they differ, or it cannot be told without loading them)."""
     if not (isinstance(x, TensorRef) and isinstance(y, TensorRef) and x.span is not None and y.span is not None):
         return False
-    if type(x) is not TensorRef or type(y) is not TensorRef or x.dtype_info is not y.dtype_info:
+    if x.dtype_info is not y.dtype_info:
         return False
     n = x.nbytes
     if n == 0:

@@ -158,4 +158,13 @@ def sparse_ref(
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{source}: {name}: {e}") from None
 
-    return SparseTensorRef(name, values.dtype_info, size, source, load, layout=layout, components=comps, coalesced=coalesced)
+    return SparseTensorRef(
+        name,
+        values.dtype_info,  # type: ignore[arg-type]  # a torch-free row, resolved when .dtype is read
+        size,
+        source,
+        load,
+        layout=layout,
+        components=comps,
+        coalesced=coalesced,
+    )

@@ -269,7 +269,7 @@ def detect(path: str | os.PathLike[str]) -> Format:
             head = f.read(HEAD_BYTES)
     suffix, kind = p.suffix.lower(), "file" if p.is_file() else "dir"
     tried = [n for n in list(_table) if _kind(n) in (kind, "any")]
-    hits = []
+    hits: list[Format] = []
     for name in tried:
         if hits and suffix not in _extensions(name):
             continue  # it could not win the tie against the format already found

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .. import _dtypes, _shapes, codec
-from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
+from .._fs import MappedFile, Span, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, iter_leaves, unique_name
@@ -184,6 +184,11 @@ class _Shard:
         self.header  # noqa: B018 - maps the file
         return self._mapped
 
+    @functools.cached_property
+    def crcs(self) -> dict[str, int]:
+        """The CRC-32 its header records for each entry (none if it records none)."""
+        return st.checksums(self.header, st.KEY_CRC) or {}
+
     def _missing(self) -> CorruptCheckpointError:
         m, now = _OURS.match(self.path.name), None
         with contextlib.suppress(CorruptCheckpointError, OSError):
@@ -215,8 +220,8 @@ class Chunk:
     begin: int
     end: int
 
-    def tensor(self) -> torch.Tensor:
-        """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
+    def entry(self) -> st.Entry:
+        """The chunk's entry in its shard's header, checked to agree with the index (no torch)."""
         e = self.shard.header.entries.get(self.key)
         real = st.real_view(self.dtype)
         stored, shape = real or self.dtype, self.sizes + ((2,) if real is not None else ())
@@ -232,8 +237,13 @@ class Chunk:
                 f"{self.shard.path}: entry {self.key!r} should be torch.{stored.name} {list(shape)} at bytes [{self.begin}, {self.end}) "
                 f"as the index says, but the shard has {found}; the directory mixes files of different saves"
             )
+        return e
+
+    def tensor(self) -> torch.Tensor:
+        """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
         import torch
 
+        e, real = self.entry(), st.real_view(self.dtype)
         t = st.entry_tensor(self.shard.mapped, e)
         return torch.view_as_complex(t) if real is not None else t
 
@@ -261,12 +271,17 @@ def _prefetch(mapped: MappedFile, start: int, length: int) -> None:
         mapped.map.madvise(mmap.MADV_WILLNEED, aligned, length + start - aligned)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # TensorRef's repr, which needs no torch
 class ShardedRef(TensorRef):
     """A `TensorRef` whose bytes are spread over chunks; ``load()`` assembles the full tensor
     (a chunk that covers the whole tensor is returned mapped, without a copy)."""
 
     chunks: tuple[Chunk, ...] = ()
+
+    def check_readable(self) -> None:
+        """Check every chunk against its shard's header, without reading the bytes or importing torch."""
+        for c in self.chunks:
+            c.entry()
 
 
 def _assemble(dtype: _dtypes.DType, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
@@ -418,9 +433,14 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
             Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
             for c in t["chunks"]
         )
+        span = None
+        if len(chunks) == 1 and chunks[0].sizes == shape and st.real_view(dtype) is None:
+            # stored whole: its bytes can be copied and compared file to file (checked against the shard first)
+            whole = chunks[0]
+            span = Span(whole.shard.mapped, whole.entry().begin, whole.shard.crcs.get(whole.key))
         return ShardedRef(
             name,
-            dtype,
+            dtype,  # type: ignore[arg-type]  # a torch-free row, resolved when .dtype is read
             shape,
             str(root),
             functools.partial(_assemble, dtype, shape, chunks),
@@ -428,6 +448,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
             view=name,
             requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
             parameter=bool(flags & FLAG_PARAMETER),
+            span=span,
             chunks=chunks,
         )
 
@@ -693,7 +714,7 @@ def verify(path: Path) -> list[str]:
                 f"the data of {where}" if c.key == ref.name else f"box [{box}] of {where} (tensor {ref.name!r})"
             )
             try:
-                c.tensor()
+                c.entry()
             except CorruptCheckpointError as e:
                 problems.append(str(e))
     for f in read_index(root)["files"]:

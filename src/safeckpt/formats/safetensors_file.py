@@ -169,16 +169,10 @@ def plan(ckpt: Checkpoint, path: Path) -> Plan:
     for members in groups.values():
         kept = min(n for n, _ in members)
         leaf = next(x for n, x in members if n == kept)
-        lazy = isinstance(leaf, TensorRef)
-        out.items.append(
-            st.Item(
-                kept,
-                leaf.dtype_info if lazy else leaf.dtype,
-                tuple(leaf.shape),
-                leaf.load if lazy else lambda x=leaf: x,  # type: ignore[misc]
-                leaf.span if lazy else None,  # copied file to file where the source holds the bytes as stored
-            )
-        )
+        if isinstance(leaf, TensorRef):  # copied file to file where the source holds the bytes as stored
+            out.items.append(st.Item(kept, leaf.dtype_info, tuple(leaf.shape), leaf.load, leaf.span))
+        else:
+            out.items.append(st.Item(kept, leaf.dtype, tuple(leaf.shape), lambda x=leaf: x))  # type: ignore[misc]
         out.aliases.update({n: kept for n, _ in members if n != kept})
     return out
 
