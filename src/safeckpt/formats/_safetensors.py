@@ -194,9 +194,9 @@ def _parse_fast(path: Path, raw: bytes, size: int) -> Header | None:
     if not obj:
         return Header(path, size, data_start, {}, metadata) if data_start == size else None
     names, infos = list(obj), list(obj.values())
-    if "" in obj or set(map(type, infos)) != {dict} or set(map(len, infos)) != {3}:
+    if "" in obj or set(map(len, infos)) != {3}:
         return None
-    try:  # three keys, and these three: no other
+    try:  # objects (a list or string has no such keys) of three keys, and these three: no other
         codes, shapes, offsets = zip(*map(_FIELDS, infos), strict=True)
         bits = list(map(_CODE_BITS.__getitem__, codes))  # a code of no known dtype (or not a str) fails
     except (KeyError, TypeError):
