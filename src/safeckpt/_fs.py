@@ -332,13 +332,14 @@ class Span(NamedTuple):
     crc32: int | None = None
 
 
-def copy_span(out: BinaryIO, span: Span, nbytes: int) -> bool:
+def copy_span(out: BinaryIO, span: Span, nbytes: int, source: BinaryIO | None = None) -> bool:
     """Append ``nbytes`` at ``span`` to ``out`` with ``copy_file_range`` (no pass through user
-    space). False, with nothing written, where the kernel cannot do it (the caller writes instead)."""
+    space). False, with nothing written, where the kernel cannot do it (the caller writes instead).
+    ``source``: ``span.file`` already opened (`MappedFile.open`), for a caller copying many spans."""
     if not hasattr(os, "copy_file_range"):
         return False
     start = os.lseek(out.fileno(), 0, os.SEEK_CUR)
-    with span.file.open() as src:
+    with contextlib.nullcontext(source) if source is not None else span.file.open() as src:
         pos, left = span.offset, nbytes
         try:
             while left:

@@ -7,6 +7,7 @@ Reading validates more than the safetensors library does (duplicate keys, a tens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -14,7 +15,7 @@ import operator
 import os
 import struct
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from .. import _dtypes, _shapes
-from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_bytes, write_all
+from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, crc32, tensor_bytes, write_all
 from ..errors import CorruptCheckpointError
 from ..tree import TensorRef, is_tensor
 
@@ -524,31 +525,52 @@ def write(
             f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors"
         )
     blob += b" " * (-(8 + len(blob)) % align)
-    crcs: list[int] = []
-    with atomic_write(path) as f, ThreadPoolExecutor(1) as pool:
+    with atomic_write(path) as f, ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as opened:
+        sources: dict[int, BinaryIO] = {}  # each source file opened once, however many spans it holds
+
+        def source(span: Span) -> BinaryIO:
+            if id(span.file) not in sources:
+                sources[id(span.file)] = opened.enter_context(span.file.open())
+            return sources[id(span.file)]
+
         write_all(f, struct.pack("<Q", len(blob)) + blob)
+        crcs_or_pending: list[int | Future[int]] = []
+        run: list[Any] = []  # [span, nbytes]: the bytes of spans that follow each other in one file
+
+        def flush() -> None:  # copied as one, in the kernel
+            if run:
+                whole, n = run
+                if not copy_span(f, whole, n, source(whole)):
+                    write_all(f, span_bytes(whole, n))  # the kernel cannot: from the map
+                run.clear()
+
         for it in items:
             nbytes = _shapes.nbytes(it.dtype, it.shape)
             span = it.span
-            if span is not None and (span.crc32 is not None or not checksum_key) and copy_span(f, span, nbytes):
-                crcs.append(span.crc32 or 0)
+            if span is not None:  # the source's bytes as they are: no torch, no copy through the process
+                if span.crc32 is not None or not checksum_key:
+                    crcs_or_pending.append(span.crc32 or 0)
+                else:  # another writer's file records none: the other core reads the bytes for it
+                    crcs_or_pending.append(pool.submit(span_crc, span, nbytes, source(span)))
+                if run and run[0].file is span.file and run[0].offset + run[1] == span.offset:
+                    run[1] += nbytes
+                else:
+                    flush()
+                    run[:] = [span, nbytes]
                 continue
-            t: Any = None
-            if span is not None:  # the source's bytes as they are, from its map: no torch, no copy
-                data = span_bytes(span, nbytes)
-            else:
-                t = it.get()
-                if _dtypes.of(t.dtype) is not _dtypes.of(it.dtype) or tuple(t.shape) != tuple(it.shape):
-                    raise ValueError(
-                        f"{path}: tensor {it.name!r} changed while saving (was {it.dtype} {list(it.shape)})"
-                    )
-                data = tensor_bytes(t)
+            flush()
+            t = it.get()
+            if _dtypes.of(t.dtype) is not _dtypes.of(it.dtype) or tuple(t.shape) != tuple(it.shape):
+                raise ValueError(f"{path}: tensor {it.name!r} changed while saving (was {it.dtype} {list(it.shape)})")
+            data = tensor_bytes(t)
             # the CRC of a large tensor runs on the other core while its bytes are written
             crc = pool.submit(checksum, data) if checksum_key and nbytes >= 1 << 20 else None
             small = checksum(data) if checksum_key and crc is None else 0
             write_all(f, data)
-            crcs.append(crc.result() if crc is not None else small)
+            crcs_or_pending.append(crc.result() if crc is not None else small)
             del t, data  # let go before the next tensor is fetched: at most one is held at a time
+        flush()
+        crcs = [c if isinstance(c, int) else c.result() for c in crcs_or_pending]
         if checksum_key:
             head = bytearray(struct.pack("<Q", len(blob)) + blob)
             _patch(head, checksum_key, "".join(f"{c:08x}" for c in crcs))
@@ -567,6 +589,26 @@ def span_bytes(span: Span, nbytes: int) -> memoryview:
             f"{span.file.path}: tensor bytes [{span.offset}, {span.offset + nbytes}) lie past the end of the file"
         )
     return memoryview(mapped)[span.offset : span.offset + nbytes]
+
+
+def span_crc(span: Span, nbytes: int, source: BinaryIO | None = None) -> int:
+    """The CRC-32 of the ``nbytes`` at ``span``, read from its file in pieces (not through the
+    shared map: the RSS of a conversion stays flat, and pages a caller wrote to are left alone);
+    ``source``: ``span.file`` already opened."""
+    crc, pos, left = 0, span.offset, nbytes
+    buf = bytearray(min(nbytes, CRC_PIECE))
+    with contextlib.nullcontext(source) if source is not None else span.file.open() as f:
+        while left:
+            view = memoryview(buf)[: min(left, len(buf))]
+            n = os.preadv(f.fileno(), [view], pos)
+            if n == 0:
+                raise CorruptCheckpointError(f"{span.file.path}: ends before byte {pos + left}")
+            crc = crc32(view[:n], crc)
+            pos, left = pos + n, left - n
+    return crc
+
+
+CRC_PIECE = 4 << 20
 
 
 def _patch(head: bytearray, key: str, value: str) -> None:
