@@ -529,8 +529,12 @@ def write(
         sources: dict[int, BinaryIO] = {}  # each source file opened once, however many spans it holds
 
         def source(span: Span) -> BinaryIO:
+            """``span.file`` opened (`CorruptCheckpointError` if it changed since it was read)."""
             if id(span.file) not in sources:
                 sources[id(span.file)] = opened.enter_context(span.file.open())
+                # mapped now, while the path still holds it, as reading a tensor would: a writer
+                # replacing its source (a reshard in place) leaves later readers (the check) the map
+                span.file.map  # noqa: B018
             return sources[id(span.file)]
 
         write_all(f, struct.pack("<Q", len(blob)) + blob)
@@ -591,20 +595,19 @@ def span_bytes(span: Span, nbytes: int) -> memoryview:
     return memoryview(mapped)[span.offset : span.offset + nbytes]
 
 
-def span_crc(span: Span, nbytes: int, source: BinaryIO | None = None) -> int:
-    """The CRC-32 of the ``nbytes`` at ``span``, read from its file in pieces (not through the
-    shared map: the RSS of a conversion stays flat, and pages a caller wrote to are left alone);
-    ``source``: ``span.file`` already opened."""
+def span_crc(span: Span, nbytes: int, source: BinaryIO) -> int:
+    """The CRC-32 of the ``nbytes`` at ``span``, read from ``source`` (``span.file`` opened) in pieces,
+    not through the shared map: the RSS of a conversion stays flat, and pages a caller wrote to
+    are left alone."""
     crc, pos, left = 0, span.offset, nbytes
     buf = bytearray(min(nbytes, CRC_PIECE))
-    with contextlib.nullcontext(source) if source is not None else span.file.open() as f:
-        while left:
-            view = memoryview(buf)[: min(left, len(buf))]
-            n = os.preadv(f.fileno(), [view], pos)
-            if n == 0:
-                raise CorruptCheckpointError(f"{span.file.path}: ends before byte {pos + left}")
-            crc = crc32(view[:n], crc)
-            pos, left = pos + n, left - n
+    while left:
+        view = memoryview(buf)[: min(left, len(buf))]
+        n = os.preadv(source.fileno(), [view], pos)
+        if n == 0:
+            raise CorruptCheckpointError(f"{span.file.path}: ends before byte {pos + left}")
+        crc = crc32(view[:n], crc)
+        pos, left = pos + n, left - n
     return crc
 
 
