@@ -195,6 +195,7 @@ PAIRS = [
     Pair("safeckpt.load_raw assign=True [meta -> CUDA]", "st.load_file(device=cuda)"),
     Pair("safeckpt.convert", "cp+fsync"),
     Pair("safeckpt.convert", "torch.load(mmap)+st.save_file+fsync"),
+    *(Pair(f"safeckpt.convert [{ext} -> .safetensors]", "cp+fsync") for ext in (".pt", ".safetensors", ".safeckpt")),
     Pair("safeckpt.open+1 tensor [.pt]", "torch.load(mmap)+1 tensor [.pt]"),
     Pair("safeckpt.open+1 tensor [.safetensors]", "safe_open+1 tensor [.safetensors]"),
     Pair("safeckpt.open+1 tensor [.safeckpt]", "safe_open+1 tensor [.safetensors]"),
@@ -206,6 +207,12 @@ PAIRS = [
         for ext in (".pt", ".safeckpt", ".safetensors")
         for kind in ("diff", "cpu diff")
     ),
+    *(
+        Pair(f"safeckpt inspect CLI [{ext}]", "python -c 'import torch'")
+        for ext in (".pt", ".safeckpt", ".safetensors")
+    ),
+    Pair("safeckpt --help", "hf version"),
+    Pair("safeckpt --version", "hf version"),
 ]
 
 
@@ -381,6 +388,55 @@ TARGETS = [
 ]
 
 
+# issue 19: headers at the speed of safetensors' Rust, a CLI that does not wait for torch, loads at the limit
+TARGETS_19 = [
+    *(
+        Target(
+            f"issue 19: open [{ext}] at most 2x safe_open + keys",
+            _ratio(f"safeckpt.open [{ext}]", "safe_open keys [.safetensors]"),
+            2.0,
+        )
+        for ext in (".safetensors", ".safeckpt")
+    ),
+    *(
+        Target(
+            f"issue 19: open + one tensor [{ext}] at most 2x safe_open + get_tensor",
+            _ratio(f"safeckpt.open+1 tensor [{ext}]", "safe_open+1 tensor [.safetensors]"),
+            2.0,
+        )
+        for ext in (".safetensors", ".safeckpt")
+    ),
+    Target(
+        "issue 19: open + one tensor [.pt] at most 0.5x torch.load(mmap) + index",
+        _ratio("safeckpt.open+1 tensor [.pt]", "torch.load(mmap)+1 tensor [.pt]"),
+        0.5,
+        big=True,
+    ),
+    *(
+        Target(
+            f"issue 19: `safeckpt inspect` [{ext}] wall at most 0.25x `python -c 'import torch'`",
+            _ratio(f"safeckpt inspect CLI [{ext}]", "python -c 'import torch'"),
+            0.25,
+            big=True,
+        )
+        for ext in (".pt", ".safeckpt", ".safetensors")
+    ),
+    Target("issue 19: `safeckpt --help` at most 1x `hf version`", _ratio("safeckpt --help", "hf version"), 1.0),
+    Target("issue 19: `safeckpt --version` at most 1x `hf version`", _ratio("safeckpt --version", "hf version"), 1.0),
+    Target("issue 19: load_raw at most 1x safetensors load_model", _ratio("safeckpt.load_raw", "st.load_model"), 1.0),
+    *(
+        Target(
+            f"issue 19: convert [{ext} -> .safetensors] at most 1x cp + fsync",
+            _ratio(f"safeckpt.convert [{ext} -> .safetensors]", "cp+fsync"),
+            1.0,
+            note="cp copies full.pt, about the size of every source here",
+        )
+        for ext in (".pt", ".safetensors", ".safeckpt")
+    ),
+]
+TARGETS += TARGETS_19
+
+
 def med(values: list[float], fmt: str = "{:.3g}") -> str:
     if not values:
         return "–"
@@ -455,7 +511,7 @@ def table(res: Results) -> str:
         values = res.paired(pair)
         if values:
             lines.append(f"| {pair.a} | {pair.b} | {pair.kind} | {med(values)} |")
-    lines += ["", "Targets of issue 7 (median of the per-round values):", ""]
+    lines += ["", "Targets of issue 7 and issue 19 (median of the per-round values):", ""]
     lines += ["| target | measured | bound | status | note |", "|---|---|---|---|---|"]
     for t in TARGETS:
         values = t.measure(res)

@@ -154,6 +154,20 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
+def imported_safeckpt() -> Any:
+    """``safeckpt`` with the modules its calls use imported, in the (untimed) set-up, as each peer's
+    is (``from safetensors.torch import load_model``): ``import safeckpt`` alone defers its API and
+    format modules to the first call, which would time their import (~0.1 s) as part of the op."""
+    import safeckpt
+    import safeckpt._device
+    import safeckpt.api
+    import safeckpt.state
+
+    for name in safeckpt.formats.BUILTIN:
+        safeckpt.formats.get(name)
+    return safeckpt
+
+
 def load_target(env: Env) -> dict[str, Any]:
     """A model and a stateless fused Adam with other weights, to load a checkpoint into."""
     model = S.build_model(env.shape, seed=1)
@@ -175,7 +189,7 @@ def loaded_check(env: Env, state: dict[str, Any], with_optimizer: bool = True) -
 
 def written_check(path: Path, expect: int) -> Callable[[], str | None]:
     def check() -> str | None:
-        import safeckpt
+        safeckpt = imported_safeckpt()
 
         if not path.exists():
             return f"{path} was not written"
@@ -227,7 +241,7 @@ def write_state(env: Env) -> Prepared:
 
 
 def save_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     state = S.build_state(env.shape)
     out = fresh_output(env, "save.safeckpt")
@@ -306,7 +320,7 @@ def save_crc(impl: str) -> Callable[[Env], Prepared]:
 
 
 def load_verify_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     state = load_target(env)
     return Prepared(
@@ -318,7 +332,7 @@ def load_verify_safeckpt(env: Env) -> Prepared:
 
 
 def load_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     state = load_target(env)
     return Prepared(lambda: safeckpt.load(env.file("full.safeckpt"), state), check=loaded_check(env, state))
@@ -354,7 +368,7 @@ def load_fabric(env: Env) -> Prepared:
 
 
 def load_raw_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     state = load_target(env)
     return Prepared(
@@ -429,14 +443,14 @@ def _gpu(env: Env, model: nn.Module | None, fn: Callable[[], Any]) -> Prepared:
 
 
 def gpu_load_raw_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     model = _cuda_model(env)
     return _gpu(env, model, lambda: safeckpt.load_raw(env.file("model.safetensors"), model))
 
 
 def gpu_assign_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     model = _meta_model(env)
     torch.empty(1, device="cuda")
@@ -444,7 +458,7 @@ def gpu_assign_safeckpt(env: Env) -> Prepared:
 
 
 def gpu_load_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     return _gpu(env, None, lambda: safeckpt.load(env.file("model.safetensors"), device="cuda"))
 
@@ -481,7 +495,7 @@ def cp_fsync(env: Env) -> Prepared:
 
 
 def convert_safeckpt(env: Env) -> Prepared:
-    import safeckpt
+    safeckpt = imported_safeckpt()
 
     out = fresh_output(env, "convert.safeckpt")
     return Prepared(
@@ -490,6 +504,23 @@ def convert_safeckpt(env: Env) -> Prepared:
         check=written_check(out, env.manifest["state_bytes"]),
         cleanup=remover(out),
     )
+
+
+def convert_to_safetensors(source: str) -> Callable[[Env], Prepared]:
+    """``safeckpt.convert`` of ``source`` to a ``.safetensors`` path (issue 19: tensors copied file to
+    file; the state's non-tensor values make it a native file under that name)."""
+
+    def setup(env: Env) -> Prepared:
+        safeckpt = imported_safeckpt()
+
+        out = fresh_output(env, "convert.safetensors")
+        return Prepared(
+            lambda: safeckpt.convert(env.file(source), out, verify=False),
+            check=written_check(out, env.manifest["state_bytes"]),
+            cleanup=remover(out),
+        )
+
+    return setup
 
 
 def convert_user(env: Env) -> Prepared:
@@ -518,7 +549,7 @@ def tensor_check(env: Env, box: list[torch.Tensor]) -> Callable[[], str | None]:
 
 def one_tensor_safeckpt(filename: str) -> Callable[[Env], Prepared]:
     def setup(env: Env) -> Prepared:
-        import safeckpt
+        safeckpt = imported_safeckpt()
 
         name, box = env.manifest["one_tensor"], []
         return Prepared(
@@ -555,7 +586,7 @@ def one_tensor_safe_open(env: Env) -> Prepared:
 
 def open_safeckpt(filename: str) -> Callable[[Env], Prepared]:
     def setup(env: Env) -> Prepared:
-        import safeckpt
+        safeckpt = imported_safeckpt()
 
         box: list[int] = []
         want = env.manifest["state_bytes"]
@@ -590,6 +621,20 @@ def inspect_cli(filename: str) -> Callable[[Env], Prepared]:
     return setup
 
 
+def command_op(*argv: str) -> Callable[[Env], Prepared]:
+    """A command as a fresh process (interpreter start included), its output discarded."""
+
+    def setup(env: Env) -> Prepared:
+        cmd, peak = [*argv], []
+        return Prepared(lambda: command(cmd, peak, stdout=subprocess.DEVNULL), peak=peak)
+
+    return setup
+
+
+# the `hf` command of the installed huggingface_hub, beside this interpreter
+HF = str(Path(sys.executable).with_name("hf"))
+
+
 def cli_startup(env: Env) -> Prepared:
     cmd, peak = [sys.executable, "-c", "import safeckpt.cli"], []
     return Prepared(lambda: command(cmd, peak), peak=peak)
@@ -622,6 +667,10 @@ OPS: dict[str, Op] = {
         ),
         Op("cp+fsync", "convert", "limit", cp_fsync, nbytes="pt_bytes"),
         Op("safeckpt.convert", "convert", "safeckpt", convert_safeckpt, nbytes="pt_bytes", sample_anon=True),
+        *(
+            Op(f"safeckpt.convert [{ext} -> .safetensors]", "convert", "safeckpt", convert_to_safetensors(f"full{ext}"))
+            for ext in (".pt", ".safetensors", ".safeckpt")
+        ),
         Op(
             "torch.load(mmap)+st.save_file+fsync",
             "convert",
@@ -664,6 +713,18 @@ OPS: dict[str, Op] = {
         Op("safeckpt inspect CLI [.safeckpt]", "open", "safeckpt", inspect_cli("full.safeckpt"), nbytes=""),
         Op("safeckpt inspect CLI [.safetensors]", "open", "safeckpt", inspect_cli("full.safetensors"), nbytes=""),
         Op("python -c 'import safeckpt.cli'", "open", "limit", cli_startup, nbytes=""),
+        Op("python -c 'import torch'", "open", "limit", command_op(sys.executable, "-c", "import torch"), nbytes=""),
+        Op("safeckpt --help", "open", "safeckpt", command_op(sys.executable, "-m", "safeckpt", "--help"), nbytes=""),
+        Op(
+            "safeckpt --version",
+            "open",
+            "safeckpt",
+            command_op(sys.executable, "-m", "safeckpt", "--version"),
+            nbytes="",
+        ),
+        Op(
+            "hf version", "open", "huggingface_hub", command_op(HF, "version"), nbytes="", requires=("huggingface_hub",)
+        ),
         Op("safeckpt.save [no CRC]", "integrity", "limit", save_crc("none")),
         Op("safeckpt.save [CRC zlib]", "integrity", "safeckpt", save_crc("zlib")),
         Op("safeckpt.save [CRC isal]", "integrity", "safeckpt", save_crc("isal"), requires=("isal",)),

@@ -309,17 +309,16 @@ def test_convert_include_exclude_and_bad_key(files: dict[str, Path]) -> None:
 
 
 def test_convert_verification_catches_a_lossy_writer(files: dict[str, Path], tmp_path: Path) -> None:
-    """Inject a fault into the subprocess's writer (flip the first byte of every tensor it writes):
+    """Inject a fault into the subprocess's writer (flip every byte of every tensor it writes):
     verification must catch it (exit 1) and --no-verify must not (exit 0)."""
     (tmp_path / "sitecustomize.py").write_text(
         "import safeckpt.formats._safetensors as st\n"
-        "_orig = st.tensor_bytes\n"
-        "def flipped(t):\n"
-        "    data = bytearray(_orig(t))\n"
-        "    if data:\n"
-        "        data[0] ^= 0xFF\n"
-        "    return memoryview(bytes(data))\n"
-        "st.tensor_bytes = flipped\n"
+        "def flip(data):  # every byte: the bytes of several tensors may be written at once\n"
+        "    return memoryview(bytes(b ^ 0xFF for b in bytes(data)))\n"
+        "_tensor, _span = st.tensor_bytes, st.span_bytes\n"
+        "st.tensor_bytes = lambda t: flip(_tensor(t))\n"
+        "st.span_bytes = lambda span, n: flip(_span(span, n))\n"
+        "st.copy_span = lambda *args: False  # the kernel's file-to-file copy would bypass the fault\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     bad = run("convert", files["run"], tmp_path / "out.safeckpt", env=env)

@@ -234,6 +234,7 @@ def test_convert_round_trips_between_single_file_and_directory(tmp_path: Path) -
 CONSOLIDATE = textwrap.dedent(
     """
     import sys
+    import torch  # opening reads headers without torch: the write imports it, which must not count
     import safeckpt
     from safeckpt.formats import safeckpt_sharded as fmt
 

@@ -3,18 +3,19 @@ created, renamed and deleted in `_storage`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from .errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 try:  # ISA-L computes zlib's CRC-32 about 4x faster; optional (pip install 'safeckpt[fast]')
     from isal.isal_zlib import crc32
@@ -47,6 +48,8 @@ def write_all(f: BinaryIO, data: memoryview | bytes) -> None:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a tensor's logical value, C-ordered, without a copy when it is already
     contiguous on the CPU (non-contiguous, lazily conjugated or non-CPU tensors are copied once)."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -117,6 +120,8 @@ class MappedFile:
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor stored at ``offset`` (``nbytes`` long) as ``dtype`` and ``shape``, backed by the map."""
+        import torch
+
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if offset < 0 or offset + nbytes > self._stamp[0]:
@@ -129,23 +134,24 @@ class MappedFile:
         return raw.view(dtype).reshape(shape)
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """Where a tensor's exact bytes (C order, little-endian) lie in a file, so a writer can copy
-    them file to file without reading them into the process; ``crc32`` if the source recorded it."""
+    them file to file without reading them into the process; ``crc32`` if the source recorded it.
+    (A tuple: a reader makes one per tensor, and a frozen dataclass cost 4x as much to build.)"""
 
     file: MappedFile
     offset: int
     crc32: int | None = None
 
 
-def copy_span(out: BinaryIO, span: Span, nbytes: int) -> bool:
+def copy_span(out: BinaryIO, span: Span, nbytes: int, source: BinaryIO | None = None) -> bool:
     """Append ``nbytes`` at ``span`` to ``out`` with ``copy_file_range`` (no pass through user
-    space). False, with nothing written, where the kernel cannot do it (the caller writes instead)."""
+    space). False, with nothing written, where the kernel cannot do it (the caller writes instead).
+    ``source``: ``span.file`` already opened (`MappedFile.open`), for a caller copying many spans."""
     if not hasattr(os, "copy_file_range"):
         return False
     start = os.lseek(out.fileno(), 0, os.SEEK_CUR)
-    with span.file.open() as src:
+    with contextlib.nullcontext(source) if source is not None else span.file.open() as src:
         pos, left = span.offset, nbytes
         try:
             while left:

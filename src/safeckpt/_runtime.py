@@ -13,11 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from . import formats
-from . import state as st
 from .errors import CorruptCheckpointError
 from .tree import Checkpoint, iter_leaves
 
@@ -84,6 +80,7 @@ def across_ranks(state: Any, format: str | None = None) -> bool:
         >>> across_ranks({"model": model})   # no process group
         False
     """
+    import torch  # the state holds torch objects: torch is imported
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     several = torch.distributed.get_world_size() > 1
@@ -97,7 +94,11 @@ def holds_dtensors(state: Any) -> bool:
         >>> holds_dtensors({"model": fully_shard(model)})
         True
     """
+    import torch
+    from torch import nn
     from torch.distributed.tensor import DTensor
+
+    from . import state as st
 
     objs = state.values() if isinstance(state, Mapping) else [state]
     for obj in map(st.unwrap, objs):

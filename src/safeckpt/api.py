@@ -11,14 +11,14 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from . import _runtime, codec, formats
+from .tree import Checkpoint, TensorRef, is_tensor, iter_leaves, map_leaves, path_name
 
-from . import _device, _runtime, codec, formats
-from . import state as st
-from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
+if TYPE_CHECKING:  # open, convert and a checkpoint's headers need no torch: what loads into objects imports it
+    import torch
+    from torch import nn
 
 PathLike = str | os.PathLike[str]
 TensorFilter = Callable[[str, TensorRef], bool]
@@ -75,6 +75,10 @@ def save(
         >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
         PosixPath('run/step-100.safeckpt')
     """
+    from torch import nn
+
+    from . import state as st
+
     if _runtime.across_ranks(state, format):
         from . import distributed
 
@@ -156,7 +160,7 @@ def _writer(
 
 def _only_tensors(tree: Any) -> bool:
     leaves = list(iter_leaves(tree))
-    return isinstance(tree, dict) and bool(leaves) and all(isinstance(v, (torch.Tensor, TensorRef)) for _, v in leaves)
+    return isinstance(tree, dict) and bool(leaves) and all(isinstance(v, TensorRef) or is_tensor(v) for _, v in leaves)
 
 
 def load(
@@ -204,6 +208,11 @@ def load(
         >>> state["step"]
         100
     """
+    from torch import nn
+
+    from . import _device
+    from . import state as st
+
     _named_mistakes("load", path, state)
     dev = _device.merge_map_location(device, map_location)
     if assign and not state:
@@ -248,6 +257,10 @@ def _optimizer_state(ckpt: Checkpoint, sd: Any, obj: Any) -> Any:
     """An optimizer's state, its tensors read straight onto the CUDA device that all its parameters
     are on (staged, where ``load_state_dict`` would copy each one from pageable memory), except each
     ``step``, which torch keeps on the CPU unless the optimizer is fused or capturable."""
+    import torch
+
+    from . import _device
+
     devices = (
         {p.device for g in obj.param_groups for p in g["params"]} if isinstance(obj, torch.optim.Optimizer) else set()
     )
@@ -273,6 +286,9 @@ def _optimizer_state(ckpt: Checkpoint, sd: Any, obj: Any) -> Any:
 
 def _named_mistakes(fn: str, path: Any, obj: Any) -> None:
     """Calls written the torch/safetensors way, named with the right one."""
+    import torch
+    from torch import nn
+
     loadable = (nn.Module, torch.optim.Optimizer)
     if isinstance(path, loadable):
         if fn == "load_raw":
@@ -296,6 +312,8 @@ def _named_mistakes(fn: str, path: Any, obj: Any) -> None:
 def _same_device(module: nn.Module, device: torch.device, path: object) -> None:
     """An in-place load copies into the module's tensors where they are: a ``device`` they are not
     on would be silently ignored, so it is an error."""
+    import torch
+
     elsewhere = {str(t.device) for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
     want = device.type if device.index is None else str(device)
     if any(d.split(":")[0] != device.type or (device.index is not None and d != want) for d in elsewhere):
@@ -309,6 +327,8 @@ def _same_device(module: nn.Module, device: torch.device, path: object) -> None:
 def _warn_left_on_meta(module: nn.Module, path: object, assign: bool, device: torch.device | None) -> None:
     """After materializing: name what is still on meta (non-persistent buffers, keys left missing
     under ``strict=False``), which the file could not provide."""
+    from . import state as st
+
     if not assign or (device is not None and device.type == "meta"):
         return
     left = st.still_on_meta(module)
@@ -369,6 +389,12 @@ def load_raw(
         ...     big = MyModel()
         >>> safeckpt.load_raw("model.safetensors", big, assign=True, device="cuda")
     """
+    import torch
+    from torch import nn
+
+    from . import _device
+    from . import state as st
+
     _named_mistakes("load_raw", path, obj)
     dev = _device.merge_map_location(device, map_location)
     if _runtime.across_ranks(obj):

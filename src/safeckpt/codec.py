@@ -22,20 +22,23 @@ import dataclasses
 import enum
 import math
 import pathlib
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import msgpack
-import numpy as np
-import torch
 
 from . import user_types
 from ._budget import MAX_INT_BYTES, HashFloodError, KeyGuard
 from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from .tree import AttributeDict, TensorRef, map_leaves
+from .tree import AttributeDict, TensorRef, is_tensor, map_leaves
 from .user_types import Unregistered
+
+if TYPE_CHECKING:  # torch and numpy are imported where a value of theirs is decoded (reading a header needs neither)
+    import numpy as np
+    import torch
 
 __all__ = ["Ext", "decode", "encode", "keep_unregistered", "refuse_unbuilt", "register_type", "where"]
 
@@ -74,7 +77,6 @@ _LIGHTNING_ATTRIBUTE_DICTS = {
     "pytorch_lightning.utilities.parsing",
     "lightning.pytorch.utilities.parsing",
 }
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 MAX_DEPTH = 512
 # ext values (tuples, sets, ...) nested in ext values: each level is one more msgpack.unpackb call on
@@ -117,6 +119,8 @@ def encode(obj: Any, tensor_name: Callable[[tuple[Any, ...], torch.Tensor | Any]
     (or for a `TensorRef`); with ``None``, tensors are refused. Any value outside the supported
     types raises ``TypeError`` naming its path, before anything is written.
     """
+    global _by_class
+    _by_class = _lookups().by_class  # torch's and numpy's classes, if imported since the last encode
     data = msgpack.packb(_prepare(obj, (), tensor_name, 0), use_bin_type=True, strict_types=True)
     try:
         _check_ext_depth(data, 0)
@@ -155,7 +159,7 @@ def _prepare(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> A
     if cls is dict:
         return _prepare_map(obj, path, tensor_name, depth)
     # exact classes first: none of them is a tensor, so the matched rows' order is kept
-    row = _BY_CLASS.get(cls) or next((r for r in _MATCHED if r.match is not None and r.match(obj)), None)
+    row = _by_class.get(cls) or next((r for r in _MATCHED if r.match is not None and r.match(obj)), None)
     if row is None or row.encode is None:
         raise Unstorable(path, f" is a {cls.__module__}.{cls.__qualname__}, {unstorable_fix(cls)}", cls)
     return _ext(row.code, row.encode(obj, path, tensor_name, depth))
@@ -257,7 +261,7 @@ def _sparse(value: Any) -> Any:
         return sparse.sparse_ref(
             comps[-1].name.rpartition("/")[0] or "sparse", comps[-1].source, layout, size, comps, value[3]
         )
-    if not all(isinstance(c, torch.Tensor) for c in comps):
+    if not all(is_tensor(c) for c in comps):
         raise CorruptCheckpointError("a sparse tensor's components must be tensors")
     return sparse.build(layout, size, comps, value[3])
 
@@ -411,7 +415,7 @@ def _first_unregistered(tree: Any, prefix: tuple[Any, ...]) -> tuple[tuple[Any, 
         elif isinstance(node, list):
             children = [(path + (i,), v) for i, v in enumerate(node)]
         else:
-            row = next((r for r in _CONTAINERS if isinstance(node, r.classes)), None)
+            row = next((r for r, classes in _CONTAINERS if isinstance(node, classes)), None)
             if row is not None and row.children is not None:
                 children = [(path + (k,), v) for k, v in row.children(node)]
         stack.extend(reversed(children))
@@ -468,6 +472,8 @@ def _namespace(value: Any) -> argparse.Namespace:
 
 
 def _size(value: Any) -> torch.Size:
+    import torch
+
     _need(all(type(d) is int and 0 <= d < 1 << 63 for d in _list(value)), "torch.Size takes non-negative ints")
     return torch.Size(value)
 
@@ -500,6 +506,8 @@ def _np_scalar(value: Any) -> Any:
     dt, raw = _list(value, 2)
     dtype = _np_dtype(dt)
     _need(type(raw) is bytes and len(raw) == dtype.itemsize, f"a numpy {dtype} scalar needs {dtype.itemsize} bytes")
+    import numpy as np
+
     return _np_checked(np.frombuffer(raw, dtype=dtype, count=1))[0]
 
 
@@ -510,11 +518,15 @@ def _np_array(value: Any) -> Any:
     _need(type(raw) is bytes, "numpy data must be bytes")
     if math.prod(shape) * dtype.itemsize != len(raw):
         raise ValueError(f"numpy array of shape {shape} and dtype {dt} needs {math.prod(shape) * dtype.itemsize} bytes")
+    import numpy as np
+
     return _np_checked(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
 
 
 def _np_dtype(spec: Any) -> np.dtype:
     _need(type(spec) is str and len(spec) <= 16, "a numpy dtype is a short string")
+    import numpy as np
+
     dtype = np.dtype(spec)
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biufcSUmM":
         raise ValueError(f"numpy dtype {spec!r} is not allowed")
@@ -536,8 +548,11 @@ def _path(value: Any) -> Any:
 
 
 def _dtype(name: Any) -> torch.dtype:
-    _need(type(name) is str and name in _DTYPES, f"unknown torch dtype {name!r:.40}")
-    return _DTYPES[name]
+    import torch
+
+    dtypes = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+    _need(type(name) is str and name in dtypes, f"unknown torch dtype {name!r:.40}")
+    return dtypes[name]
 
 
 def _bytes(value: Any) -> bytes:
@@ -595,11 +610,14 @@ def _enc_user(obj: Any, path: tuple[Any, ...], tensor_name: Any, depth: int) -> 
 
 
 def _enc_np_array(obj: np.ndarray, path: tuple[Any, ...], *_: Any) -> list[Any]:
+    import numpy as np
+
     return [_np_dtype_str(obj.dtype, path), list(obj.shape), np.ascontiguousarray(obj).tobytes()]
 
 
 def _is_np_scalar(obj: Any) -> bool:
-    return isinstance(obj, np.generic) and type(obj).__module__ == "numpy"
+    generic = getattr(sys.modules.get("numpy"), "generic", None)  # no numpy imported: no numpy value
+    return generic is not None and isinstance(obj, generic) and type(obj).__module__ == "numpy"
 
 
 def _is_registered(obj: Any) -> bool:
@@ -620,24 +638,27 @@ class ExtType:
     builds and validates the value (``None``: `decode` itself handles the code). ``hashable``
     values may be map keys or set members (bounded by the hash-flood guard); ``children`` lists a
     container's ``(key, value)`` pairs for walkers. ``bases`` are stored with all their subclasses
-    (so registering one is refused).
+    (so registering one is refused). Classes of torch and numpy are named (``"torch.Size"``) and
+    looked up once their module is imported: no value of theirs exists before, and reading a
+    checkpoint's header imports neither (`_lookups`).
     """
 
     code: int
-    classes: tuple[type, ...] = ()
+    classes: tuple[type | str, ...] = ()
     encode: Callable[[Any, tuple[Any, ...], Any, int], Any] | None = None
     decode: Callable[[Any], Any] | None = None
     match: Callable[[Any], bool] | None = None
     hashable: bool = False
     children: Callable[[Any], Iterable[tuple[Any, Any]]] | None = None
-    bases: tuple[type, ...] = ()
+    bases: tuple[type | str, ...] = ()
 
 
 # The one table of ext types (with `Ext`'s codes and payload layouts, and formats/safeckpt.md's table).
 # Ints in [-2**63, 2**64), None, bool, float, str, bytes, list and dict are msgpack's own.
 EXT_TYPES: tuple[ExtType, ...] = (
     ExtType(Ext.SPARSE, encode=_enc_sparse, decode=_sparse, match=_is_sparse),  # before TENSOR: also a tensor
-    ExtType(Ext.TENSOR, encode=_enc_tensor, match=lambda o: isinstance(o, (torch.Tensor, TensorRef)), bases=(torch.Tensor,)),
+    ExtType(Ext.TENSOR, (TensorRef,), _enc_tensor, match=lambda o: isinstance(o, TensorRef) or is_tensor(o),
+            bases=("torch.Tensor",)),
     ExtType(Ext.TUPLE, (tuple,), _enc_items, lambda v: tuple(_list(v)), hashable=True, children=enumerate),
     ExtType(Ext.SET, (set,), _enc_members, lambda v: set(_list(v)), children=lambda s: (("<item>", v) for v in s)),
     ExtType(Ext.FROZENSET, (frozenset,), _enc_members, lambda v: frozenset(_list(v)), hashable=True,
@@ -647,12 +668,12 @@ EXT_TYPES: tuple[ExtType, ...] = (
     ExtType(Ext.ATTRIBUTE_DICT, (AttributeDict,), _map_of, lambda v: AttributeDict(_map(v)), match=_is_attribute_dict),
     ExtType(Ext.NAMESPACE, (argparse.Namespace,), lambda o, p, _, d: _prepare_map(vars(o), p, None, d), _namespace,
             children=lambda n: vars(n).items()),
-    ExtType(Ext.SIZE, (torch.Size,), lambda o, *_: list(o), _size, hashable=True),
-    ExtType(Ext.DTYPE, (torch.dtype,), lambda o, *_: str(o).removeprefix("torch."), _dtype),
-    ExtType(Ext.DEVICE, (torch.device,), lambda o, *_: str(o), _device),
+    ExtType(Ext.SIZE, ("torch.Size",), lambda o, *_: list(o), _size, hashable=True),
+    ExtType(Ext.DTYPE, ("torch.dtype",), lambda o, *_: str(o).removeprefix("torch."), _dtype),
+    ExtType(Ext.DEVICE, ("torch.device",), lambda o, *_: str(o), _device),
     ExtType(Ext.NP_SCALAR, (), lambda o, p, *_: [_np_dtype_str(o.dtype, p), o.tobytes()], _np_scalar, _is_np_scalar,
-            hashable=True, bases=(np.generic,)),
-    ExtType(Ext.NP_ARRAY, (np.ndarray,), _enc_np_array, _np_array),
+            hashable=True, bases=("numpy.generic",)),
+    ExtType(Ext.NP_ARRAY, ("numpy.ndarray",), _enc_np_array, _np_array),
     # PurePath: no value has it as its own class, but registering it would shadow these
     ExtType(Ext.PATH, (*_PATH_TYPES.values(), pathlib.PurePath), lambda o, *_: [type(o).__name__, str(o)], _path),
     ExtType(Ext.COMPLEX, (complex,), lambda o, *_: [o.real, o.imag], _complex, hashable=True),
@@ -661,15 +682,47 @@ EXT_TYPES: tuple[ExtType, ...] = (
     ExtType(Ext.USER, (Unregistered,), _enc_user, match=_is_registered),  # last: registered types
 )  # fmt: skip
 
-_BY_CLASS = {cls: row for row in EXT_TYPES for cls in row.classes}
 _MATCHED = tuple(row for row in EXT_TYPES if row.match is not None)
-_CONTAINERS = tuple(row for row in EXT_TYPES if row.children is not None)
+_CONTAINERS = tuple(
+    (row, tuple(c for c in row.classes if isinstance(c, type))) for row in EXT_TYPES if row.children is not None
+)
 _BUILD = {row.code: row.decode for row in EXT_TYPES if row.decode is not None}
 _EXT_NAMES = {v: k.lower() for k, v in vars(Ext).items() if isinstance(v, int)}
 # ext values that can be dict keys or set members
 _HASHABLE_EXTS = {row.code for row in EXT_TYPES if row.hashable}
-_NATIVE_CLASSES = frozenset((type(None), bool, int, float, str, bytes, list, dict, *_BY_CLASS))
-_NATIVE_BASES = tuple(base for row in EXT_TYPES for base in row.bases)
+_NAMED = tuple({c for row in EXT_TYPES for c in (*row.classes, *row.bases) if isinstance(c, str)})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lookups:
+    by_class: dict[type, ExtType]
+    native_classes: frozenset[type]
+    native_bases: tuple[type, ...]
+
+
+_LOOKUPS: dict[tuple[bool, ...], _Lookups] = {}
+_by_class: dict[type, ExtType] = {}  # what `_prepare` dispatches on, set by `encode`
+
+
+def _resolve(name: type | str) -> type | None:
+    """A class, or the class a name such as ``"torch.Size"`` gives once its module is imported."""
+    if not isinstance(name, str):
+        return name
+    module, _, attr = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), attr, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _lookups() -> _Lookups:
+    """The dispatch tables over the classes that exist now (torch's and numpy's once imported)."""
+    key = tuple(_resolve(n) is not None for n in _NAMED)
+    found = _LOOKUPS.get(key)
+    if found is None:
+        by_class = {cls: row for row in EXT_TYPES for c in row.classes if (cls := _resolve(c)) is not None}
+        bases = tuple(cls for row in EXT_TYPES for b in row.bases if (cls := _resolve(b)) is not None)
+        natives = frozenset((type(None), bool, int, float, str, bytes, list, dict, *by_class))
+        found = _LOOKUPS[key] = _Lookups(by_class, natives, bases)
+    return found
 
 
 def stores_natively(cls: type) -> bool:
@@ -679,7 +732,8 @@ def stores_natively(cls: type) -> bool:
         >>> stores_natively(torch.Size), stores_natively(Config)
         (True, False)
     """
-    return cls in _NATIVE_CLASSES or issubclass(cls, _NATIVE_BASES)
+    tables = _lookups()
+    return cls in tables.native_classes or issubclass(cls, tables.native_bases)
 
 
 T = TypeVar("T", bound=type)

@@ -7,16 +7,18 @@ only when `TensorRef.load()` is called.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from . import _dtypes, _shapes, _torch_values
 from ._fs import Span
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "AttributeDict",
@@ -84,7 +86,7 @@ class _Dtype:
         obj.__dict__[self.slot] = value
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class TensorRef:
     """A tensor in a checkpoint, described without reading its bytes.
 
@@ -121,6 +123,34 @@ class TensorRef:
     requires_grad: bool = False
     parameter: bool = False
     span: Span | None = field(default=None, repr=False)
+
+    def __init__(
+        self,
+        name: str,
+        dtype: torch.dtype | _dtypes.DType,
+        shape: tuple[int, ...],
+        source: str,
+        loader: Callable[[], torch.Tensor],
+        storage: Hashable | None = None,
+        view: Hashable | None = None,
+        requires_grad: bool = False,
+        parameter: bool = False,
+        span: Span | None = None,
+    ) -> None:
+        # the fields in one dict update: a frozen dataclass's generated __init__ sets them one by one
+        # through object.__setattr__, which made building the references of a header its main cost
+        self.__dict__.update(
+            name=name,
+            _dtype=dtype,
+            shape=shape,
+            source=source,
+            loader=loader,
+            storage=storage,
+            view=view,
+            requires_grad=requires_grad,
+            parameter=parameter,
+            span=span,
+        )
 
     @property
     def dtype_info(self) -> _dtypes.DType:
@@ -183,6 +213,18 @@ class TensorRef:
 
     def __repr__(self) -> str:
         return f"TensorRef({self.name!r}, {self.dtype_info.name}, {list(self.shape)})"
+
+
+def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a ``torch.Tensor``, without importing torch: while torch is not imported,
+    no value can be one (the torch-free read path asks this of every leaf).
+
+    Example:
+        >>> is_tensor(torch.ones(1)), is_tensor([1.0])
+        (True, False)
+    """
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def is_container(obj: Any) -> bool:
@@ -413,11 +455,11 @@ def inline(x: Any, width: int = 60) -> str | None:
         ('(0.9, 0.999)', '[0, 1, 2, 3, 4, ...] (100 items)', None)
     """
     if isinstance(x, TensorRef):
-        return f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
-    if isinstance(x, torch.Tensor):
+        return f"{x.dtype_info.name} {list(x.shape)}"
+    if is_tensor(x):
         return f"tensor {str(x.dtype).removeprefix('torch.')} {list(x.shape)}"
     if is_container(x) and len(x):
-        if isinstance(x, dict) or any(is_container(v) or isinstance(v, (TensorRef, torch.Tensor)) for v in x):
+        if isinstance(x, dict) or any(is_container(v) or isinstance(v, TensorRef) or is_tensor(v) for v in x):
             return None
         text = repr(x)
         if len(text) <= width:
@@ -491,6 +533,8 @@ def alias_key(x: torch.Tensor | TensorRef) -> Hashable:
     """
     if isinstance(x, TensorRef):
         return x.alias_key
+    import torch
+
     if x.layout != torch.strided or x.device.type == "meta" or x.numel() == 0:
         return id(x)
     return ("live", x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.stride(), x.dtype, tuple(x.shape))

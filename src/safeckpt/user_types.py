@@ -26,9 +26,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from .tree import TensorRef
+from .tree import TensorRef, is_tensor
 
 __all__ = ["Unregistered", "add"]
 
@@ -288,9 +286,11 @@ def _same_data(a: Any, b: Any) -> bool:
     ``convert``'s check compare two files' values of a type neither process registered."""
     a = a.load() if isinstance(a, TensorRef) else a
     b = b.load() if isinstance(b, TensorRef) else b
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+    if is_tensor(a) or is_tensor(b):
+        if not (is_tensor(a) and is_tensor(b)):
             return False
+        import torch
+
         if a.dtype != b.dtype or a.shape != b.shape:
             return False
         return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))

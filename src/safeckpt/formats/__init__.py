@@ -114,17 +114,20 @@ class Format:
         return self.write
 
 
-# name -> a Format, or (dotted module defining FORMAT, kind, writable) not imported yet; in sniff
-# order. The kind spares detection importing and asking modules that cannot apply; "writable" lets
-# the CLI list the formats it writes without importing them (checked against the record on import).
-_table: dict[str, Format | tuple[str, Kind, bool]] = {
-    "safeckpt": ("safeckpt.formats.safeckpt", "file", True),
-    "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any", True),
-    "safetensors": ("safeckpt.formats.safetensors_file", "file", True),
-    "accelerate": ("safeckpt.formats.accelerate", "dir", False),  # before hf-sharded: it holds a model.safetensors too
-    "hf-sharded": ("safeckpt.formats.hf_sharded", "any", True),
-    "dcp": ("safeckpt.formats.dcp", "dir", False),
-    "torch": ("safeckpt.formats.torch_pickle", "file", True),
+# name -> a Format, or (dotted module defining FORMAT, kind, writable, extensions) not imported yet;
+# in sniff order. The kind spares detection importing and asking modules that cannot apply, and so
+# do the extensions once a format has matched (only one whose extension agrees could still win, so
+# a safetensors file never imports the pickle reader and torch); "writable" lets the CLI list the
+# formats it writes without importing them (both checked against the record on import).
+_table: dict[str, Format | tuple[str, Kind, bool, tuple[str, ...]]] = {
+    "safeckpt": ("safeckpt.formats.safeckpt", "file", True, (".safeckpt",)),
+    "safeckpt-sharded": ("safeckpt.formats.safeckpt_sharded", "any", True, ()),
+    "safetensors": ("safeckpt.formats.safetensors_file", "file", True, (".safetensors",)),
+    # before hf-sharded: it holds a model.safetensors too
+    "accelerate": ("safeckpt.formats.accelerate", "dir", False, ()),
+    "hf-sharded": ("safeckpt.formats.hf_sharded", "any", True, (".json",)),
+    "dcp": ("safeckpt.formats.dcp", "dir", False, ()),
+    "torch": ("safeckpt.formats.torch_pickle", "file", True, (".pt", ".pth", ".bin", ".ckpt")),
 }
 # the formats safeckpt ships (they cannot be unregistered)
 BUILTIN: frozenset[str] = frozenset(_table)
@@ -137,6 +140,8 @@ def _load(name: str) -> Format:
     fmt = importlib.import_module(entry[0]).FORMAT
     if not isinstance(fmt, Format) or fmt.name != name or (fmt.write is not None) != entry[2]:
         raise TypeError(f"{entry[0]}.FORMAT must be the Format named {name!r}, {'' if entry[2] else 'not '}writable")
+    if fmt.extensions != entry[3]:
+        raise TypeError(f"{entry[0]}.FORMAT's extensions are {fmt.extensions}, the registry's row says {entry[3]}")
     _table[name] = fmt
     return fmt
 
@@ -144,6 +149,11 @@ def _load(name: str) -> Format:
 def _kind(name: str) -> Kind:
     entry = _table[name]
     return entry.kind if isinstance(entry, Format) else entry[1]
+
+
+def _extensions(name: str) -> tuple[str, ...]:
+    entry = _table[name]
+    return entry.extensions if isinstance(entry, Format) else entry[3]
 
 
 class _Registry(Mapping[str, Format]):
@@ -259,8 +269,10 @@ def detect(path: str | os.PathLike[str]) -> Format:
             head = f.read(HEAD_BYTES)
     suffix, kind = p.suffix.lower(), "file" if p.is_file() else "dir"
     tried = [n for n in list(_table) if _kind(n) in (kind, "any")]
-    hits = []
+    hits: list[Format] = []
     for name in tried:
+        if hits and suffix not in _extensions(name):
+            continue  # it could not win the tie against the format already found
         fmt = _load(name)
         hit = False
         with contextlib.suppress(OSError):

@@ -7,22 +7,30 @@ Reading validates more than the safetensors library does (duplicate keys, a tens
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import mmap
+import operator
 import os
 import struct
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from operator import mul, sub
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-import torch
-
-from .. import _shapes
-from .._fs import MappedFile, Span, checksum, copy_span, tensor_bytes, write_all
+from .. import _dtypes, _shapes
+from .._fs import MappedFile, Span, checksum, copy_span, crc32, tensor_bytes, write_all
 from .._storage import atomic_write
 from ..errors import CorruptCheckpointError
+from ..tree import TensorRef, is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 100_000_000
 MAX_DIMS = 64  # a shape of millions of dims costs a TensorRef, strides and messages per dim
@@ -34,37 +42,33 @@ KEY_HEADER_CRC = "safeckpt.header_crc32"
 # the metadata key of the per-tensor CRC-32s every safeckpt writer records (`write(checksum_key=...)`)
 KEY_CRC = "safeckpt.crc32"
 
-# safetensors dtype code -> torch dtype (F4 counts 4-bit elements: torch's last dim is halved)
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E8M0": torch.float8_e8m0fnu,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "C64": torch.complex64,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F4": torch.float4_e2m1fn_x2,
-}
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# safetensors dtype code -> torch-free dtype row (F4 counts 4-bit elements: torch's last dim is halved);
+# `DTYPES`/`CODES`/`AS_REAL`, the same tables with torch's dtypes, are built on first use (`__getattr__`)
+ROWS: dict[str, _dtypes.DType] = dict(_dtypes.BY_CODE)
 BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-# dtypes safetensors lacks, stored as their real view: complex128 as F64 [..., 2], complex32 as F16 [..., 2]
-AS_REAL = {torch.complex128: torch.float64, torch.complex32: torch.float16}
+# bits per element of every code a header may name (F6 has no torch dtype: read as raw bytes)
+_CODE_BITS = {**{c: d.itemsize * 8 for c, d in ROWS.items()}, **BITS}
+# dtypes safetensors lacks, stored as their real view (by torch name): complex128 as F64 [..., 2],
+# complex32 as F16 [..., 2]
+REAL_OF = {"complex128": "float64", "complex32": "float16"}
 
 
-@dataclass(frozen=True)
-class Entry:
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (code -> ``torch.dtype``), ``CODES`` (its inverse) and ``AS_REAL`` (complex
+    ``torch.dtype`` -> its real view's), built when first asked for: they import torch."""
+    if name == "DTYPES":
+        value: Any = {code: _dtypes.to_torch(row) for code, row in ROWS.items()}
+    elif name == "CODES":
+        value = {v: k for k, v in __getattr__("DTYPES").items()}
+    elif name == "AS_REAL":
+        value = {_dtypes.to_torch(c): _dtypes.to_torch(r) for c, r in REAL_OF.items()}
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+class Entry(NamedTuple):
     """One tensor of a safetensors header; ``begin``/``end`` are absolute file offsets."""
 
     name: str
@@ -74,14 +78,22 @@ class Entry:
     end: int
 
     @property
+    def dtype_info(self) -> _dtypes.DType:
+        """The torch-free dtype row (``KeyError`` for a code torch lacks, such as F6)."""
+        return ROWS[self.code]
+
+    @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.code]
+        return _dtypes.to_torch(ROWS[self.code])
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
         if self.code == "F4":
             return self.shape[:-1] + (self.shape[-1] // 2,)
         return self.shape
+
+
+_new_entry = partial(tuple.__new__, Entry)  # Entry(*fields) without the Python-level __new__
 
 
 @dataclass
@@ -140,7 +152,103 @@ def read_raw_header(path: Path, f: BinaryIO | None = None) -> tuple[bytes, int]:
 
 
 def parse_header(path: Path, raw: bytes, size: int) -> Header:
-    """Validate header bytes ``raw`` of a file of ``size`` bytes (see `read_header`)."""
+    """Validate header bytes ``raw`` of a file of ``size`` bytes (see `read_header`).
+
+    One pass: the JSON is parsed in C (objects as tuples of pairs, so a duplicate key shows as a
+    dict shorter than its pairs) and every entry is checked in one tight loop. Anything that loop
+    does not accept as plainly valid is parsed again by `_parse_checked`, which names the problem.
+    """
+    header = _parse_fast(path, raw, size)
+    return header if header is not None else _parse_checked(path, raw, size)
+
+
+_BEGIN, _END = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _parse_fast(path: Path, raw: bytes, size: int) -> Header | None:
+    """The header if it is plainly valid, else None (then `_parse_checked` says what is wrong).
+    Accepts only what `_parse_checked` accepts, with the same result.
+
+    Every check runs over whole columns in C (map, zip, set, sorted): per-entry Python work made
+    reading a 600-tensor header take ~10x safetensors' Rust. A duplicate key, which ``json``
+    silently resolves, is found by counting: without a backslash in the text every ``"`` delimits
+    a string, so the text holds exactly as many strings as the parsed dicts account for, or a key
+    was given twice. Text with escapes is parsed with every object kept as its list of pairs.
+    """
+    try:
+        text = raw.decode("utf-8")
+        if not text.lstrip().startswith("{"):
+            return None
+        escaped = "\\" in text
+        obj = json.loads(text, object_pairs_hook=_pairs_checked if escaped else None)
+    except (ValueError, RecursionError, DuplicateKey):
+        return None
+    if type(obj) is not dict:
+        return None
+    strings = 1 + 2 * len(obj["__metadata__"]) if type(obj.get("__metadata__")) is dict else 0
+    metadata = obj.pop("__metadata__", {})
+    if type(metadata) is not dict or "data_offsets" in metadata or set(map(type, metadata.values())) - {str}:
+        return None
+    # JSON text that is valid UTF-8 holds a lone surrogate only through a \u escape
+    if escaped and "\\u" in text and not all(map(is_unicode, (*obj, *metadata, *metadata.values()))):
+        return None
+    data_start = 8 + len(raw)
+    if not obj:
+        return Header(path, size, data_start, {}, metadata) if data_start == size else None
+    names, infos = list(obj), list(obj.values())
+    if "" in obj or set(map(len, infos)) != {3}:
+        return None
+    try:  # objects (a list or string has no such keys) of three keys, and these three: no other
+        codes, shapes, offsets = zip(*map(_FIELDS, infos), strict=True)
+        bits = list(map(_CODE_BITS.__getitem__, codes))  # a code of no known dtype (or not a str) fails
+    except (KeyError, TypeError):
+        return None
+    if set(map(type, shapes)) != {list} or max(map(len, shapes)) > MAX_DIMS:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
+        return None
+    if set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
+        return None
+    begins, ends = zip(*offsets, strict=True)
+    if set(map(type, begins)) | set(map(type, ends)) != {int} or min(begins) < 0:
+        return None
+    if not escaped and text.count('"') != 2 * (5 * len(obj) + strings):
+        return None  # a key given twice
+    numels = list(map(math.prod, shapes))
+    if max(numels) >= 1 << 63 or (0 in numels and not all(map(_shapes.fits_int64, shapes))):
+        return None
+    # end - begin >= 0 follows: the byte counts below are never negative
+    if list(map(mul, numels, bits)) != [8 * n for n in map(sub, ends, begins)]:
+        return None
+    if "F4" in codes and any(c == "F4" and (not sh or sh[-1] % 2) for c, sh in zip(codes, shapes, strict=True)):
+        return None
+    spans = sorted(zip(begins, ends, strict=True))
+    if spans[0][0] != 0 or data_start + spans[-1][1] != size:
+        return None
+    if list(map(_BEGIN, spans[1:])) != list(map(_END, spans[:-1])):  # no hole, no overlap
+        return None
+    starts = [data_start + b for b in begins]
+    stops = [data_start + e for e in ends]
+    entries = dict(
+        zip(names, map(_new_entry, zip(names, codes, map(tuple, shapes), starts, stops, strict=True)), strict=True)
+    )
+    return Header(path, size, data_start, entries, metadata)
+
+
+_FIELDS = operator.itemgetter("dtype", "shape", "data_offsets")
+
+
+def _pairs_checked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`no_duplicates` in C where it can: a dict shorter than its pairs had a key twice."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise DuplicateKey("")
+    return out
+
+
+def _parse_checked(path: Path, raw: bytes, size: int) -> Header:
+    """`parse_header` entry by entry, raising `CorruptCheckpointError` that names the first problem."""
 
     def bad(msg: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -191,8 +299,8 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
     if not isinstance(info, dict):
         raise bad(f"entry {name!r} must be an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(code, str) or (code not in DTYPES and code not in BITS):
-        raise bad(f"tensor {name!r} has unknown dtype {short(code)}; known: {', '.join([*DTYPES, *BITS])}")
+    if not isinstance(code, str) or code not in _CODE_BITS:
+        raise bad(f"tensor {name!r} has unknown dtype {short(code)}; known: {', '.join(_CODE_BITS)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"tensor {name!r} has an invalid shape {short(shape)} (a list of non-negative integers)")
     if len(shape) > MAX_DIMS:
@@ -209,7 +317,7 @@ def _entry(name: str, info: Any, data_start: int, bad: Callable[[str], Exception
     if code == "F4" and (not shape or shape[-1] % 2):
         raise bad(f"tensor {name!r}: F4 needs an even last dimension to map onto torch.float4_e2m1fn_x2")
     # below 2**63 elements (fits_int64 above), so no shape makes this product costly
-    bits = _shapes.numel(shape) * BITS.get(code, DTYPES[code].itemsize * 8 if code in DTYPES else 8)
+    bits = _shapes.numel(shape) * _CODE_BITS[code]
     if bits % 8 or offsets[1] - offsets[0] != bits // 8:
         raise bad(
             f"tensor {name!r}: shape {short(shape)} of {code} needs {bits // 8} bytes, data_offsets give {offsets[1] - offsets[0]}"
@@ -266,11 +374,48 @@ def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def entry_tensor(mapped: MappedFile, e: Entry) -> torch.Tensor:
     """The tensor an entry describes, backed by the file's map."""
-    if e.code not in DTYPES:
+    if e.code not in ROWS:
         raise CorruptCheckpointError(
             f"{mapped.path}: tensor {e.name!r} has dtype {e.code}, which torch cannot represent"
         )
     return mapped.tensor(e.begin, e.end - e.begin, e.dtype, e.torch_shape)
+
+
+def entry_bytes(mapped: MappedFile, e: Entry) -> torch.Tensor:
+    """An entry's raw bytes as ``uint8`` (for dtypes torch lacks, such as F6)."""
+    n = e.end - e.begin
+    return mapped.tensor(e.begin, n, _dtypes.to_torch("uint8"), (n,))
+
+
+def entry_complex(mapped: MappedFile, e: Entry) -> torch.Tensor:
+    """An entry stored as the real view of a complex tensor (``[..., 2]``), viewed as complex."""
+    import torch
+
+    return torch.view_as_complex(entry_tensor(mapped, e))
+
+
+_LOADERS = (entry_tensor, entry_bytes, entry_complex)
+
+
+def check_readable(ref: Any) -> bool:
+    """For a reference a safetensors-based reader made (``partial(entry_*, mapped, entry)``): check
+    that its bytes are still in its file, without reading them or importing torch, and return True;
+    False for any other reference (the caller loads it to check it). Raises `CorruptCheckpointError`.
+
+    Example:
+        >>> check_readable(safeckpt.open("model.safetensors").tensors()["w"])
+        True
+    """
+    loader = getattr(ref, "loader", None)
+    if not isinstance(loader, partial) or loader.func not in _LOADERS or len(loader.args) != 2:
+        return False
+    mapped, e = loader.args
+    size = len(mapped.map) if e.end > e.begin else 0
+    if e.end > e.begin and e.end > size:
+        raise CorruptCheckpointError(
+            f"{mapped.path}: tensor {e.name!r} bytes [{e.begin}, {e.end}) lie past the end of the file ({size} bytes)"
+        )
+    return True
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -281,7 +426,7 @@ class Item:
     """A tensor to write: its name, what it is declared as, and how to get its bytes."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | _dtypes.DType
     shape: tuple[int, ...]
     get: Callable[[], torch.Tensor]
     span: Span | None = None  # bytes to copy file to file instead of calling `get`
@@ -296,26 +441,56 @@ def check_storable(x: torch.Tensor | Any, where: str) -> None:
         Traceback (most recent call last):
         TypeError: state['w'] is a meta tensor: it has no data to save
     """
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):  # torch is imported: x is one of its tensors
+        import torch
+
         if x.device.type == "meta":
             raise TypeError(f"{where} is a meta tensor: it has no data to save")
         if x.layout != torch.strided:
             raise TypeError(f"{where} is a {x.layout} tensor; save x.to_dense() or its components instead")
-    stored_as(x.dtype, tuple(x.shape), where)
+    stored_as(x.dtype_info if isinstance(x, TensorRef) else x.dtype, tuple(x.shape), where)
 
 
-def stored_as(dtype: torch.dtype, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
-    """The safetensors dtype code and header shape a torch tensor is written with."""
-    if dtype in AS_REAL:
-        return CODES[AS_REAL[dtype]], [*shape, 2]
-    if dtype not in CODES:
+def row_of(dtype: torch.dtype | _dtypes.DType) -> _dtypes.DType | None:
+    """The torch-free row of a ``torch.dtype`` or `_dtypes.DType`; None for one the table lacks."""
+    try:
+        return _dtypes.of(dtype)
+    except KeyError:
+        return None
+
+
+def real_view(dtype: torch.dtype | _dtypes.DType) -> _dtypes.DType | None:
+    """The dtype a complex type safetensors lacks is stored as (complex128 as float64), else None.
+
+    Example:
+        >>> real_view(torch.complex128), real_view(torch.float32)
+        (dtype(float64), None)
+    """
+    row = row_of(dtype)
+    real = REAL_OF.get(row.name) if row is not None else None
+    return _dtypes.BY_NAME[real] if real is not None else None
+
+
+def stored_as(dtype: torch.dtype | _dtypes.DType, shape: tuple[int, ...], where: str) -> tuple[str, list[int]]:
+    """The safetensors dtype code and header shape a tensor of ``dtype`` is written with."""
+    real = real_view(dtype)
+    if real is not None:
+        return str(real.code), [*shape, 2]
+    row = row_of(dtype)
+    if row is None or row.code is None:
+        shown = f"torch.{dtype.name}" if isinstance(dtype, _dtypes.DType) else str(dtype)
         raise TypeError(
-            f"{where} has dtype {dtype}, which safetensors cannot hold and safeckpt has no lossless encoding for; "
+            f"{where} has dtype {shown}, which safetensors cannot hold and safeckpt has no lossless encoding for; "
             "convert it (e.g. a quantized tensor's .int_repr() and its scale) before saving"
         )
-    if dtype == torch.float4_e2m1fn_x2:
+    if row.code == "F4":
         return "F4", [*shape[:-1], shape[-1] * 2] if shape else [2]
-    return CODES[dtype], list(shape)
+    return row.code, list(shape)
+
+
+def _stored_itemsize(dtype: torch.dtype | _dtypes.DType) -> int:
+    real = real_view(dtype)
+    return real.itemsize if real is not None else _dtypes.of(dtype).itemsize
 
 
 def write(
@@ -333,7 +508,7 @@ def write(
     ``checksum_key``, the metadata entry of that name holds each tensor's CRC-32 (8 hex digits, in
     data order), computed while writing.
     """
-    items = sorted(items, key=lambda it: -AS_REAL.get(it.dtype, it.dtype).itemsize)
+    items = sorted(items, key=lambda it: -_stored_itemsize(it.dtype))
     header: dict[str, Any] = {}
     offset = 0
     for it in items:
@@ -351,31 +526,93 @@ def write(
             f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors"
         )
     blob += b" " * (-(8 + len(blob)) % align)
-    crcs: list[int] = []
-    with atomic_write(path) as f, ThreadPoolExecutor(1) as pool:
+    with atomic_write(path) as f, ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as opened:
+        sources: dict[int, BinaryIO] = {}  # each source file opened once, however many spans it holds
+
+        def source(span: Span) -> BinaryIO:
+            """``span.file`` opened (`CorruptCheckpointError` if it changed since it was read)."""
+            if id(span.file) not in sources:
+                sources[id(span.file)] = opened.enter_context(span.file.open())
+                # mapped now, while the path still holds it, as reading a tensor would: a writer
+                # replacing its source (a reshard in place) leaves later readers (the check) the map
+                span.file.map  # noqa: B018
+            return sources[id(span.file)]
+
         write_all(f, struct.pack("<Q", len(blob)) + blob)
+        crcs_or_pending: list[int | Future[int]] = []
+        run: list[Any] = []  # [span, nbytes]: the bytes of spans that follow each other in one file
+
+        def flush() -> None:  # copied as one, in the kernel
+            if run:
+                whole, n = run
+                if not copy_span(f, whole, n, source(whole)):
+                    write_all(f, span_bytes(whole, n))  # the kernel cannot: from the map
+                run.clear()
+
         for it in items:
             nbytes = _shapes.nbytes(it.dtype, it.shape)
             span = it.span
-            if span is not None and (span.crc32 is not None or not checksum_key) and copy_span(f, span, nbytes):
-                crcs.append(span.crc32 or 0)
+            if span is not None:  # the source's bytes as they are: no torch, no copy through the process
+                if span.crc32 is not None or not checksum_key:
+                    crcs_or_pending.append(span.crc32 or 0)
+                else:  # another writer's file records none: the other core reads the bytes for it
+                    crcs_or_pending.append(pool.submit(span_crc, span, nbytes, source(span)))
+                if run and run[0].file is span.file and run[0].offset + run[1] == span.offset:
+                    run[1] += nbytes
+                else:
+                    flush()
+                    run[:] = [span, nbytes]
                 continue
+            flush()
             t = it.get()
-            if t.dtype != it.dtype or tuple(t.shape) != tuple(it.shape):
+            if _dtypes.of(t.dtype) is not _dtypes.of(it.dtype) or tuple(t.shape) != tuple(it.shape):
                 raise ValueError(f"{path}: tensor {it.name!r} changed while saving (was {it.dtype} {list(it.shape)})")
             data = tensor_bytes(t)
             # the CRC of a large tensor runs on the other core while its bytes are written
             crc = pool.submit(checksum, data) if checksum_key and nbytes >= 1 << 20 else None
             small = checksum(data) if checksum_key and crc is None else 0
             write_all(f, data)
-            crcs.append(crc.result() if crc is not None else small)
+            crcs_or_pending.append(crc.result() if crc is not None else small)
             del t, data  # let go before the next tensor is fetched: at most one is held at a time
+        flush()
+        crcs = [c if isinstance(c, int) else c.result() for c in crcs_or_pending]
         if checksum_key:
             head = bytearray(struct.pack("<Q", len(blob)) + blob)
             _patch(head, checksum_key, "".join(f"{c:08x}" for c in crcs))
             _patch(head, KEY_HEADER_CRC, f"{checksum(bytes(head)):08x}")  # last: it covers the tensor CRCs
             os.pwrite(f.fileno(), head, 0)  # same length: the data does not move
     return Path(path)
+
+
+def span_bytes(span: Span, nbytes: int) -> memoryview:
+    """The ``nbytes`` at ``span`` in its file's map (`CorruptCheckpointError` if they run past its end)."""
+    if nbytes == 0:
+        return memoryview(b"")
+    mapped = span.file.map
+    if span.offset < 0 or span.offset + nbytes > len(mapped):
+        raise CorruptCheckpointError(
+            f"{span.file.path}: tensor bytes [{span.offset}, {span.offset + nbytes}) lie past the end of the file"
+        )
+    return memoryview(mapped)[span.offset : span.offset + nbytes]
+
+
+def span_crc(span: Span, nbytes: int, source: BinaryIO) -> int:
+    """The CRC-32 of the ``nbytes`` at ``span``, read from ``source`` (``span.file`` opened) in pieces,
+    not through the shared map: the RSS of a conversion stays flat, and pages a caller wrote to
+    are left alone."""
+    crc, pos, left = 0, span.offset, nbytes
+    buf = bytearray(min(nbytes, CRC_PIECE))
+    while left:
+        view = memoryview(buf)[: min(left, len(buf))]
+        n = os.preadv(source.fileno(), [view], pos)
+        if n == 0:
+            raise CorruptCheckpointError(f"{span.file.path}: ends before byte {pos + left}")
+        crc = crc32(view[:n], crc)
+        pos, left = pos + n, left - n
+    return crc
+
+
+CRC_PIECE = 4 << 20
 
 
 def _patch(head: bytearray, key: str, value: str) -> None:
@@ -390,15 +627,24 @@ def checksums(header: Header, key: str) -> dict[str, int] | None:
     text = header.metadata.get(key)
     if text is None:
         return None
-    order = sorted(header.entries.values(), key=lambda e: (e.begin, e.end))
+    order = sorted(header.entries.values(), key=_DATA_ORDER)
     if len(text) != 8 * len(order):
         raise CorruptCheckpointError(
             f"{header.path}: metadata {key!r} lists {len(text) // 8} checksums for {len(order)} tensors"
         )
+    try:  # all at once in C; text fromhex reads differently (spaces) is parsed digit group by group
+        values = struct.unpack(f">{len(order)}I", bytes.fromhex(text))
+    except (ValueError, struct.error):
+        values = None
+    if values is not None:
+        return dict(zip(map(_NAME, order), values, strict=True))
     try:
         return {e.name: int(text[8 * i : 8 * i + 8], 16) for i, e in enumerate(order)}
     except ValueError:
         raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is not hexadecimal") from None
+
+
+_DATA_ORDER, _NAME = operator.itemgetter(3, 4), operator.itemgetter(0)  # an Entry's (begin, end), name
 
 
 def _its_data(name: str) -> str:

@@ -12,17 +12,19 @@ import base64
 import binascii
 import contextlib
 from collections.abc import Callable, Hashable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .. import codec
+from .. import _dtypes, codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import Format
 from . import _safetensors as st
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "safeckpt"
 EXTENSIONS = (".safeckpt",)
@@ -81,25 +83,28 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
 
 
 def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any, crc: int | None) -> TensorRef:
-    dtype, shape = entry.dtype, entry.torch_shape
-    loader = lambda: st.entry_tensor(mapped, entry)  # noqa: E731
+    if entry.code not in st.ROWS:
+        raise CorruptCheckpointError(f"{path}: tensor {entry.name!r} has dtype {entry.code}, which torch cannot represent")
+    dtype, shape = st.ROWS[entry.code], entry.torch_shape
+    loader = partial(st.entry_tensor, mapped, entry)
     if real_of is not None:
-        complex_dtype = {str(k).removeprefix("torch."): k for k in st.AS_REAL}.get(real_of)
-        if complex_dtype is None or st.AS_REAL[complex_dtype] != dtype or not shape or shape[-1] != 2:
+        complex_dtype = _dtypes.BY_NAME[real_of] if real_of in st.REAL_OF else None
+        if complex_dtype is None or st.REAL_OF[real_of] != dtype.name or not shape or shape[-1] != 2:
             raise CorruptCheckpointError(f"{path}: tensor {entry.name!r} cannot be read as {real_of!r}")
         dtype, shape = complex_dtype, shape[:-1]
-        loader = lambda: torch.view_as_complex(st.entry_tensor(mapped, entry))  # noqa: E731
+        loader = partial(st.entry_complex, mapped, entry)
+    source = str(path)
     return TensorRef(
         entry.name,
         dtype,
         shape,
-        str(path),
+        source,
         loader,
-        storage=str(path),
-        view=entry.name,
-        requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
-        parameter=bool(flags & FLAG_PARAMETER),
-        span=Span(mapped, entry.begin, crc),
+        source,
+        entry.name,
+        bool(flags & FLAG_REQUIRES_GRAD),
+        bool(flags & FLAG_PARAMETER),
+        Span(mapped, entry.begin, crc),
     )
 
 
@@ -113,7 +118,8 @@ def write(ckpt: Checkpoint, path: Path) -> Path:
 
     def add(name: str, x: torch.Tensor | TensorRef) -> None:
         span = x.span if isinstance(x, TensorRef) else None
-        items.append(st.Item(name, x.dtype, tuple(x.shape), _getter(x), span))
+        dtype = x.dtype_info if isinstance(x, TensorRef) else x.dtype
+        items.append(st.Item(name, dtype, tuple(x.shape), _getter(x), span))
 
     skeleton = codec.encode(ckpt.tree, tensor_leaf_encoder(add, complex_dtype=True))
     meta = {KEY_VERSION: VERSION, "format": "pt", KEY_SKELETON: base64.b64encode(skeleton).decode("ascii")}
@@ -127,7 +133,12 @@ def _getter(x: torch.Tensor | TensorRef) -> Any:
 
 def tensor_flags(x: torch.Tensor | TensorRef) -> int:
     """The flags the skeleton records with a tensor reference."""
-    parameter = x.parameter if isinstance(x, TensorRef) else isinstance(x, torch.nn.Parameter)
+    if isinstance(x, TensorRef):
+        parameter = x.parameter
+    else:
+        import torch  # x is a torch tensor: torch is imported
+
+        parameter = isinstance(x, torch.nn.Parameter)
     return (FLAG_PARAMETER if parameter else 0) | (FLAG_REQUIRES_GRAD if x.requires_grad else 0)
 
 
@@ -156,8 +167,9 @@ def tensor_leaf_encoder(
             names[key] = unique_name(path_name(p) or "tensor", used)
             add(names[key], x)
         out: list[Any] = [names[key], tensor_flags(x)]
-        if complex_dtype and x.dtype in st.AS_REAL:
-            out.append(str(x.dtype).removeprefix("torch."))
+        dtype = x.dtype_info if isinstance(x, TensorRef) else x.dtype
+        if complex_dtype and st.real_view(dtype) is not None:
+            out.append(_dtypes.of(dtype).name)
         return out
 
     return payload

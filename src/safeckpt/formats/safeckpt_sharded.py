@@ -17,13 +17,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import torch
 
-from .. import _shapes, codec
-from .._fs import MappedFile, checksum, member_problem
+from .. import _dtypes, _shapes, codec
+from .._fs import MappedFile, Span, checksum, member_problem
 from .._storage import GENERATION, Generation, Layout, Template, literal, naming, target_dir
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -32,6 +31,9 @@ from . import Format
 from . import _safetensors as st
 from ._tiling import tiling_error
 from .safeckpt import FLAG_PARAMETER, FLAG_REQUIRES_GRAD, tensor_leaf_decoder, tensor_leaf_encoder
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "safeckpt-sharded"
 EXTENSIONS: tuple[str, ...] = ()
@@ -46,7 +48,8 @@ _CRC_TAIL = b"\xa5crc32\xa8"  # msgpack fixstr "crc32", then the fixstr header o
 # left unlocked). Generations, commit and sweep: `_storage.Layout`.
 SHARD = Template("shard-{gen}-{rank:05d}-{part:05d}.safetensors", gen=GENERATION, rank=r"\d{5}", part=r"\d{5}")
 LOCK = Template(".safeckpt-{gen}.lock", gen=GENERATION)
-_DTYPES = {str(d).removeprefix("torch."): d for d in [*st.CODES, *st.AS_REAL]}
+# the dtypes an index may name, as torch-free rows: safetensors' own and the complex ones stored as their real view
+_DTYPES = {name: row for name, row in _dtypes.BY_NAME.items() if row.code is not None or name in st.REAL_OF}
 
 
 def sniff(head: bytes, path: Path) -> bool:
@@ -123,6 +126,11 @@ class _Shard:
         self.header  # noqa: B018 - maps the file
         return self._mapped
 
+    @functools.cached_property
+    def crcs(self) -> dict[str, int]:
+        """The CRC-32 its header records for each entry (none if it records none)."""
+        return st.checksums(self.header, st.KEY_CRC) or {}
+
     def _missing(self) -> CorruptCheckpointError:
         m, now = SHARD.match(self.path.name), None
         with contextlib.suppress(CorruptCheckpointError, OSError):
@@ -148,30 +156,38 @@ class Chunk:
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: _dtypes.DType
     shard: _Shard = field(repr=False)
     key: str
     begin: int
     end: int
 
-    def tensor(self) -> torch.Tensor:
-        """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
+    def entry(self) -> st.Entry:
+        """The chunk's entry in its shard's header, checked to agree with the index (no torch)."""
         e = self.shard.header.entries.get(self.key)
-        stored, shape = st.AS_REAL.get(self.dtype, self.dtype), self.sizes + ((2,) if self.dtype in st.AS_REAL else ())
+        real = st.real_view(self.dtype)
+        stored, shape = real or self.dtype, self.sizes + ((2,) if real is not None else ())
         if (
             e is None
-            or e.code not in st.DTYPES
-            or e.dtype != stored
+            or e.code not in st.ROWS
+            or e.dtype_info is not stored
             or e.torch_shape != shape
             or (e.begin, e.end) != (self.begin, self.end)
         ):
             found = "no such entry" if e is None else f"{e.code} {list(e.torch_shape)} at bytes [{e.begin}, {e.end})"
             raise CorruptCheckpointError(
-                f"{self.shard.path}: entry {self.key!r} should be {stored} {list(shape)} at bytes [{self.begin}, {self.end}) "
+                f"{self.shard.path}: entry {self.key!r} should be torch.{stored.name} {list(shape)} at bytes [{self.begin}, {self.end}) "
                 f"as the index says, but the shard has {found}; the directory mixes files of different saves"
             )
+        return e
+
+    def tensor(self) -> torch.Tensor:
+        """The whole chunk, backed by the shard's map (after checking the shard agrees with the index)."""
+        import torch
+
+        e, real = self.entry(), st.real_view(self.dtype)
         t = st.entry_tensor(self.shard.mapped, e)
-        return torch.view_as_complex(t) if self.dtype in st.AS_REAL else t
+        return torch.view_as_complex(t) if real is not None else t
 
     def read(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
         """The sub-box ``offsets``/``lengths`` (relative to this chunk), prefetching exactly the
@@ -197,21 +213,28 @@ def _prefetch(mapped: MappedFile, start: int, length: int) -> None:
         mapped.map.madvise(mmap.MADV_WILLNEED, aligned, length + start - aligned)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)  # TensorRef's repr, which needs no torch
 class ShardedRef(TensorRef):
     """A `TensorRef` whose bytes are spread over chunks; ``load()`` assembles the full tensor
     (a chunk that covers the whole tensor is returned mapped, without a copy)."""
 
     chunks: tuple[Chunk, ...] = ()
 
+    def check_readable(self) -> None:
+        """Check every chunk against its shard's header, without reading the bytes or importing torch."""
+        for c in self.chunks:
+            c.entry()
 
-def _assemble(dtype: torch.dtype, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+
+def _assemble(dtype: _dtypes.DType, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> torch.Tensor:
+    import torch
+
     # Map (and so check against its shard) every chunk before allocating: the chunks tile the
     # tensor, so the allocation is never larger than data that is really on disk.
     parts = [c.tensor() for c in chunks]
     if len(chunks) == 1 and chunks[0].sizes == shape:
         return parts[0]
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=_dtypes.to_torch(dtype))
     for c, part in zip(chunks, parts, strict=True):
         dst = out
         for dim, (o, n) in enumerate(zip(c.offsets, c.sizes, strict=True)):
@@ -358,9 +381,14 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
             Chunk(tuple(c["offsets"]), tuple(c["sizes"]), dtype, shards[c["file"]], c["key"], *c["bytes"])
             for c in t["chunks"]
         )
+        span = None
+        if len(chunks) == 1 and chunks[0].sizes == shape and st.real_view(dtype) is None:
+            # stored whole: its bytes can be copied and compared file to file (checked against the shard first)
+            whole = chunks[0]
+            span = Span(whole.shard.mapped, whole.entry().begin, whole.shard.crcs.get(whole.key))
         return ShardedRef(
             name,
-            dtype,
+            dtype,  # type: ignore[arg-type]  # a torch-free row, resolved when .dtype is read
             shape,
             str(root),
             functools.partial(_assemble, dtype, shape, chunks),
@@ -368,6 +396,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
             view=name,
             requires_grad=bool(flags & FLAG_REQUIRES_GRAD),
             parameter=bool(flags & FLAG_PARAMETER),
+            span=span,
             chunks=chunks,
         )
 
@@ -576,7 +605,7 @@ def verify(path: Path) -> list[str]:
                 f"the data of {where}" if c.key == ref.name else f"box [{box}] of {where} (tensor {ref.name!r})"
             )
             try:
-                c.tensor()
+                c.entry()
             except CorruptCheckpointError as e:
                 problems.append(str(e))
     for f in read_index(root)["files"]:

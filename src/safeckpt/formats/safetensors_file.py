@@ -17,16 +17,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .. import _dtypes
 from .._fs import MappedFile, Span
-from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
+from ..tree import Checkpoint, TensorRef, alias_key, is_tensor, iter_leaves
 from . import Format
 from . import _safetensors as st
 from .safeckpt import KEY_VERSION
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "safetensors"
 EXTENSIONS = (".safetensors",)
@@ -56,9 +59,10 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         header = st.read_header(path, f)
         mapped = MappedFile(path, header.size, f)
     crcs = st.checksums(header, st.KEY_CRC) or {}
-    refs = {name: tensor_ref(path, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
+    source = str(path)
+    refs = {name: tensor_ref(source, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
     aliases = tied_aliases(header.metadata, refs)
-    tree = {name: refs[aliases.get(name, name)] for name in sorted([*refs, *aliases])}
+    tree = {name: refs[aliases.get(name, name)] for name in sorted([*refs, *aliases])} if aliases else _sorted(refs)
     info: dict[str, Any] = {"aliases": aliases} if aliases else {}
     raw = undecodable(header)
     if raw:
@@ -67,36 +71,32 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
-def tensor_ref(path: Path, mapped: MappedFile, e: st.Entry, crc: int | None = None) -> TensorRef:
+def tensor_ref(path: Path | str, mapped: MappedFile, e: st.Entry, crc: int | None = None) -> TensorRef:
     """The lazy reference to one header entry (F6 tensors, which torch lacks, as raw ``uint8`` bytes);
-    ``crc``: its CRC-32 if the file records it."""
-    if e.code not in st.DTYPES:
+    ``crc``: its CRC-32 if the file records it. Its dtype is a torch-free `_dtypes.DType`."""
+    source = str(path)
+    span = Span(mapped, e.begin, crc)
+    if e.code not in st.ROWS:
         n = e.end - e.begin
-        return TensorRef(
-            e.name,
-            torch.uint8,
-            (n,),
-            str(path),
-            lambda: mapped.tensor(e.begin, n, torch.uint8, (n,)),
-            storage=str(path),
-            view=e.name,
-            span=Span(mapped, e.begin, crc),
-        )
+        return TensorRef(e.name, _UINT8, (n,), source, partial(st.entry_bytes, mapped, e), source, e.name, span=span)
     return TensorRef(
-        e.name,
-        e.dtype,
-        e.torch_shape,
-        str(path),
-        lambda: st.entry_tensor(mapped, e),
-        storage=str(path),
-        view=e.name,
-        span=Span(mapped, e.begin, crc),
+        e.name, st.ROWS[e.code], e.torch_shape, source, partial(st.entry_tensor, mapped, e), source, e.name, span=span
     )
+
+
+_UINT8 = _dtypes.BY_NAME["uint8"]
+
+
+def _sorted(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    names = list(refs)
+    if names != sorted(names):
+        names.sort()
+    return {name: refs[name] for name in names}
 
 
 def undecodable(header: st.Header) -> dict[str, str]:
     """``{name: "F6_E2M3 [4, 8]"}`` for tensors read as raw bytes; warns once per file."""
-    raw = {e.name: f"{e.code} {list(e.shape)}" for e in header.entries.values() if e.code not in st.DTYPES}
+    raw = {e.name: f"{e.code} {list(e.shape)}" for e in header.entries.values() if e.code not in st.ROWS}
     if raw:
         warnings.warn(
             f"{header.path}: tensors {sorted(raw)[:5]} have dtypes torch cannot represent ({', '.join(sorted(set(raw.values())))}); "
@@ -154,7 +154,7 @@ def plan(ckpt: Checkpoint, path: Path) -> Plan:
     seen: set[str] = set()
     for keys, leaf in iter_leaves(ckpt.tree):
         name = _flat_name(keys, path)
-        if not isinstance(leaf, (torch.Tensor, TensorRef)):
+        if not isinstance(leaf, TensorRef) and not is_tensor(leaf):
             raise TypeError(
                 f"{path}: {name!r} is a {type(leaf).__name__}, and plain safetensors holds tensors only. Save to format "
                 "'safeckpt' (a .safeckpt file) to keep non-tensor values, or write just the entry that holds the "
@@ -169,9 +169,10 @@ def plan(ckpt: Checkpoint, path: Path) -> Plan:
     for members in groups.values():
         kept = min(n for n, _ in members)
         leaf = next(x for n, x in members if n == kept)
-        out.items.append(
-            st.Item(kept, leaf.dtype, tuple(leaf.shape), leaf.load if isinstance(leaf, TensorRef) else lambda x=leaf: x)  # type: ignore[misc]
-        )
+        if isinstance(leaf, TensorRef):  # copied file to file where the source holds the bytes as stored
+            out.items.append(st.Item(kept, leaf.dtype_info, tuple(leaf.shape), leaf.load, leaf.span))
+        else:
+            out.items.append(st.Item(kept, leaf.dtype, tuple(leaf.shape), lambda x=leaf: x))  # type: ignore[misc]
         out.aliases.update({n: kept for n, _ in members if n != kept})
     return out
 
@@ -202,9 +203,10 @@ def _check_tensor(x: torch.Tensor | TensorRef, name: str, path: Path) -> None:
             "which stores it natively, or save x.to_dense()"
         )
     st.check_storable(x, where)
-    if x.dtype in st.AS_REAL:  # a plain file has no skeleton to record the complex dtype in
+    dtype = x.dtype_info if isinstance(x, TensorRef) else x.dtype
+    if st.real_view(dtype) is not None:  # a plain file has no skeleton to record the complex dtype in
         raise TypeError(
-            f"{where} has dtype {x.dtype}, which safetensors lacks; save to format 'safeckpt', which stores it "
+            f"{where} has dtype torch.{_dtypes.of(dtype).name}, which safetensors lacks; save to format 'safeckpt', which stores it "
             "losslessly, or save torch.view_as_real(x) under another name"
         )
 
