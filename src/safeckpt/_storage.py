@@ -324,12 +324,14 @@ def remove_tree(path: str | os.PathLike[str], *, missing_ok: bool = True) -> Non
         >>> remove_tree("ckpts/epoch=0-step=4.ckpt")
     """
     p = Path(path)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=missing_ok)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-    elif not missing_ok:
-        raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(p))
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
