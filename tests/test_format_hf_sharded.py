@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 import safeckpt
 from conformance import FormatConformance, assert_bits_equal, sample_state_dict, sorted_dict
-from safeckpt import _fs, formats
+from safeckpt import _fs, _storage, formats
 from safeckpt.errors import CorruptCheckpointError
 from safeckpt.formats import _safetensors as st
 from safeckpt.formats import hf_sharded as hf
@@ -386,7 +386,7 @@ def run_until_crash(k: int, action: Callable[[], None]) -> int:
                 (st, "write"),
                 (st, "write_all"),
                 (hf, "_write_index"),
-                (hf, "link_or_copy"),
+                (_storage, "link_or_copy"),
                 (os, "link"),
                 (os, "replace"),
                 (os, "unlink"),

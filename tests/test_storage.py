@@ -92,3 +92,21 @@ def test_link_or_copy_puts_the_bytes_in_place(tmp_path: Path, links: bool, monke
     assert dst.read_bytes() == src.read_bytes() and src.exists()
     assert (os.stat(dst).st_ino == os.stat(src).st_ino) is links
     assert sorted(os.listdir(tmp_path)) == ["dst.bin", "src.bin"]  # no temporary left
+
+
+def test_remove_tree_removes_a_directory_a_file_or_a_link_itself(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "a.safetensors").write_bytes(b"x")
+    link = tmp_path / "last"
+    link.symlink_to(target, target_is_directory=True)
+    _storage.remove_tree(link)
+    assert not link.is_symlink() and (target / "sub" / "a.safetensors").exists()
+    _storage.remove_tree(target)
+    assert not target.exists()
+    _storage.remove_tree(target)  # missing: fine by default
+    with pytest.raises(FileNotFoundError):
+        _storage.remove_tree(target, missing_ok=False)
+    (tmp_path / "f.ckpt").write_bytes(b"x")
+    _storage.remove_tree(tmp_path / "f.ckpt")
+    assert os.listdir(tmp_path) == []

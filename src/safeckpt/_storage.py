@@ -324,12 +324,14 @@ def remove_tree(path: str | os.PathLike[str], *, missing_ok: bool = True) -> Non
         >>> remove_tree("ckpts/epoch=0-step=4.ckpt")
     """
     p = Path(path)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=missing_ok)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-    elif not missing_ok:
-        raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(p))
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
 
 
 def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -549,3 +551,68 @@ def remove_names(directory: Path, names: Iterable[str]) -> None:
     for name in names:
         remove(directory / name)
     fsync_dir(directory)
+
+
+# -- a directory whose file names cannot carry a generation --------------------------------------------
+
+
+def replace_set(
+    directory: Path,
+    names: list[str],
+    write: Callable[[Path, int], None],
+    write_index: Callable[[list[str]], None],
+    *,
+    index: Path,
+    live: set[str],
+    stage: Callable[[str], str],
+    leftovers: re.Pattern[str],
+    also_old: Iterable[str] = (),
+    index_is_new: bool = False,
+) -> None:
+    """Replace the set of files ``index`` names in ``directory`` by ``names``, for layouts whose
+    names are fixed (Hugging Face's ``model-00001-of-00003.safetensors``): a reader sees the old
+    set or the new one, never a mix.
+
+    ``write(path, i)`` writes file ``i`` atomically at ``path``: its own name, or ``stage(name)``
+    where the committed set (``live``) still uses that name. ``write_index(names)`` writes the
+    index (atomically) naming them: under the staged names first, which commits; then each staged
+    file is put in place (`link_or_copy`) and the index rewritten with the final names. A set of
+    one file with no index standing is committed by its own rename (no index is written, and one
+    left from a sharded set is removed at the end). Only after the commit are the old set's files
+    (``live``, ``also_old``, and names matching ``leftovers`` that killed saves staged) removed.
+    A failure before the commit removes this save's files, and the index if ``index_is_new``
+    (written by the caller just before, naming the old files).
+
+    Example:
+        >>> replace_set(d, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+        ...             write_shard, write_index, index=d / "model.safetensors.index.json",
+        ...             live=set(), stage=staged_name, leftovers=STAGING.pattern)
+    """
+    n = len(names)
+    on_disk: list[str] = []
+    committed = False
+    try:
+        for i, name in enumerate(names):
+            target = name if name not in live else stage(name)
+            write(directory / target, i)
+            on_disk.append(target)
+            committed = n == 1 and target == name and not index.exists()  # replacing the lone file is the commit
+        if on_disk != names:  # the old set still uses some of these names: commit under the staged names first
+            write_index(on_disk)
+            committed = True
+            for tmp, name in zip(on_disk, names, strict=True):
+                if tmp != name:
+                    link_or_copy(directory / tmp, directory / name)
+        if n > 1 or index.exists():  # one file replacing a sharded set: an index names it until the old set is gone
+            write_index(names)
+        committed = True
+    except BaseException:
+        if not committed:
+            remove_names(directory, [name for name in on_disk if name not in live])
+            if index_is_new:
+                remove(index)
+        raise
+    old = (
+        live | set(also_old) | set(on_disk) | {m.group(0) for m in map(leftovers.fullmatch, os.listdir(directory)) if m}
+    )
+    remove_names(directory, sorted(old - set(names)) + ([index.name] if n == 1 and index.exists() else []))

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import _shapes
 from .._fs import MappedFile, member_problem
-from .._storage import Template, link_or_copy, remove, remove_names, write_bytes
+from .._storage import Template, replace_set, write_bytes
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
 from ..tree import Checkpoint
@@ -349,39 +349,31 @@ def write(
     live = _live_files(index)
     extra = stf.carried_metadata(ckpt.metadata, plan)
     token = secrets.token_hex(4)
-    on_disk: list[str] = []
-    committed = pre_index = False
-    try:
-        if n > 1 and not index.exists() and (directory / base).is_file():
-            # Hugging Face loaders read a lone *.safetensors only while it is alone: index the old file first
-            pre_index = _index_old_single(index, directory / base)
-            live = {base} if pre_index else live
-        for name, items in zip(final, groups, strict=True):
-            target = name if name not in live else STAGING.format(stem=name.removesuffix(".safetensors"), token=token)
-            kept = {it.name for it in items}
-            meta = {"format": "pt", **(extra if n == 1 else {}), **{d: k for d, k in plan.aliases.items() if k in kept}}
-            st.write(directory / target, items, meta, checksum_key=st.KEY_CRC)
-            on_disk.append(target)
-            committed = n == 1 and target == base and not index.exists()  # replacing the lone file is the commit
-        total = sum(_shapes.nbytes(it.dtype, it.shape) for it in plan.items)
-        index_meta = {"total_size": total, **extra, **plan.aliases}
-        if on_disk != final:  # the old set still uses some of these names: commit under the temporary names first
-            _write_index(index, index_meta, _weight_map(groups, on_disk))
-            committed = True
-            for tmp, name in zip(on_disk, final, strict=True):
-                if tmp != name:
-                    link_or_copy(directory / tmp, directory / name)
-        if n > 1 or index.exists():  # one file replacing a sharded set: an index names it until the old set is gone
-            _write_index(index, index_meta, _weight_map(groups, final))
-        committed = True
-    except BaseException:
-        if not committed:
-            remove_names(directory, [name for name in on_disk if name not in live])
-            if pre_index:
-                remove(index)
-        raise
-    old = live | {base} | set(on_disk) | {m.group(0) for m in map(_staging(base).fullmatch, os.listdir(directory)) if m}
-    remove_names(directory, sorted(old - set(final)) + ([index.name] if n == 1 and index.exists() else []))
+    pre_index = False
+    if n > 1 and not index.exists() and (directory / base).is_file():
+        # Hugging Face loaders read a lone *.safetensors only while it is alone: index the old file first
+        pre_index = _index_old_single(index, directory / base)
+        live = {base} if pre_index else live
+    total = sum(_shapes.nbytes(it.dtype, it.shape) for it in plan.items)
+    index_meta = {"total_size": total, **extra, **plan.aliases}
+
+    def write_shard(target: Path, i: int) -> None:
+        kept = {it.name for it in groups[i]}
+        meta = {"format": "pt", **(extra if n == 1 else {}), **{d: k for d, k in plan.aliases.items() if k in kept}}
+        st.write(target, groups[i], meta, checksum_key=st.KEY_CRC)
+
+    replace_set(
+        directory,
+        final,
+        write_shard,
+        lambda names: _write_index(index, index_meta, _weight_map(groups, names)),
+        index=index,
+        live=live,
+        stage=lambda name: STAGING.format(stem=name.removesuffix(".safetensors"), token=token),
+        leftovers=_staging(base),
+        also_old={base},
+        index_is_new=pre_index,
+    )
     return directory
 
 
