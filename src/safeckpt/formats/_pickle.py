@@ -933,7 +933,8 @@ def _persid(vm: _VM, pid: Any) -> None:
     try:
         value = vm.persistent_load(pid)
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
-        raise e if str(e).startswith(vm.source) else type(e)(f"{vm.source}: {e}") from None
+        # the storage helpers raise without the file; one that names it has set ``path``
+        raise e if e.path is not None else type(e)(f"{vm.source}: {e}", path=vm.source, key=e.key, hint=e.hint) from None
     vm.stack.append(value)
 
 
