@@ -768,7 +768,15 @@ class _Tree:
             if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
                 out: Any = cls()
                 for k, v in obj.items():
-                    out[self._convert(k, (*path, "<key>"), False)] = self._convert(v, (*path, k), tensors)
+                    value = self._convert(v, (*path, k), tensors)
+                    if type(k) is str or type(k) is int:  # a plain key, counted as _convert counts it
+                        self.budget -= 1
+                        if self.budget < 0 or len(path) >= MAX_DEPTH:  # let _convert raise the error
+                            self.budget += 1
+                            k = self._convert(k, (*path, "<key>"), False)
+                        out[k] = value
+                    else:
+                        out[self._convert(k, (*path, "<key>"), False)] = value
                 meta = getattr(obj, "_metadata", None)
                 if meta is not None:
                     out._metadata = self._convert(meta, (*path, "_metadata"), False)
