@@ -739,3 +739,17 @@ def test_stand_ins_become_torch_values_when_materialized() -> None:
     assert type(out["size"]) is torch.Size
     with pytest.raises(CorruptCheckpointError, match="is not a device"):
         _torch_values.to_torch(_torch_values.Device("Nope"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_stack_global_names_from_the_memo_are_followed_from_protocol_4(protocol: int) -> None:
+    """pickle writes STACK_GLOBAL from protocol 4 on: there the scan resolves operands from the memo;
+    an older pickle is scanned without following its memo, so such a global is refused, not admitted."""
+    body = b"X\x0b\x00\x00\x00collectionsq\x000X\x0b\x00\x00\x00OrderedDictq\x010h\x00h\x01\x93)R."
+    data = bytes([0x80, protocol]) + body
+    if protocol >= 4:
+        assert _pickle.globals_in(data) == ["collections.OrderedDict"]
+        assert _pickle.load(data, source="m.pkl").value == collections.OrderedDict()
+    else:
+        with pytest.raises(UnsafeCheckpointError, match="STACK_GLOBAL at byte 44 with computed operands"):
+            _pickle.load(data, source="m.pkl")

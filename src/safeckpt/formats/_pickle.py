@@ -1121,6 +1121,7 @@ for _op in pickletools.opcodes:
     if _op.name not in ("MARK", "STOP"):  # the loop handles these two itself
         _SCAN[ord(_op.code)] = _scan_row(_op, True)
         _SCAN_NO_MEMO[ord(_op.code)] = _scan_row(_op, False)
+assert all(r[2] == 0 for r in (*_SCAN, *_SCAN_NO_MEMO) if r is not None and r[0] == _FIXED)  # see scan()
 _STRING_OPS = frozenset(_codes("BINUNICODE SHORT_BINUNICODE BINUNICODE8 SHORT_BINSTRING BINSTRING"))
 _SCAN_OPS = _codes("MARK STOP BINPUT LONG_BINPUT BINGET LONG_BINGET MEMOIZE DUP")
 _NAME_OPS = _codes("GLOBAL INST STACK_GLOBAL UNICODE STRING GET PUT OBJ")
@@ -1186,12 +1187,15 @@ def scan(data: bytes | bytearray | memoryview, pos: int, source: str) -> tuple[l
                     continue
                 raise err(f"unknown opcode {op:#04x}", at)
             kind, arg, pops, pushes = spec
-            value: Any = None
-            if kind == FIXED:
+            if kind == FIXED:  # the most frequent kind, and one that pops nothing (checked below)
                 pos += arg
                 if pos > n:
                     raise err("truncated argument", at, TruncatedCheckpointError)
-            elif kind:
+                if pushes:
+                    stack.append(None)
+                continue
+            value: Any = None
+            if kind:
                 if kind == TRACKED:
                     if pos + arg > n:
                         raise err("truncated argument", at, TruncatedCheckpointError)

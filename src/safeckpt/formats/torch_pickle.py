@@ -61,7 +61,7 @@ class StorageType:
     dtype: _dtypes.DType | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per tensor, built at half the cost
 class Storage:
     """One storage record: ``numel`` elements of ``dtype`` at absolute file ``offset``."""
 
@@ -77,7 +77,7 @@ class Storage:
         return self.numel * self.dtype.itemsize
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TensorSpec:
     """A tensor as pickled: a view of a storage, checked against its bounds."""
 
@@ -771,7 +771,15 @@ class _Tree:
             if cls in (dict, collections.OrderedDict, AttributeDict, collections.Counter):
                 out: Any = cls()
                 for k, v in obj.items():
-                    out[self._convert(k, (*path, "<key>"), False)] = self._convert(v, (*path, k), tensors)
+                    value = self._convert(v, (*path, k), tensors)
+                    if type(k) is str or type(k) is int:  # a plain key, counted as _convert counts it
+                        self.budget -= 1
+                        if self.budget < 0 or len(path) >= MAX_DEPTH:  # let _convert raise the error
+                            self.budget += 1
+                            k = self._convert(k, (*path, "<key>"), False)
+                        out[k] = value
+                    else:
+                        out[self._convert(k, (*path, "<key>"), False)] = value
                 meta = getattr(obj, "_metadata", None)
                 if meta is not None:
                     out._metadata = self._convert(meta, (*path, "_metadata"), False)
@@ -785,17 +793,17 @@ class _Tree:
     def tensor(self, obj: TensorSpec | Storage, path: tuple[Any, ...]) -> TensorRef:
         if isinstance(obj, Storage):  # a bare storage: read it as the 1-D tensor of its elements
             obj = TensorSpec(obj, 0, (obj.numel,), (1,), obj.dtype)
-        s = obj.storage
-        self._check_expansion(obj, path)
-        view = (obj.offset, obj.size, obj.stride, obj.conj, obj.neg)
+        s, reader = obj.storage, self.reader
+        if math.prod(obj.size) * obj.dtype.itemsize > s.nbytes:  # an expanded view
+            self._check_expansion(obj, path)
         return TensorRef(
             path_name(path),
             obj.dtype,  # type: ignore[arg-type]  # a DType row: resolved lazily
             obj.size,
-            self.reader.source,
-            self.reader.tensor_loader(obj),
-            storage=(self.reader.source, s.offset),
-            view=view,
+            reader.source,
+            reader.tensor_loader(obj),
+            storage=(reader.source, s.offset),
+            view=(obj.offset, obj.size, obj.stride, obj.conj, obj.neg),
             requires_grad=obj.requires_grad,
             parameter=obj.parameter,
             span=self._span(obj),
