@@ -32,7 +32,7 @@ class DType:
     storage: str | None = None
 
     def __repr__(self) -> str:
-        return f"dtype({self.name})"
+        return f"torch.{self.name}"  # as torch prints it, so a torch-free listing reads the same
 
 
 DTYPES: tuple[DType, ...] = (

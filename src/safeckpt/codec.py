@@ -479,7 +479,7 @@ def _size(value: Any) -> torch.Size:
 
 
 def _device(value: Any) -> torch.device:
-    from .formats._pickle import checked_device
+    from ._torch_values import checked_device
 
     _need(type(value) is str, "a device is a string")
     try:

@@ -464,7 +464,7 @@ def real_view(dtype: torch.dtype | _dtypes.DType) -> _dtypes.DType | None:
 
     Example:
         >>> real_view(torch.complex128), real_view(torch.float32)
-        (dtype(float64), None)
+        (torch.float64, None)
     """
     row = row_of(dtype)
     real = REAL_OF.get(row.name) if row is not None else None
