@@ -10,7 +10,7 @@ to a commit and mirrored in a *view* directory inside the repo's cache folder
 cached downloads, and each safetensors file not yet downloaded is a *placeholder*, a sparse file of
 the real size holding only its real header (fetched with one HTTP range request). The format
 readers read headers from it as from any file; the first tensor load maps the file through
-`_fs.MappedFile`, which downloads the real file into the Hub cache then (see `_fs.REMOTE`) and
+`_sources.HubFile`, which downloads the real file into the Hub cache then (the view's `_sources.Opener`) and
 hard-links it over the placeholder. So opening a sharded checkpoint downloads its index and shard
 headers, and loading some of its tensors downloads only the shards that hold them. A directory's
 view holds its files, not its sub-folders, and beside safetensors weights it leaves out large
@@ -39,7 +39,7 @@ from urllib.parse import unquote
 import torch
 from torch import nn
 
-from . import _fs
+from . import _fs, _sources
 from .errors import CorruptCheckpointError, HubAuthError, HubError, HubNotFoundError
 
 __all__ = ["HubPath", "parse_uri", "pull_from_hub", "push_to_hub", "resolve"]
@@ -316,16 +316,21 @@ def _register(root: Path, loc: HubPath, commit: str, hub: _Hub) -> bool:
     base = root / manifest["name"]
     if not base.exists():
         return False
+    opener = _sources.Opener(root, str(loc))
     for rel in manifest["lazy"]:
         local = base / rel if rel else base
         if local.stat().st_nlink > 1:
             continue  # fetched already: a hard link to the cached download
         repo_path = f"{loc.path}/{rel}".strip("/") if rel else loc.path
-        _fs.REMOTE[os.path.realpath(local)] = _fetcher(loc, repo_path, commit, hub, local)
+        fetch = _fetcher(loc, repo_path, commit, hub, local, opener)
+        opener.add(local, lambda p, n, fetch=fetch: _sources.HubFile(p, n, fetch))
+    _sources.serve(opener)
     return True
 
 
-def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) -> Callable[[], Path]:
+def _fetcher(
+    loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path, opener: _sources.Opener
+) -> Callable[[], Path]:
     lock = threading.Lock()
 
     def fetch() -> Path:
@@ -343,7 +348,7 @@ def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) 
                             "delete it from the cache and load again"
                         )
                 _link(real, local)
-            _fs.REMOTE.pop(os.path.realpath(local), None)
+            opener.discard(local)
             return local
 
     return fetch

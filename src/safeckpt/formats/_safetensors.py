@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .. import _shapes
+from .. import _shapes, _sources
 from .._fs import MappedFile, Span, atomic_write, checksum, copy_span, tensor_bytes, write_all
 from ..errors import CorruptCheckpointError
 
@@ -410,7 +410,7 @@ def checksum_problems(header: Header, key: str, describe: Callable[[str], str] =
     recorded = checksums(header, key)
     if recorded is None:
         return None
-    mapped = MappedFile(header.path, header.size).map
+    mapped = _sources.file(header.path, header.size).map
     view, page = memoryview(mapped), mmap.PAGESIZE
     entries = list(header.entries.values())
 

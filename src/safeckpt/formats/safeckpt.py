@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import codec
+from .. import _sources, codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
@@ -46,7 +46,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
-        mapped = MappedFile(path, header.size, f)
+        mapped = _sources.file(path, header.size, f)
     meta = header.metadata
     version = meta.get(KEY_VERSION)
     if version is None or KEY_SKELETON not in meta:

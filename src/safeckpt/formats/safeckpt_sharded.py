@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 import torch
 
-from .. import _shapes, codec
+from .. import _shapes, _sources, codec
 from .._fs import MappedFile, atomic_write, checksum, fsync_dir, is_held, lock, member_problem, naming, write_all
 from .._units import parse_size
 from ..errors import CheckpointError, CorruptCheckpointError
@@ -173,7 +173,7 @@ class _Shard:
                     f"{self.path}: the index records {self.size} bytes, the file has {actual} (truncated or replaced)"
                 )
             header = st.read_header(self.path, f)
-            self._mapped = MappedFile(self.path, header.size, f)
+            self._mapped = _sources.file(self.path, header.size, f)
         return header
 
     @functools.cached_property

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import _sources
 from .._fs import MappedFile, Span
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves
 from . import Format
@@ -54,7 +55,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
-        mapped = MappedFile(path, header.size, f)
+        mapped = _sources.file(path, header.size, f)
     crcs = st.checksums(header, st.KEY_CRC) or {}
     refs = {name: tensor_ref(path, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
     aliases = tied_aliases(header.metadata, refs)

@@ -1,0 +1,245 @@
+"""Where a checkpoint's bytes come from: a local file, a Hugging Face cache entry fetched on first
+read, or an fsspec URL read by byte ranges.
+
+Format readers work on local paths: they sniff, parse headers and list directories there. A
+remote checkpoint is therefore presented as a *view*, a local directory whose small files are
+real and whose tensor files are *placeholders* (sparse files of the real size holding only the
+real header). The code that builds a view (``hub.py`` for ``hf://``, ``_remote.py`` for fsspec
+URLs) hands an `Opener` for it to `serve`; a reader asks `file` for the bytes of a path, and gets a
+`MappedFile` for an ordinary file or the opener's source for a placeholder:
+
+- `HubFile`: the whole file is downloaded into the Hub cache on first read and linked over the
+  placeholder, then mapped like any file;
+- `UrlFile`: one tensor is one ranged read of exactly its bytes; the whole file (``map``, a whole
+  load after `prefetch`) is fetched with large parallel ranged reads into memory.
+
+Every source has the `MappedFile` interface: ``path``, ``open()``, ``map``, ``tensor(offset,
+nbytes, dtype, shape)`` and ``local`` (False where ``open()`` is not a real file).
+
+Example:
+    >>> f = file(Path("run.safeckpt"))          # a local file: mapped as before
+    >>> f.tensor(128, 16, torch.float32, (4,))
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ._fs import MappedFile
+from .errors import CorruptCheckpointError
+
+__all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "serve"]
+
+# A whole file is fetched in ranges of this size, several at once: large enough that each request
+# costs little beside its bytes, small enough that a few in flight keep the link busy.
+PART = 16 << 20
+WORKERS = 8
+
+
+class Opener:
+    """The sources of one view's placeholders: ``add(path, make)`` records how to open the
+    placeholder at ``path``; `file` calls ``make(path, expect_size)`` the first time a reader asks.
+
+    Example:
+        >>> op = Opener(view_root, "s3://bucket/run")
+        >>> op.add(view_root / "model.safetensors", lambda p, n: UrlFile(p, n, fs, "bucket/run/model.safetensors"))
+        >>> serve(op)
+    """
+
+    def __init__(self, root: Path, where: str) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.where = where  # what messages name: the URL, not the view's local path
+        self._makers: dict[str, Callable[[Path, int | None], MappedFile]] = {}
+        self._open: dict[str, MappedFile] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: Path, make: Callable[[Path, int | None], MappedFile]) -> None:
+        self._makers[os.path.realpath(path)] = make
+
+    def discard(self, path: Path) -> None:
+        """Stop serving ``path`` (a placeholder that has become a real file)."""
+        self._makers.pop(os.path.realpath(path), None)
+        self._open.pop(os.path.realpath(path), None)
+
+    def source(self, path: Path, expect_size: int | None) -> MappedFile | None:
+        key = os.path.realpath(path)
+        with self._lock:
+            if key in self._open:
+                return self._open[key]
+            make = self._makers.get(key)
+            if make is None:
+                return None
+            src = self._open[key] = make(path, expect_size)
+            return src
+
+    def sources(self) -> list[MappedFile]:
+        """A source for every placeholder of the view (opened now where not yet)."""
+        return [s for p in list(self._makers) if (s := self.source(Path(p), None)) is not None]
+
+
+# View roots and their openers. Keyed by root, not by file: a reader that opens a shard lazily
+# (long after `open` returned) finds the opener of the view the shard lies in.
+_served: dict[str, Opener] = {}
+_served_lock = threading.Lock()
+
+
+def serve(opener: Opener) -> None:
+    """Make `file` read the placeholders under ``opener.root`` through ``opener``."""
+    with _served_lock:
+        _served[str(opener.root)] = opener
+
+
+def opener_of(path: str | os.PathLike[str]) -> Opener | None:
+    """The opener serving the view ``path`` lies in, or None for an ordinary path."""
+    if not _served:
+        return None
+    real = Path(os.path.realpath(path))
+    for p in (real, *real.parents):
+        op = _served.get(str(p))
+        if op is not None:
+            return op
+    return None
+
+
+def file(path: Path, expect_size: int | None = None, f: BinaryIO | None = None) -> MappedFile:
+    """The bytes of ``path`` for a reader: its opener's source for a placeholder of a view, else
+    the file itself, mapped (from ``f`` where given, the open file its header was read from).
+
+    Example:
+        >>> file(Path("model.safetensors"), 1024).tensor(8 + 88, 16, torch.float32, (4,))
+    """
+    op = opener_of(path)
+    src = op.source(path, expect_size) if op is not None else None
+    return src if src is not None else MappedFile(path, expect_size, f)
+
+
+def prefetch(path: str | os.PathLike[str]) -> None:
+    """Fetch every placeholder of the view ``path`` is in, whole, now (before a load of the whole
+    checkpoint, so it costs a few large ranged reads rather than one per tensor)."""
+    op = opener_of(path)
+    if op is None:
+        return
+    for src in op.sources():
+        if isinstance(src, UrlFile):
+            src.hold()
+
+
+class HubFile(MappedFile):
+    """A Hub placeholder: ``fetch()`` downloads the real file into the Hub cache, links it over the
+    placeholder and returns its path; every read but the header's happens after that."""
+
+    def __init__(self, path: Path, expect_size: int | None, fetch: Callable[[], Path]) -> None:
+        super().__init__(path, expect_size)
+        self._fetch = fetch
+
+    def open(self) -> BinaryIO:
+        f = open(self._fetch(), "rb")  # noqa: SIM115 - the caller closes it
+        if os.fstat(f.fileno()).st_size != self._stamp[0]:  # a fetched file is another inode: size must match
+            f.close()
+            raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
+        return f
+
+
+class _Buffer(mmap.mmap):
+    """Anonymous memory holding a fetched file. ``madvise`` is a no-op: advice meant for a file's
+    pages (``MADV_DONTNEED`` drops them to be re-read) would zero fetched bytes here."""
+
+    def madvise(self, *args: Any) -> None:
+        return None
+
+
+class UrlFile(MappedFile):
+    """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole.
+
+    ``path`` is the view's placeholder (what readers and messages see); ``fs``/``rpath`` say where
+    the bytes are. A whole fetch is kept while a tensor cut from it lives (or while held by
+    `prefetch`), so reads after it cost no request.
+    """
+
+    local = False
+
+    def __init__(self, path: Path, expect_size: int | None, fs: Any, rpath: str, url: str) -> None:
+        super().__init__(path, expect_size)
+        self.fs, self.rpath, self.url = fs, rpath, url
+        self._weak: weakref.ref[_Buffer] | None = None
+        self._held: _Buffer | None = None
+        self._fetching = threading.Lock()
+
+    def _range(self, start: int, end: int) -> bytes:
+        from ._remote import named  # the error translation lives with the rest of fsspec's handling
+
+        with named(self.url):
+            data = self.fs.cat_file(self.rpath, start=start, end=end)
+        if len(data) != end - start:
+            raise CorruptCheckpointError(
+                f"{self.url}: bytes [{start}, {end}) came back as {len(data)} bytes; the object changed "
+                "after it was opened (open it again)"
+            )
+        return bytes(data)
+
+    @property
+    def map(self) -> mmap.mmap:  # type: ignore[override]
+        with self._fetching:
+            buf = self._held or (self._weak() if self._weak else None)
+            if buf is None:
+                buf = self._fetch_all()
+                self._weak = weakref.ref(buf)
+            return buf
+
+    def hold(self) -> None:
+        """Fetch the whole file now and keep it (released by `release`)."""
+        self._held = self.map  # type: ignore[assignment]
+
+    def release(self) -> None:
+        self._held = None
+
+    def _fetch_all(self) -> _Buffer:
+        size = self._stamp[0]
+        buf = _Buffer(-1, max(size, 1))
+        spans = [(a, min(a + PART, size)) for a in range(0, size, PART)]
+
+        def get(span: tuple[int, int]) -> None:
+            buf[span[0] : span[1]] = self._range(*span)
+
+        _run(get, spans)
+        return buf
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.map[:])
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if offset < 0 or offset + nbytes > self._stamp[0]:
+            raise CorruptCheckpointError(
+                f"{self.url}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
+            )
+        buf = self._held or (self._weak() if self._weak else None)
+        if buf is not None:
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+            if offset % dtype.itemsize:
+                raw = raw.clone()
+        else:
+            raw = torch.frombuffer(bytearray(self._range(offset, offset + nbytes)), dtype=torch.uint8)
+        return raw.view(dtype).reshape(shape)
+
+
+def _run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+    items = list(items)
+    if len(items) <= 1:
+        for i in items:
+            fn(i)
+        return
+    with ThreadPoolExecutor(min(WORKERS, len(items))) as pool:
+        for _ in pool.map(fn, items):
+            pass
