@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats
+from . import _remote, formats
 from . import state as st
 from .errors import CorruptCheckpointError
 from .tree import Checkpoint, iter_leaves
@@ -24,8 +24,10 @@ from .tree import Checkpoint, iter_leaves
 __all__ = ["across_ranks", "holds_dtensors", "local", "open_local", "verify"]
 
 
-def local(path: str | os.PathLike[str]) -> Path:
-    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``).
+def local(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Path:
+    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``),
+    other fsspec URLs (``s3://``, ...) are read through a view of ranged reads (`_remote.view`)
+    with ``storage_options``.
 
     Example:
         >>> local("runs/step-7.safeckpt")
@@ -36,7 +38,9 @@ def local(path: str | os.PathLike[str]) -> Path:
         from . import hub
 
         return hub.resolve(text)
-    return Path(text)
+    if _remote.is_url(text):
+        return _remote.view(text, storage_options)
+    return Path(_remote.local_path(text))
 
 
 def open_local(path: Path, allow: Iterable[str] = ()) -> Checkpoint:

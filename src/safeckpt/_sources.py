@@ -38,12 +38,33 @@ import torch
 from ._fs import MappedFile
 from .errors import CorruptCheckpointError
 
-__all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "serve"]
+__all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "probe_header", "run", "serve"]
 
 # A whole file is fetched in ranges of this size, several at once: large enough that each request
 # costs little beside its bytes, small enough that a few in flight keep the link busy.
 PART = 16 << 20
 WORKERS = 8
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def probe_header(head: bytes, size: int, get: Callable[[int, int], bytes]) -> bytes | None:
+    """The header (length prefix + JSON) of a remote safetensors-family file of ``size`` bytes,
+    given its first bytes ``head`` and ``get(start, end)`` for more (one more request where the
+    header is longer than ``head``); None if the file does not start with a safetensors header.
+
+    Example:
+        >>> probe_header(first_64k, size, lambda a, b: fetch_range(url, a, b))[:8]
+        b'x\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
+    """
+    if len(head) < 8:
+        return None
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER or 8 + n > size:
+        return None
+    if len(head) < 8 + n:
+        head += get(len(head), 8 + n)
+    head = head[: 8 + n]
+    return head if len(head) == 8 + n and head[8:].lstrip(b" \t\r\n")[:1] == b"{" else None
 
 
 class Opener:
@@ -123,15 +144,19 @@ def file(path: Path, expect_size: int | None = None, f: BinaryIO | None = None) 
     return src if src is not None else MappedFile(path, expect_size, f)
 
 
-def prefetch(path: str | os.PathLike[str]) -> None:
-    """Fetch every placeholder of the view ``path`` is in, whole, now (before a load of the whole
-    checkpoint, so it costs a few large ranged reads rather than one per tensor)."""
+def prefetch(path: str | os.PathLike[str]) -> list[Any]:
+    """Fetch every placeholder of the view ``path`` is in whole, now (before a load of the whole
+    checkpoint: a few large ranged reads rather than one per tensor). Reads cut tensors from these
+    buffers while the caller keeps the returned list (or a tensor cut from them) alive."""
     op = opener_of(path)
-    if op is None:
-        return
-    for src in op.sources():
-        if isinstance(src, UrlFile):
-            src.hold()
+    sources = [s for s in op.sources() if isinstance(s, UrlFile)] if op is not None else []
+    fetched: list[Any] = [None] * len(sources)
+
+    def get(i: int) -> None:
+        fetched[i] = sources[i].map
+
+    run(get, range(len(sources)))
+    return fetched
 
 
 class HubFile(MappedFile):
@@ -162,8 +187,8 @@ class UrlFile(MappedFile):
     """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole.
 
     ``path`` is the view's placeholder (what readers and messages see); ``fs``/``rpath`` say where
-    the bytes are. A whole fetch is kept while a tensor cut from it lives (or while held by
-    `prefetch`), so reads after it cost no request.
+    the bytes are. A whole fetch is kept while a tensor cut from it lives (or the list `prefetch`
+    returned), so reads after it cost no request.
     """
 
     local = False
@@ -172,7 +197,6 @@ class UrlFile(MappedFile):
         super().__init__(path, expect_size)
         self.fs, self.rpath, self.url = fs, rpath, url
         self._weak: weakref.ref[_Buffer] | None = None
-        self._held: _Buffer | None = None
         self._fetching = threading.Lock()
 
     def _range(self, start: int, end: int) -> bytes:
@@ -190,18 +214,11 @@ class UrlFile(MappedFile):
     @property
     def map(self) -> mmap.mmap:  # type: ignore[override]
         with self._fetching:
-            buf = self._held or (self._weak() if self._weak else None)
+            buf = self._weak() if self._weak else None
             if buf is None:
                 buf = self._fetch_all()
                 self._weak = weakref.ref(buf)
             return buf
-
-    def hold(self) -> None:
-        """Fetch the whole file now and keep it (released by `release`)."""
-        self._held = self.map  # type: ignore[assignment]
-
-    def release(self) -> None:
-        self._held = None
 
     def _fetch_all(self) -> _Buffer:
         size = self._stamp[0]
@@ -211,7 +228,7 @@ class UrlFile(MappedFile):
         def get(span: tuple[int, int]) -> None:
             buf[span[0] : span[1]] = self._range(*span)
 
-        _run(get, spans)
+        run(get, spans)
         return buf
 
     def open(self) -> BinaryIO:
@@ -224,7 +241,7 @@ class UrlFile(MappedFile):
             raise CorruptCheckpointError(
                 f"{self.url}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
             )
-        buf = self._held or (self._weak() if self._weak else None)
+        buf = self._weak() if self._weak else None
         if buf is not None:
             raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
             if offset % dtype.itemsize:
@@ -234,7 +251,8 @@ class UrlFile(MappedFile):
         return raw.view(dtype).reshape(shape)
 
 
-def _run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+def run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+    """``fn`` on every item, several at once (network requests that wait, not compute)."""
     items = list(items)
     if len(items) <= 1:
         for i in items:

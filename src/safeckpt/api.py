@@ -16,17 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _device, _runtime, codec, formats
+from . import _device, _remote, _runtime, _sources, codec, formats
 from . import state as st
 from .tree import Checkpoint, TensorRef, iter_leaves, map_leaves, path_name
 
 PathLike = str | os.PathLike[str]
+StorageOptions = Mapping[str, Any] | None
 TensorFilter = Callable[[str, TensorRef], bool]
 
 __all__ = ["convert", "load", "load_raw", "open", "save"]
 
 
-def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
+def open(path: PathLike, *, allow: Iterable[str] = (), storage_options: StorageOptions = None) -> Checkpoint:
     """Open any checkpoint the registry reads, reading headers only.
 
     Args:
@@ -34,6 +35,8 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
             a sharded or DCP directory) or an ``hf://repo/file`` URI.
         allow: extra pickle globals (``"module.Name"``) to admit as inert data when reading a
             pickle-based file; see ``formats/torch.md``.
+        storage_options: passed to fsspec for a URL path (``s3://bucket/run.safeckpt``): its
+            header is read with one or two ranged reads, each tensor's ``load()`` reads its bytes.
 
     Example:
         >>> ckpt = safeckpt.open("friend.pt")
@@ -41,7 +44,7 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
         ('torch', ['l1.weight', 'l1.bias'])
         >>> ckpt.tensors()["l1.weight"].load()   # reads just this tensor
     """
-    return _runtime.open_local(_runtime.local(path), allow)
+    return _runtime.open_local(_runtime.local(path, storage_options), allow)
 
 
 def save(
@@ -51,7 +54,8 @@ def save(
     filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
     format: str | None = None,
     max_shard_size: int | str | None = None,
-) -> Path:
+    storage_options: StorageOptions = None,
+) -> Path | str:
     """Save training state without pickle, atomically (Fabric's ``fabric.save``).
 
     Top-level modules (unwrapped from DDP, ``torch.compile`` and Fabric), optimizers and any
@@ -70,6 +74,9 @@ def save(
             ``.safeckpt``, ``.ckpt`` or no extension natively; ``.pt``/``.pth``/``.bin`` or an
             extension of no format is refused (`check_name`): say ``format="torch"`` or ``"safeckpt"``.
         max_shard_size: write a sharded directory with shards of at most this size ("2GB" or bytes).
+        storage_options: passed to fsspec when ``path`` is a URL (``s3://bucket/run/step-100.safeckpt``):
+            the checkpoint is written to a local temporary, then uploaded all or nothing, and the
+            URL is returned as a ``str``.
 
     Example:
         >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
@@ -85,7 +92,11 @@ def save(
         tree = st.to_saveable(state, filter)
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
     write, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
-    return write(ckpt, Path(os.fspath(path)), **opts)
+    if _remote.is_url(path):
+        with _remote.staged(os.fspath(path), storage_options) as staged:
+            write(ckpt, staged, **opts)
+        return os.fspath(path)
+    return write(ckpt, Path(_remote.local_path(path)), **opts)
 
 
 # Names the native format takes without format=: its own, Lightning's (.ckpt: Fabric writes any
@@ -169,6 +180,7 @@ def load(
     device: str | torch.device | None = None,
     assign: bool = False,
     map_location: str | torch.device | None = None,
+    storage_options: StorageOptions = None,
 ) -> dict[Any, Any]:
     """Load a checkpoint, into ``state``'s objects in place if given (Fabric's ``fabric.load``).
 
@@ -214,7 +226,8 @@ def load(
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load(path, state, strict=strict, verify=verify)
-    local = _runtime.local(path)
+    local = _runtime.local(path, storage_options)
+    fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
     if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
         _runtime.verify(local)
     ckpt = open(local, allow=allow)
@@ -330,6 +343,7 @@ def load_raw(
     device: str | torch.device | None = None,
     allow: Iterable[str] = (),
     map_location: str | torch.device | None = None,
+    storage_options: StorageOptions = None,
 ) -> Any:
     """Load a bare state dict (a friend's ``torch.save(model.state_dict())``, a safetensors file,
     a sharded directory) into a module or optimizer (Fabric's ``fabric.load_raw``).
@@ -378,7 +392,9 @@ def load_raw(
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
         return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
-    ckpt = open(_runtime.local(path), allow=allow)
+    local = _runtime.local(path, storage_options)
+    fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
+    ckpt = open(local, allow=allow)
     tree = ckpt.tree
     if isinstance(target, nn.Module):
         sd = tree["state_dict"] if _is_trainer_checkpoint(tree) else tree

@@ -52,7 +52,6 @@ LAZY_SUFFIXES = (".safetensors", ".safeckpt")  # files probed for a safetensors 
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".pkl")
 OTHER_WEIGHTS_SIZE = 10 << 20
 PROBE = 64 << 10  # first range request; most safetensors headers fit
-MAX_HEADER = 100_000_000
 VIEWS = "safeckpt-views"
 MANIFEST = "manifest.json"
 HF_WEIGHT_FILES = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
@@ -387,20 +386,11 @@ def _probe(loc: HubPath, repo_path: str, commit: str, size: int, hub: _Hub) -> b
     headers = build_hf_headers(token=hub.token, library_name="safeckpt")
 
     def get(start: int, end: int) -> bytes:
-        r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end}"})
+        r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end - 1}"})
         hf_raise_for_status(r)
-        return bytes(r.content)[: end + 1 - start]
+        return bytes(r.content)[: end - start]
 
-    head = get(0, min(size, PROBE) - 1)
-    if len(head) < 8:
-        return None
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER or 8 + n > size:
-        return None
-    if len(head) < 8 + n:
-        head += get(len(head), 8 + n - 1)
-    head = head[: 8 + n]
-    return head if len(head) == 8 + n and head[8:].lstrip(b" \t\r\n")[:1] == b"{" else None
+    return _sources.probe_header(get(0, min(size, PROBE)), size, get)
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""Checkpoints at fsspec URLs (``s3://``, ``gs://``, ``memory://``, ...): read through a view of
+placeholders and ranged reads, written by a staged save that is committed all or nothing.
+
+Reading: `view` mirrors the object (or the flat "directory" of objects) in a local temporary
+directory. Each safetensors-family file becomes a placeholder holding only its header (one
+ranged read of `_sources.PROBE` bytes, a second one for a larger header), served by a
+`_sources.UrlFile`: a tensor costs one ranged read of its bytes, a whole load a few large ones.
+Other files (an index, a ``.pt``) are downloaded whole.
+
+Writing: `staged` hands the format writer a local path in a temporary directory (so every writer,
+whatever system calls it uses, works unchanged), then `commit` uploads it:
+
+- a single file as one streamed multipart upload (fsspec's ``autocommit=False`` file: parts of
+  `_sources.PART` bytes, memory bounded by one part) that is completed at the end, or aborted on
+  any error. An object store never shows a partial object; a killed save leaves the previous
+  object at the URL and an incomplete multipart upload that the store's lifecycle rule
+  (``AbortIncompleteMultipartUpload``) removes.
+- a directory: every file but the index first, then the index (the commit point) as a
+  conditional write on S3 (``If-Match`` the index read before the save, ``If-None-Match: *`` for
+  the first one), then the files of older generations are removed. See ``formats/remote.md``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import _sources
+from .errors import CheckpointError
+
+__all__ = ["commit", "filesystem", "is_url", "named", "staged", "view"]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# handled elsewhere: hf:// by hub.py, file:// is a local path
+_NOT_FSSPEC = ("hf", "file")
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+PROBE = 64 << 10  # the first ranged read of a file: most safetensors headers fit
+# The names of the files a directory save replaces: the shards of every generation of a sharded
+# checkpoint (safeckpt_sharded.shard_name) and of a Hugging Face layout (hf_sharded's pattern).
+_SHARDS = re.compile(r"shard-[0-9a-f]{8,64}-\d{5}-\d{5}\.safetensors|.*-\d{5}-of-\d{5}\.safetensors")
+_INDEXES = re.compile(r"safeckpt-index\.msgpack|.*\.safetensors\.index\.json")
+_TEMP = re.compile(r"\..*\.tmp")
+
+
+def is_url(path: object) -> bool:
+    """Whether ``path`` is an fsspec URL safeckpt reads and writes through fsspec (not ``hf://``,
+    which the Hub code handles, nor ``file://``, a local path).
+
+    Example:
+        >>> is_url("s3://bucket/run/step-7.safeckpt"), is_url("hf://me/run"), is_url("run/x.safeckpt")
+        (True, False, False)
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    m = _URL.match(os.fspath(path))
+    return bool(m) and m.group(1).lower() not in _NOT_FSSPEC  # type: ignore[union-attr]
+
+
+def local_path(path: str | os.PathLike[str]) -> str:
+    """``path`` without a ``file://`` prefix."""
+    text = os.fspath(path)
+    return text[len("file://") :] if text.startswith("file://") else text
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url`` and the path on it; ``storage_options`` go to the
+    filesystem (without them its defaults and environment apply: ``AWS_ENDPOINT_URL``, ...).
+    On S3, connection timeouts and retries are bounded unless given, so an unreachable endpoint
+    is an error within seconds, never a hang.
+
+    Example:
+        >>> fs, path = filesystem("s3://bucket/run/step-7.safeckpt", {"anon": False})
+        >>> path
+        'bucket/run/step-7.safeckpt'
+    """
+    import fsspec
+
+    protocol = _URL.match(url).group(1).lower()  # type: ignore[union-attr]
+    opts = dict(storage_options or {})
+    if protocol in ("s3", "s3a"):
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", 10)
+        config.setdefault("read_timeout", 120)
+        config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+        opts["config_kwargs"] = config
+    try:
+        return fsspec.core.url_to_fs(url, **opts)  # type: ignore[no-any-return]
+    except ImportError as e:
+        extra = _EXTRAS.get(protocol)
+        fix = f"pip install 'safeckpt[{extra}]'" if extra else f"install the fsspec implementation of {protocol}://"
+        raise ImportError(f"{url}: reading or writing {protocol}:// needs {e.name or 'its fsspec package'}: {fix}") from e
+    except ValueError as e:
+        raise ValueError(f"{url}: fsspec cannot open this URL ({e})") from e
+
+
+@contextlib.contextmanager
+def named(url: str) -> Iterator[None]:
+    """Re-raise what fsspec and its stores raise as the same kind of error naming ``url`` and the fix."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        err = FileNotFoundError(
+            errno.ENOENT, f"{url}: no such object, or its bucket does not exist ({_brief(e)}); check the URL"
+        )
+        err.filename = url
+        raise err from e
+    except PermissionError as e:
+        err2 = PermissionError(
+            errno.EACCES,
+            f"{url}: access denied ({_brief(e)}); check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "GOOGLE_APPLICATION_CREDENTIALS, or storage_options=) and the bucket's permissions",
+        )
+        err2.filename = url
+        raise err2 from e
+    except (OSError, TimeoutError) as e:
+        err3 = OSError(getattr(e, "errno", None), f"{url}: {_brief(e)}")
+        err3.filename = url
+        raise err3 from e
+    except Exception as e:  # a client library's own error (botocore's connection errors, aiohttp's)
+        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "s3fs"):
+            raise OSError(f"{url}: {type(e).__name__}: {_brief(e)}; check the endpoint and the network") from e
+        raise
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+_views: list[Path] = []
+_views_lock = threading.Lock()
+
+
+def view(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
+    """A local path that reads as the object (or directory of objects) at ``url``: small files
+    downloaded, tensor files as placeholders whose bytes are read by range on demand.
+
+    Example:
+        >>> ckpt = safeckpt.open(view("s3://bucket/run/step-7.safeckpt"))   # the header only
+    """
+    fs, rpath = filesystem(url, storage_options)
+    rpath = rpath.rstrip("/")
+    with named(url):
+        fs.invalidate_cache(rpath)  # another process may have written it since this one listed it
+        info = fs.info(rpath)
+    root = Path(tempfile.mkdtemp(prefix="safeckpt-view-"))
+    with _views_lock:
+        if not _views:
+            atexit.register(_remove_views)
+        _views.append(root)
+    opener = _sources.Opener(root, url)
+    name = posixpath.basename(rpath) or "checkpoint"
+    if info["type"] == "directory":
+        with named(url):
+            entries = fs.ls(rpath, detail=True)
+        files = [
+            (e["name"], int(e["size"]))
+            for e in entries
+            if e["type"] == "file" and not _TEMP.fullmatch(posixpath.basename(e["name"]))
+        ]
+        (root / name).mkdir()
+        url = url.rstrip("/")
+        jobs = [(fs, p, n, root / name / posixpath.basename(p), f"{url}/{posixpath.basename(p)}", opener) for p, n in files]
+        _sources.run(lambda job: _place(*job), jobs)
+    else:
+        _place(fs, rpath, int(info["size"]), root / name, url, opener)
+    _sources.serve(opener)
+    return root / name
+
+
+def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sources.Opener) -> None:
+    """Put the file ``rpath`` in the view at ``local``: a placeholder if it has a safetensors
+    header, else its bytes."""
+
+    def get(start: int, end: int) -> bytes:
+        with named(url):
+            return bytes(fs.cat_file(rpath, start=start, end=end))
+
+    head = get(0, min(size, PROBE)) if size else b""
+    header = _sources.probe_header(head, size, get)
+    with open(local, "wb") as f:
+        if header is not None:  # sparse: the header, then a hole up to the real size
+            f.write(header)
+            f.truncate(size)
+            opener.add(local, lambda p, n: _sources.UrlFile(p, n, fs, rpath, url))
+            return
+        f.write(head)
+        f.truncate(size)
+    spans = [(a, min(a + _sources.PART, size)) for a in range(len(head), size, _sources.PART)]
+
+    def fill(span: tuple[int, int]) -> None:
+        data = get(*span)
+        fd = os.open(local, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, span[0])
+        finally:
+            os.close(fd)
+
+    _sources.run(fill, spans)
+
+
+def _remove_views() -> None:
+    for root in _views:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """A local path (in a new temporary directory) to write the checkpoint for ``url`` to; on a
+    clean exit it is committed to ``url`` (`commit`), on an error nothing reaches the store.
+
+    Example:
+        >>> with staged("s3://bucket/run/step-7.safeckpt") as local:
+        ...     formats.get("safeckpt").write(ckpt, local)
+    """
+    fs, rpath = filesystem(url, storage_options)
+    tmp = Path(tempfile.mkdtemp(prefix="safeckpt-upload-"))
+    try:
+        local = tmp / (posixpath.basename(rpath.rstrip("/")) or "checkpoint")
+        yield local
+        commit(fs, local, rpath.rstrip("/"), url)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit(fs: Any, local: Path, rpath: str, url: str) -> None:
+    """Upload the file or flat directory ``local`` to ``rpath`` all or nothing (see the module
+    docstring); errors name ``url``."""
+    with named(url):
+        if local.is_dir():
+            _commit_dir(fs, local, rpath, url)
+        else:
+            put_file(fs, local, rpath)
+        fs.invalidate_cache(rpath)
+
+
+def put_file(fs: Any, local: Path, rpath: str) -> None:
+    """One streamed upload of ``local`` to ``rpath``, completed at the end or aborted on an error
+    (an fsspec file opened with ``autocommit=False``); a store without that gets fsspec's
+    ``put_file``, as atomic as the store's own writes."""
+    try:
+        out = fs.open(rpath, "wb", autocommit=False, block_size=_sources.PART)
+    except (TypeError, NotImplementedError):
+        out = None
+    if out is None or not hasattr(out, "commit"):
+        if out is not None:
+            out.close()
+        fs.put_file(os.fspath(local), rpath)
+        return
+    try:
+        with open(local, "rb") as src:
+            while chunk := src.read(_sources.PART):
+                out.write(chunk)
+        out.close()
+        out.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out.discard()
+        raise
+
+
+def _commit_dir(fs: Any, local: Path, rpath: str, url: str) -> None:
+    names = sorted(os.listdir(local))
+    index = [n for n in names if _INDEXES.fullmatch(n)]
+    before = _listing(fs, rpath)
+    etag = _etag(fs, f"{rpath}/{index[0]}") if index else None
+    written = [n for n in names if n not in index]
+    _sources.run(lambda n: put_file(fs, local / n, f"{rpath}/{n}"), written)
+    try:
+        for n in index:  # the commit point
+            _put_index(fs, local / n, f"{rpath}/{n}", etag, url)
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # ours, never committed: nobody reads them
+            fs.rm([f"{rpath}/{n}" for n in written if n not in before])
+        raise
+    stale = [f"{rpath}/{n}" for n in before if n not in names and (_SHARDS.fullmatch(n) or _TEMP.fullmatch(n))]
+    with contextlib.suppress(OSError):  # a leftover old shard is garbage, never a broken checkpoint
+        if stale:
+            fs.rm(stale)
+
+
+def _listing(fs: Any, rpath: str) -> list[str]:
+    fs.invalidate_cache(rpath)
+    try:
+        return [posixpath.basename(p) for p in fs.ls(rpath, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _etag(fs: Any, rpath: str) -> str | None:
+    try:
+        info = fs.info(rpath)
+    except FileNotFoundError:
+        return ""  # none yet: the first save must create it
+    return info.get("ETag") or info.get("etag")  # type: ignore[no-any-return]
+
+
+def _put_index(fs: Any, local: Path, rpath: str, etag: str | None, url: str) -> None:
+    """Write the index with a condition on S3: the index this save started from (``etag``), or
+    none (``""``). Elsewhere it is a plain write: the last writer wins."""
+    data = local.read_bytes()
+    if not hasattr(fs, "call_s3") or etag is None:
+        fs.pipe_file(rpath, data)
+        return
+    bucket, key, _ = fs.split_path(rpath)
+    cond = {"IfNoneMatch": "*"} if etag == "" else {"IfMatch": etag}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+    except Exception as e:
+        if "PreconditionFailed" in repr(e) or "412" in str(getattr(e, "response", "")) or "ConditionalRequestConflict" in repr(e):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{url}: another save committed this checkpoint while this one was writing; this save's shards "
+                "were written but not committed (the other save's checkpoint is intact): save again",
+            ) from e
+        raise
