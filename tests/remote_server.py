@@ -8,6 +8,7 @@ test, so no filesystem (and no cached listing) leaks from one test into another.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -17,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
 
 KEY, SECRET, REGION = "testing", "testing", "us-east-1"
 
@@ -62,10 +60,8 @@ class CountingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self._listener.close()
@@ -89,12 +85,16 @@ class S3:
         return {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}, **more}
 
     def fs(self) -> Any:
+        import s3fs
+
         return s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": self.endpoint},
                                  skip_instance_cache=True)
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3]:
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -119,6 +119,8 @@ def s3_server() -> Iterator[S3]:
 @pytest.fixture
 def s3(s3_server: S3) -> Iterator[S3]:
     """The server with a new, empty bucket; the AWS_* environment points at it."""
+    import s3fs
+
     s3fs.S3FileSystem.clear_instance_cache()
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3_server.fs().mkdir(bucket)

@@ -9,7 +9,7 @@ from torch import nn
 
 import safeckpt
 from conformance import assert_bits_equal
-from remote_server import S3, s3, s3_server  # noqa: F401 - fixtures
+from remote_server import S3
 
 HTTP_SLACK = 64 << 10  # request and response headers of a handful of requests
 

@@ -196,7 +196,7 @@ def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sourc
         if header is not None:  # sparse: the header, then a hole up to the real size
             f.write(header)
             f.truncate(size)
-            opener.add(local, lambda p, n: _sources.UrlFile(p, n, fs, rpath, url))
+            opener.add(local, lambda p, n: _sources.UrlFile(p, n, get, url))
             return
         f.write(head)
         f.truncate(size)

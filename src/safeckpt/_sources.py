@@ -73,7 +73,7 @@ class Opener:
 
     Example:
         >>> op = Opener(view_root, "s3://bucket/run")
-        >>> op.add(view_root / "model.safetensors", lambda p, n: UrlFile(p, n, fs, "bucket/run/model.safetensors"))
+        >>> op.add(view_root / "model.safetensors", lambda p, n: UrlFile(p, n, get_range, url))
         >>> serve(op)
     """
 
@@ -186,30 +186,27 @@ class _Buffer(mmap.mmap):
 class UrlFile(MappedFile):
     """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole.
 
-    ``path`` is the view's placeholder (what readers and messages see); ``fs``/``rpath`` say where
-    the bytes are. A whole fetch is kept while a tensor cut from it lives (or the list `prefetch`
+    ``path`` is the view's placeholder (what readers see); ``get(start, end)`` reads a byte range
+    of the object at ``url``. A whole fetch is kept while a tensor cut from it lives (or the list `prefetch`
     returned), so reads after it cost no request.
     """
 
     local = False
 
-    def __init__(self, path: Path, expect_size: int | None, fs: Any, rpath: str, url: str) -> None:
+    def __init__(self, path: Path, expect_size: int | None, get: Callable[[int, int], bytes], url: str) -> None:
         super().__init__(path, expect_size)
-        self.fs, self.rpath, self.url = fs, rpath, url
+        self.get, self.url = get, url
         self._weak: weakref.ref[_Buffer] | None = None
         self._fetching = threading.Lock()
 
     def _range(self, start: int, end: int) -> bytes:
-        from ._remote import named  # the error translation lives with the rest of fsspec's handling
-
-        with named(self.url):
-            data = self.fs.cat_file(self.rpath, start=start, end=end)
+        data = self.get(start, end)
         if len(data) != end - start:
             raise CorruptCheckpointError(
                 f"{self.url}: bytes [{start}, {end}) came back as {len(data)} bytes; the object changed "
                 "after it was opened (open it again)"
             )
-        return bytes(data)
+        return data
 
     @property
     def map(self) -> mmap.mmap:  # type: ignore[override]
