@@ -4,12 +4,22 @@ that name the URL."""
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
 import safeckpt
 from conformance import assert_bits_equal
-from remote_server import S3
+from remote_server import S3, subprocess_env
 
 HTTP_SLACK = 64 << 10  # request and response headers of a handful of requests
 
@@ -90,3 +100,136 @@ def test_sharded_directory_round_trip_and_overwrite(s3: S3) -> None:
     out = safeckpt.load(url, storage_options=opts)
     assert out["step"] == 2
     assert_bits_equal(out["model"], sd2)
+
+
+# -- errors name the URL, and never hang ------------------------------------------------------------
+
+
+def test_missing_bucket_and_object_name_the_url(s3: S3) -> None:
+    url = f"s3://no-such-bucket-{s3.bucket}/step-1.safeckpt"
+    with pytest.raises(FileNotFoundError, match=re.escape(url)):
+        safeckpt.load(url, storage_options=s3.options())
+    with pytest.raises(OSError, match=re.escape(url)):
+        safeckpt.save(url, {"step": 1}, storage_options=s3.options())
+    missing = s3.url("nothing-here.safeckpt")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        safeckpt.open(missing, storage_options=s3.options())
+
+
+def test_wrong_credentials_name_the_url_and_the_fix(s3: S3) -> None:
+    from moto.core.authorization import enable_iam_authentication
+
+    url = s3.url("step-1.safeckpt")
+    safeckpt.save(url, {"step": 1}, storage_options=s3.options())
+    wrong = {**s3.options(), "key": "AKIAWRONGWRONGWRONG1", "secret": "not-the-secret"}
+    with enable_iam_authentication():
+        with pytest.raises(PermissionError, match=re.escape(url) + ".*credentials"):
+            safeckpt.load(url, storage_options=wrong)
+        with pytest.raises(PermissionError, match=re.escape(url) + ".*credentials"):
+            safeckpt.save(url, {"step": 2}, storage_options=wrong)
+    assert safeckpt.load(url, storage_options=s3.options())["step"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_unreachable_endpoint_fails_quickly_naming_the_url(s3: S3) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = {**s3.options(), "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    url = s3.url("step-1.safeckpt")
+    with pytest.raises(OSError, match=re.escape(url)):
+        safeckpt.load(url, storage_options=opts)
+
+
+# -- all or nothing ----------------------------------------------------------------------------------
+
+
+def test_an_upload_failing_midway_leaves_the_previous_object(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from safeckpt import _sources
+
+    monkeypatch.setattr(_sources, "PART", 5 << 20)  # S3's smallest part: several parts for a small state
+    url = s3.url("run/last.safeckpt")
+    safeckpt.save(url, {"w": torch.zeros(4), "step": 1}, storage_options=s3.options())
+    calls = []
+    real = s3fs.core.S3File._upload_chunk
+
+    def failing(self: Any, final: bool = False) -> Any:
+        calls.append(final)
+        if len(calls) == 2:
+            raise ConnectionResetError("the network went away")
+        return real(self, final)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_upload_chunk", failing)
+    big = {"w": torch.randn(6 << 20), "step": 2}  # 24 MiB: parts 1..5
+    with pytest.raises(OSError, match=re.escape(url)):
+        safeckpt.save(url, big, storage_options=s3.options())
+    monkeypatch.undo()
+    assert len(calls) == 2
+    out = safeckpt.load(url, storage_options=s3.options())
+    assert out["step"] == 1
+    fs = s3.fs()
+    assert fs.ls(f"{s3.bucket}/run") == [f"{s3.bucket}/run/last.safeckpt"]
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=s3.bucket).get("Uploads", [])
+    assert uploads == [], "the multipart upload was aborted"
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(s3: S3, tmp_path: Path) -> None:
+    """A process killed while its upload is in flight: the previous object stays, whole."""
+    url = s3.url("run/last.safeckpt")
+    first = {"w": torch.arange(1000.0), "step": 1}
+    safeckpt.save(url, first, storage_options=s3.options())
+    before = s3.fs().info(f"{s3.bucket}/run/last.safeckpt")["ETag"]
+    script = tmp_path / "save.py"
+    script.write_text(
+        "import sys, torch, safeckpt\n"
+        "opts = {'client_kwargs': {'endpoint_url': sys.argv[2]}}\n"
+        "safeckpt.save(sys.argv[1], {'w': torch.randn(16 << 20), 'step': 2}, storage_options=opts)\n"
+        "print('finished')\n"
+    )
+    s3.proxy.reset()
+    child = subprocess.Popen(
+        [sys.executable, str(script), url, f"http://127.0.0.1:{s3.proxy.port}"],
+        env=subprocess_env(s3),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while s3.proxy.up < 20 << 20 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until a part or more of the 64 MiB is on the wire
+        assert child.poll() is None, "the save finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(30)
+    fs = s3.fs()
+    assert fs.info(f"{s3.bucket}/run/last.safeckpt")["ETag"] == before
+    assert fs.ls(f"{s3.bucket}/run") == [f"{s3.bucket}/run/last.safeckpt"]
+    assert_bits_equal(safeckpt.load(url, storage_options=s3.options()), first)
+
+
+def test_two_writers_of_one_sharded_checkpoint_never_mix(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index is written on the condition that it is still the one the save started from: a
+    save that lost the race says so, removes its own shards and leaves the winner's checkpoint."""
+    from safeckpt import _remote
+
+    url, opts = s3.url("run/sharded"), s3.options()
+    sd = {f"w{i}": torch.full((64, 64), float(i)) for i in range(4)}
+    safeckpt.save(url, {"model": sd, "step": 1}, max_shard_size="20KB", storage_options=opts)
+    real_etag = _remote._etag
+    winner = {k: v + 10 for k, v in sd.items()}
+
+    def etag_then_another_save(fs: Any, rpath: str) -> Any:
+        tag = real_etag(fs, rpath)
+        monkeypatch.setattr(_remote, "_etag", real_etag)
+        safeckpt.save(url, {"model": winner, "step": 3}, max_shard_size="20KB", storage_options=opts)
+        return tag
+
+    monkeypatch.setattr(_remote, "_etag", etag_then_another_save)
+    with pytest.raises(FileExistsError, match=re.escape(url) + ".*another save"):
+        safeckpt.save(url, {"model": sd, "step": 2}, max_shard_size="20KB", storage_options=opts)
+    out = safeckpt.load(url, storage_options=opts)
+    assert out["step"] == 3
+    assert_bits_equal(out["model"], winner)
+    shards = [p for p in s3.fs().ls(f"{s3.bucket}/run/sharded") if p.endswith(".safetensors")]
+    assert len({p.split("shard-")[1].split("-")[0] for p in shards}) == 1, "only the winner's generation is left"

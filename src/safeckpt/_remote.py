@@ -108,7 +108,7 @@ def named(url: str) -> Iterator[None]:
     """Re-raise what fsspec and its stores raise as the same kind of error naming ``url`` and the fix."""
     try:
         yield
-    except CheckpointError:
+    except (CheckpointError, FileExistsError):  # ours name the URL already; the store's 412 is below
         raise
     except FileNotFoundError as e:
         err = FileNotFoundError(
@@ -323,8 +323,9 @@ def _put_index(fs: Any, local: Path, rpath: str, etag: str | None, url: str) -> 
     cond = {"IfNoneMatch": "*"} if etag == "" else {"IfMatch": etag}
     try:
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
-    except Exception as e:
-        if "PreconditionFailed" in repr(e) or "412" in str(getattr(e, "response", "")) or "ConditionalRequestConflict" in repr(e):
+    except OSError as e:
+        # s3fs turns 412 Precondition Failed into FileExistsError (If-None-Match) or EINVAL (If-Match)
+        if isinstance(e, FileExistsError) or "pre-condition" in str(e) or "PreconditionFailed" in str(e):
             raise FileExistsError(
                 errno.EEXIST,
                 f"{url}: another save committed this checkpoint while this one was writing; this save's shards "
