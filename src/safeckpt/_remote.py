@@ -332,3 +332,125 @@ def _put_index(fs: Any, local: Path, rpath: str, etag: str | None, url: str) -> 
                 "were written but not committed (the other save's checkpoint is intact): save again",
             ) from e
         raise
+
+
+def convert_to(convert: Any, src: Any, dst: str, overwrite: bool, storage_options: Any, args: dict[str, Any]) -> str:
+    """`safeckpt.convert` to the URL ``dst``: converted (and verified) into a local temporary,
+    then committed; an existing object is refused unless ``overwrite``."""
+    fs, rpath = filesystem(dst, storage_options)
+    with named(dst):
+        fs.invalidate_cache(rpath)
+        exists = fs.exists(rpath)
+    if exists and not overwrite:
+        raise FileExistsError(
+            errno.EEXIST, f"{dst} already exists; pass overwrite=True to replace it, or choose another destination"
+        )
+    keep = ("format", "filter", "max_shard_size", "key", "allow", "verify", "progress", "storage_options")
+    with staged(dst, storage_options) as local:
+        convert(src, local, overwrite=True, **{k: args[k] for k in keep})
+    return dst
+
+
+# -- a directory of checkpoints on a store (CheckpointManager) ---------------------------------------
+
+
+class UrlPath(str):
+    """A URL (a ``str``) with the few `pathlib.Path` methods `CheckpointManager` uses, answered by
+    its store: ``/``, ``name``, ``is_file``, ``is_dir``, ``exists``, ``stat``, ``unlink``,
+    ``rmdir``, ``scandir``. Listings are never cached: another process may have written since.
+
+    Example:
+        >>> run = UrlPath("s3://bucket/run")
+        >>> [e.name for e in run.scandir()]
+        ['step-000000100.safeckpt', 'step-000000200.safeckpt']
+    """
+
+    storage_options: Mapping[str, Any] | None
+    fs: Any
+    rpath: str
+
+    def __new__(cls, url: str, storage_options: Mapping[str, Any] | None = None, where: tuple[Any, str] | None = None) -> UrlPath:
+        self = super().__new__(cls, url.rstrip("/"))
+        self.storage_options = storage_options
+        self.fs, self.rpath = where if where is not None else filesystem(self, storage_options)
+        self.rpath = self.rpath.rstrip("/")
+        return self
+
+    def __truediv__(self, name: str) -> UrlPath:
+        return UrlPath(f"{self}/{name}", self.storage_options, (self.fs, f"{self.rpath}/{name}"))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self)
+
+    def _info(self) -> dict[str, Any] | None:
+        with named(self):
+            self.fs.invalidate_cache(self.rpath)
+            try:
+                return self.fs.info(self.rpath)  # type: ignore[no-any-return]
+            except FileNotFoundError:
+                return None
+
+    def is_file(self) -> bool:
+        info = self._info()
+        return info is not None and info["type"] == "file"
+
+    def is_dir(self) -> bool:
+        info = self._info()
+        return info is not None and info["type"] == "directory"
+
+    def exists(self) -> bool:
+        return self._info() is not None
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def stat(self) -> os.stat_result:
+        info = self._info()
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, f"{self}: no such object", str(self))
+        modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+        seconds = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+        return os.stat_result((0, 0, 0, 0, 0, 0, int(info.get("size") or 0), 0, int(seconds), 0))
+
+    def unlink(self) -> None:
+        with named(self):
+            self.fs.rm_file(self.rpath)
+
+    def rmdir(self) -> None:
+        """Remove what is left of a sharded checkpoint: the shards and temporaries its format names
+        (a store has no empty directories; other files stay)."""
+        with named(self):
+            ours = [e.path for e in self.scandir() if _SHARDS.fullmatch(e.name) or _TEMP.fullmatch(e.name)]
+            if ours:
+                self.fs.rm([p.rpath for p in ours])
+
+    def scandir(self) -> list[_Entry]:
+        with named(self):
+            self.fs.invalidate_cache(self.rpath)
+            try:
+                found = self.fs.ls(self.rpath, detail=True)
+            except FileNotFoundError:
+                return []
+        return [_Entry(self / posixpath.basename(e["name"].rstrip("/")), e["type"]) for e in found]
+
+
+class _Entry:
+    """What `os.scandir` yields, for a `UrlPath` listing."""
+
+    def __init__(self, path: UrlPath, kind: str) -> None:
+        self.path, self.name, self._kind = path, path.name, kind
+
+    def is_file(self, follow_symlinks: bool = True) -> bool:
+        return self._kind == "file"
+
+    def is_dir(self, follow_symlinks: bool = True) -> bool:
+        return self._kind == "directory"
+
+    def stat(self, follow_symlinks: bool = True) -> os.stat_result:
+        return self.path.stat()
+
+
+def scandir(directory: Any) -> Any:
+    """`os.scandir`, or a `UrlPath`'s listing."""
+    return directory.scandir() if isinstance(directory, UrlPath) else os.scandir(directory)

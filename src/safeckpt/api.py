@@ -462,7 +462,8 @@ def convert(
     verify: bool = True,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> Path:
+    storage_options: StorageOptions = None,
+) -> Path | str:
     """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
 
     The defaults are the ``safeckpt convert`` command's: the result is read back and compared with
@@ -487,17 +488,21 @@ def convert(
             ``config.json``, stay); any other non-empty directory is refused.
         progress: called with a byte count as each source tensor is read (for a progress bar);
             during verification, again as each tensor pair is compared.
+        storage_options: passed to fsspec for ``src`` and ``dst`` URLs (``s3://...``). A URL ``dst``
+            is written and verified locally, then uploaded all or nothing; its URL is returned.
 
     Example:
         >>> safeckpt.convert("friend.pt", "friend.safetensors", verify=True)
         PosixPath('friend.safetensors')
     """
     check_name(dst, format, max_shard_size)
+    if _remote.is_url(dst):
+        return _remote.convert_to(convert, src, os.fspath(dst), overwrite, storage_options, locals())
     if not overwrite and (Path(os.fspath(dst)).exists() or Path(os.fspath(dst)).is_symlink()):
         raise FileExistsError(
             f"{os.fspath(dst)} already exists; pass overwrite=True to replace it, or choose another destination"
         )
-    ckpt = open(src, allow=allow)
+    ckpt = open(src, allow=allow, storage_options=storage_options)
     if verify and ckpt.format in _CHECKSUMMED and not os.fspath(src).startswith("hf://"):
         _verify_source(ckpt)
     tree = ckpt.tree

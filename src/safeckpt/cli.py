@@ -492,8 +492,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.format is not None:
         formats.get(args.format)  # unknown name -> ValueError listing the known ones (exit 2)
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
-    dst = Path(args.dst)
-    if (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
+    from ._remote import is_url
+
+    dst: Any = args.dst if is_url(args.dst) else Path(args.dst)  # a URL's existence: safeckpt.convert checks it
+    if not isinstance(dst, str) and (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
         raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
     from .api import check_name
 

@@ -24,11 +24,11 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
-from . import _runtime, api
+from . import _remote, _runtime, api
 from ._fs import fsync_dir, temp_pattern
 from .errors import CheckpointError
 from .formats.safeckpt_sharded import INDEX  # its presence commits a sharded directory
@@ -129,8 +129,15 @@ class CheckpointManager:
         keep_every: int | None = None,
         best: Best | tuple[Any, ...] | None = None,
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.directory = Path(os.fspath(directory))
+        # a URL (s3://...) is listed, written and rotated on its store; UrlPath has the Path methods used here
+        self.storage_options = storage_options
+        self.directory = (
+            cast(Path, _remote.UrlPath(os.fspath(directory), storage_options))
+            if _remote.is_url(directory)
+            else Path(_remote.local_path(directory))
+        )
         self.keep_last = None if keep_last is None else _positive(keep_last, "keep_last")
         self.keep_every = None if keep_every is None else _positive(keep_every, "keep_every")
         if best is not None and not isinstance(best, Best):
@@ -183,14 +190,14 @@ class CheckpointManager:
     def _entries(self) -> dict[int, Path]:
         found: dict[int, Path] = {}
         try:
-            scan = list(os.scandir(self.directory))
+            scan = list(_remote.scandir(self.directory))
         except FileNotFoundError:
             return found
         for entry in scan:
             m = _ENTRY.match(entry.name)
             if m is None:
                 continue
-            step, path = int(m.group(1)), Path(entry.path)
+            step, path = int(m.group(1)), self.directory / entry.name
             if m.group(2):
                 complete = entry.is_file(follow_symlinks=False)
             else:
@@ -301,7 +308,7 @@ class CheckpointManager:
         value: float | None,
         collective: bool,
     ) -> None:
-        api.save(path, tree, filter=filter, max_shard_size=max_shard_size)
+        api.save(path, tree, filter=filter, max_shard_size=max_shard_size, storage_options=self.storage_options)
         self._metrics[path.name] = value
         if not collective:
             self._clean(step, path)
@@ -385,7 +392,7 @@ class CheckpointManager:
         if path.name not in self._metrics:
             value = None
             with contextlib.suppress(CheckpointError, OSError, TypeError, ValueError):
-                tree = api.open(path).tree
+                tree = api.open(path, storage_options=self.storage_options).tree
                 if isinstance(tree, Mapping) and self.best.name in tree:
                     raw = tree[self.best.name]
                     value = _number(raw.load() if isinstance(raw, TensorRef) else raw, self.best.name)
@@ -399,25 +406,26 @@ class CheckpointManager:
         self._metrics.pop(path.name, None)
         if path.is_dir() and not path.is_symlink():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / INDEX)
+                (path / INDEX).unlink()
             from .formats.safeckpt_sharded import collect_garbage
 
-            collect_garbage(path, keep="")
+            if not isinstance(path, _remote.UrlPath):  # its rmdir removes the shards
+                collect_garbage(path, keep="")
             with contextlib.suppress(OSError):
-                os.rmdir(path)
+                path.rmdir()
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                path.unlink()
 
     def _leftovers(self, step: int) -> list[Path]:
         """What killed saves of steps up to ``step`` left: temporaries and uncommitted directories.
         This manager's own saves up to ``step`` are all done, so nothing here is being written."""
         removed = []
-        for entry in os.scandir(self.directory):
-            m, path = _TEMP.fullmatch(entry.name), Path(entry.path)
+        for entry in _remote.scandir(self.directory):
+            m, path = _TEMP.fullmatch(entry.name), self.directory / entry.name
             if m and int(m.group(1)) <= step and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    path.unlink()
                     removed.append(path)
                 continue
             m = _ENTRY.match(entry.name)
@@ -470,7 +478,7 @@ class CheckpointManager:
                 f"{self.directory}: no checkpoint of step {step}; the steps there are {shown}"
                 + (f" (the newest 20 of {len(steps)})" if len(steps) > 20 else "")
             )
-        return api.load(path, state, strict=strict, device=device, assign=assign)
+        return api.load(path, state, strict=strict, device=device, assign=assign, storage_options=self.storage_options)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
