@@ -292,3 +292,51 @@ def test_cli_verbs_on_urls(s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["convert", url, other, "-q"]) != 0  # exists: --force to replace
     assert re.escape(other) and other in capsys.readouterr().err
     assert main(["convert", other, str(tmp_path / "local.safeckpt"), "-q"]) == 0
+
+
+# -- Lightning ---------------------------------------------------------------------------------------
+
+
+def test_lightning_trainer_fits_and_resumes_on_s3(s3: S3) -> None:
+    L = pytest.importorskip("lightning")
+    from safeckpt.lightning import SafeCheckpointIO
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    root = s3.url("lightning")
+
+    def trainer(epochs: int) -> Any:
+        return L.Trainer(
+            default_root_dir=root, max_epochs=epochs, plugins=[SafeCheckpointIO(storage_options=s3.options())],
+            logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    first = Tiny()
+    trainer(1).fit(first, data)
+    saved = [p for p in s3.fs().find(f"{s3.bucket}/lightning") if p.endswith(".ckpt")]
+    assert len(saved) == 1, saved
+    url = "s3://" + saved[0]
+    assert safeckpt.open(url).format == "safeckpt"  # ours, not a pickle
+    resumed = Tiny()
+    t2 = trainer(2)
+    t2.fit(resumed, data, ckpt_path=url)
+    assert t2.current_epoch == 2 and t2.global_step == 4  # resumed after epoch 0: one more epoch of 2 steps
+    now = [p for p in s3.fs().find(f"{s3.bucket}/lightning") if p.endswith(".ckpt")]
+    assert [p.rsplit("/", 1)[1] for p in now] == ["epoch=1-step=4.ckpt"]  # ModelCheckpoint removed the old one
+    io = SafeCheckpointIO(storage_options=s3.options())
+    again = io.load_checkpoint("s3://" + now[0])
+    assert again["global_step"] == 4
+    assert_bits_equal(dict(again["state_dict"]), dict(resumed.state_dict()))
+    io.remove_checkpoint("s3://" + now[0])
+    assert not s3.fs().exists(now[0])

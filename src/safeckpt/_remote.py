@@ -454,3 +454,23 @@ class _Entry:
 def scandir(directory: Any) -> Any:
     """`os.scandir`, or a `UrlPath`'s listing."""
     return directory.scandir() if isinstance(directory, UrlPath) else os.scandir(directory)
+
+
+def remove_url(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete the checkpoint at ``url``: the object, or every object under a sharded checkpoint's
+    prefix (its index first, so it stops being a checkpoint before its shards go); missing is fine."""
+    fs, rpath = filesystem(url, storage_options)
+    with named(url):
+        fs.invalidate_cache(rpath)
+        try:
+            info = fs.info(rpath)
+        except FileNotFoundError:
+            return
+        if info["type"] != "directory":
+            fs.rm_file(rpath)
+            return
+        names = [posixpath.basename(p) for p in fs.ls(rpath, detail=False)]
+        for n in names:
+            if _INDEXES.fullmatch(n):
+                fs.rm_file(f"{rpath}/{n}")
+        fs.rm(rpath, recursive=True)
