@@ -87,8 +87,9 @@ class S3:
     def fs(self) -> Any:
         import s3fs
 
-        return s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": self.endpoint},
-                                 skip_instance_cache=True)
+        return s3fs.S3FileSystem(
+            key=KEY, secret=SECRET, client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True
+        )
 
 
 @pytest.fixture(scope="session")

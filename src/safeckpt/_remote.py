@@ -98,7 +98,9 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
     except ImportError as e:
         extra = _EXTRAS.get(protocol)
         fix = f"pip install 'safeckpt[{extra}]'" if extra else f"install the fsspec implementation of {protocol}://"
-        raise ImportError(f"{url}: reading or writing {protocol}:// needs {e.name or 'its fsspec package'}: {fix}") from e
+        raise ImportError(
+            f"{url}: reading or writing {protocol}:// needs {e.name or 'its fsspec package'}: {fix}"
+        ) from e
     except ValueError as e:
         raise ValueError(f"{url}: fsspec cannot open this URL ({e})") from e
 
@@ -174,7 +176,9 @@ def view(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
         ]
         (root / name).mkdir()
         url = url.rstrip("/")
-        jobs = [(fs, p, n, root / name / posixpath.basename(p), f"{url}/{posixpath.basename(p)}", opener) for p, n in files]
+        jobs = [
+            (fs, p, n, root / name / posixpath.basename(p), f"{url}/{posixpath.basename(p)}", opener) for p, n in files
+        ]
         _sources.run(lambda job: _place(*job), jobs)
     else:
         _place(fs, rpath, int(info["size"]), root / name, url, opener)
@@ -369,7 +373,9 @@ class UrlPath(str):
     fs: Any
     rpath: str
 
-    def __new__(cls, url: str, storage_options: Mapping[str, Any] | None = None, where: tuple[Any, str] | None = None) -> UrlPath:
+    def __new__(
+        cls, url: str, storage_options: Mapping[str, Any] | None = None, where: tuple[Any, str] | None = None
+    ) -> UrlPath:
         self = super().__new__(cls, url.rstrip("/"))
         self.storage_options = storage_options
         self.fs, self.rpath = where if where is not None else filesystem(self, storage_options)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -321,8 +322,7 @@ def _register(root: Path, loc: HubPath, commit: str, hub: _Hub) -> bool:
         if local.stat().st_nlink > 1:
             continue  # fetched already: a hard link to the cached download
         repo_path = f"{loc.path}/{rel}".strip("/") if rel else loc.path
-        fetch = _fetcher(loc, repo_path, commit, hub, local, opener)
-        opener.add(local, lambda p, n, fetch=fetch: _sources.HubFile(p, n, fetch))
+        opener.add(local, functools.partial(_sources.HubFile, fetch=_fetcher(loc, repo_path, commit, hub, local, opener)))
     _sources.serve(opener)
     return True
 
