@@ -17,7 +17,8 @@ whatever system calls it uses, works unchanged), then `commit` uploads it:
   (``AbortIncompleteMultipartUpload``) removes.
 - a directory: every file but the index first, then the index (the commit point) as a
   conditional write on S3 (``If-Match`` the index read before the save, ``If-None-Match: *`` for
-  the first one), then the files of older generations are removed. See ``formats/remote.md``.
+  the first one), then the files of older generations are removed. See ``formats/safeckpt-sharded.md``
+  §5.1, "Remote commits".
 """
 
 from __future__ import annotations

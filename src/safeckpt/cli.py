@@ -165,8 +165,8 @@ def _open(path: str, args: argparse.Namespace) -> Checkpoint:
 
 
 def _shown(given: str, local: Path | str) -> str:
-    """How a report names a checkpoint: the hf:// URI as typed, not its local view in the Hub cache."""
-    return given if given.startswith("hf://") else str(local)
+    """How a report names a checkpoint: a URL as typed, not its local view (the Hub cache, a temporary)."""
+    return given if "://" in given else str(local)  # a URL (hf://, s3://, ...) as typed
 
 
 def _unique(tree: Any) -> dict[Hashable, TensorRef]:
