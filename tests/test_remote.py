@@ -152,21 +152,22 @@ def test_an_upload_failing_midway_leaves_the_previous_object(s3: S3, monkeypatch
     monkeypatch.setattr(_sources, "PART", 5 << 20)  # S3's smallest part: several parts for a small state
     url = s3.url("run/last.safeckpt")
     safeckpt.save(url, {"w": torch.zeros(4), "step": 1}, storage_options=s3.options())
-    calls = []
-    real = s3fs.core.S3File._upload_chunk
+    parts: list[int] = []
+    real = s3fs.S3FileSystem._call_s3
 
-    def failing(self: Any, final: bool = False) -> Any:
-        calls.append(final)
-        if len(calls) == 2:
-            raise ConnectionResetError("the network went away")
-        return real(self, final)
+    async def failing(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "upload_part":
+            parts.append(kwargs["PartNumber"])
+            if len(parts) == 2:
+                raise ConnectionResetError("the network went away")
+        return await real(self, method, *args, **kwargs)
 
-    monkeypatch.setattr(s3fs.core.S3File, "_upload_chunk", failing)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", failing)
     big = {"w": torch.randn(6 << 20), "step": 2}  # 24 MiB: parts 1..5
     with pytest.raises(OSError, match=re.escape(url)):
         safeckpt.save(url, big, storage_options=s3.options())
     monkeypatch.undo()
-    assert len(calls) == 2
+    assert len(parts) >= 2
     out = safeckpt.load(url, storage_options=s3.options())
     assert out["step"] == 1
     fs = s3.fs()
@@ -292,6 +293,14 @@ def test_cli_verbs_on_urls(s3: S3, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["convert", url, other, "-q"]) != 0  # exists: --force to replace
     assert re.escape(other) and other in capsys.readouterr().err
     assert main(["convert", other, str(tmp_path / "local.safeckpt"), "-q"]) == 0
+    # --storage-option reaches a server the environment does not name
+    direct = ["--storage-option", f"endpoint_url=http://127.0.0.1:{s3.proxy.port}"]
+    s3.proxy.reset()
+    for verb in (["inspect", url, "-q"], ["verify", url, "-q"], ["diff", url, other, "-q"]):
+        assert main([*verb, *direct]) == 0, verb
+    assert s3.proxy.down > 0
+    assert main(["inspect", url, "--storage-option", "oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 # -- Lightning ---------------------------------------------------------------------------------------

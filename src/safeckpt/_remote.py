@@ -46,6 +46,7 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _NOT_FSSPEC = ("hf", "file")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 PROBE = 64 << 10  # the first ranged read of a file: most safetensors headers fit
+UPLOAD_CONCURRENCY = 4  # parts of one upload in flight at once
 # The names of the files a directory save replaces: the shards of every generation of a sharded
 # checkpoint (safeckpt_sharded.shard_name) and of a Hugging Face layout (hf_sharded's pattern).
 _SHARDS = re.compile(r"shard-[0-9a-f]{8,64}-\d{5}-\d{5}\.safetensors|.*-\d{5}-of-\d{5}\.safetensors")
@@ -257,9 +258,14 @@ def commit(fs: Any, local: Path, rpath: str, url: str) -> None:
 
 
 def put_file(fs: Any, local: Path, rpath: str) -> None:
-    """One streamed upload of ``local`` to ``rpath``, completed at the end or aborted on an error
-    (an fsspec file opened with ``autocommit=False``); a store without that gets fsspec's
-    ``put_file``, as atomic as the store's own writes."""
+    """One streamed upload of ``local`` to ``rpath``, completed at the end or aborted on an error.
+    On S3, s3fs's multipart upload (`UPLOAD_CONCURRENCY` parts of `_sources.PART` bytes in flight:
+    memory is bounded by those, aborted on any error); elsewhere an fsspec file opened with
+    ``autocommit=False`` (committed at the end, discarded on an error), else fsspec's ``put_file``,
+    as atomic as the store's own writes."""
+    if hasattr(fs, "_upload_file_part_concurrent"):  # s3fs
+        fs.put_file(os.fspath(local), rpath, chunksize=_sources.PART, max_concurrency=UPLOAD_CONCURRENCY)
+        return
     try:
         out = fs.open(rpath, "wb", autocommit=False, block_size=_sources.PART)
     except (TypeError, NotImplementedError):

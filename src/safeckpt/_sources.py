@@ -40,9 +40,10 @@ from .errors import CorruptCheckpointError
 
 __all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "probe_header", "run", "serve"]
 
-# A whole file is fetched in ranges of this size, several at once: large enough that each request
-# costs little beside its bytes, small enough that a few in flight keep the link busy.
+# Uploads go in parts of PART bytes (S3's minimum is 5 MiB); a whole file is fetched in ranges of
+# at least FETCH_PART bytes, up to WORKERS at once.
 PART = 16 << 20
+FETCH_PART = 64 << 20  # the smallest range of a whole-file fetch
 WORKERS = 8
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
@@ -220,7 +221,10 @@ class UrlFile(MappedFile):
     def _fetch_all(self) -> _Buffer:
         size = self._stamp[0]
         buf = _Buffer(-1, max(size, 1))
-        spans = [(a, min(a + PART, size)) for a in range(0, size, PART)]
+        # a few large ranges at once: each request costs little beside its bytes, and several in
+        # flight fill a link that one connection does not (a store's per-connection limit)
+        part = max(FETCH_PART, -(-size // WORKERS))
+        spans = [(a, min(a + part, size)) for a in range(0, size, part)]
 
         def get(span: tuple[int, int]) -> None:
             buf[span[0] : span[1]] = self._range(*span)

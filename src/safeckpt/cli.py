@@ -120,6 +120,32 @@ def _add_allow(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="storage_option",
+        help="an fsspec option for URL paths (s3://...), e.g. endpoint_url=http://127.0.0.1:9000 or anon=true "
+        "(repeatable; VALUE is read as JSON where it parses, else as a string; default: the AWS_* environment)",
+    )
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` flags as fsspec's ``storage_options`` (None if none)."""
+    out: dict[str, Any] = {}
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Usage(f"--storage-option {item!r}: write KEY=VALUE, e.g. --storage-option endpoint_url=http://host:9000")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out or None
+
+
 def _selector(args: argparse.Namespace) -> Callable[[str], bool] | None:
     """A path-name test from --include/--exclude: a glob matches a leaf's path or any enclosing
     container's path, so 'model' selects the whole model subtree and 'model/*' its contents."""
@@ -158,7 +184,7 @@ def _prune(node: Any, keep: Callable[[str], bool], path: tuple[Any, ...] = ()) -
 
 def _open(path: str, args: argparse.Namespace) -> Checkpoint:
     try:
-        return safeckpt.open(path, allow=getattr(args, "allow", ()))
+        return safeckpt.open(path, allow=getattr(args, "allow", ()), storage_options=_storage_options(args))
     except Exception as e:
         e.safeckpt_path = path  # type: ignore[attr-defined]  # lets the error line name the file
         raise
@@ -278,6 +304,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     )
     _add_select(p, "leaves")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (fields described above)")
 
 
@@ -483,6 +510,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="KEY", help="convert only this top-level entry (e.g. model, state_dict)")
     _add_select(p, "tensors")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip reading DST back and comparing it with SRC")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -533,10 +561,11 @@ def _run_convert(args: argparse.Namespace) -> int:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
                 allow=args.allow, verify=not args.no_verify, overwrite=args.force, progress=bar,
+                storage_options=_storage_options(args),
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
-    out = safeckpt.open(written)
+    out = safeckpt.open(written, storage_options=_storage_options(args))
     # the destination as the user typed it (relative stays relative), unless the writer chose another path
     shown = args.dst if Path(written).absolute() == Path(args.dst).absolute() else str(written)
     result = {
@@ -568,13 +597,14 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a checkpoint file or directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage(p)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from . import _runtime
 
     try:
-        local = _runtime.local(args.path)  # hf:// paths resolve to a local copy first
+        local = _runtime.local(args.path, _storage_options(args))  # hf:// and s3:// paths: a local view first
         fmt = formats.detect(local)  # a missing or unrecognised file is a usage error (exit 2), not a finding
     except Exception as e:
         e.safeckpt_path = args.path  # type: ignore[attr-defined]
@@ -677,6 +707,7 @@ def _diff_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=_non_negative, default=0.0, help="... and this relative tolerance (of b)")
     _add_select(p, "leaves")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--json", action="store_true", help="print the differences as JSON")
 
 
