@@ -554,9 +554,26 @@ def one_tensor_safe_open(env: Env) -> Prepared:
 
 
 def _s3() -> Any:
+    """s3fs's client, connected (untimed): a timed call pays for its requests, not a session."""
     import s3fs
 
-    return s3fs.S3FileSystem(skip_instance_cache=True)  # AWS_ENDPOINT_URL and keys: set by bench.py
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # AWS_ENDPOINT_URL and keys: set by bench.py
+    fs.ls("bench")
+    return fs
+
+
+def _warm_fabric() -> None:
+    """Lightning's client (fsspec's cached one for the URL), connected (untimed)."""
+    import fsspec
+
+    fsspec.core.url_to_fs("s3://bench")[0].ls("bench")
+
+
+def _warm_safeckpt() -> None:
+    """The client safeckpt will use, connected (untimed), as `_s3` does for s3fs's own calls."""
+    from safeckpt import _remote
+
+    _remote.filesystem("s3://bench")[0].ls("bench")
 
 
 def _uploaded(env: Env, name: str) -> str:
@@ -583,12 +600,14 @@ def s3_get(env: Env) -> Prepared:
 def save_safeckpt_s3(env: Env) -> Prepared:
     import safeckpt
 
+    _warm_safeckpt()
     state = S.build_state(env.shape)
     return Prepared(lambda: safeckpt.save(f"s3://bench/{env.size}/save.safeckpt", state))
 
 
 def save_fabric_s3(env: Env) -> Prepared:
     f = fabric()
+    _warm_fabric()
     state = S.build_state(env.shape)
     return Prepared(lambda: f.save(f"s3://bench/{env.size}/save.fabric.ckpt", state))
 
@@ -596,12 +615,14 @@ def save_fabric_s3(env: Env) -> Prepared:
 def load_safeckpt_s3(env: Env) -> Prepared:
     import safeckpt
 
+    _warm_safeckpt()
     url, state = _uploaded(env, "full.safeckpt"), load_target(env)
     return Prepared(lambda: safeckpt.load(url, state), check=loaded_check(env, state))
 
 
 def load_fabric_s3(env: Env) -> Prepared:
     f = fabric()
+    _warm_fabric()
     url, state = _uploaded(env, "full.pt"), load_target(env)
     return Prepared(lambda: f.load(url, state), check=loaded_check(env, state))
 
@@ -609,6 +630,7 @@ def load_fabric_s3(env: Env) -> Prepared:
 def one_tensor_s3(env: Env) -> Prepared:
     import safeckpt
 
+    _warm_safeckpt()
     url, name, box = _uploaded(env, "full.safeckpt"), env.manifest["one_tensor"], []
     return Prepared(
         lambda: box.append(safeckpt.open(url).tensors()[name].load().clone()), check=tensor_check(env, box)
