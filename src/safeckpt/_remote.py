@@ -39,7 +39,7 @@ from typing import Any
 from . import _sources
 from .errors import CheckpointError
 
-__all__ = ["commit", "filesystem", "is_url", "named", "staged", "view"]
+__all__ = ["commit", "filesystem", "is_url", "named", "refuse_url", "staged", "view"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # handled elsewhere: hf:// by hub.py, file:// is a local path
@@ -66,6 +66,15 @@ def is_url(path: object) -> bool:
         return False
     m = _URL.match(os.fspath(path))
     return bool(m) and m.group(1).lower() not in _NOT_FSSPEC  # type: ignore[union-attr]
+
+
+def refuse_url(path: object, what: str) -> None:
+    """Raise `NotImplementedError` naming ``path`` if it is a URL: ``what`` works on local paths only."""
+    if is_url(path):
+        raise NotImplementedError(
+            f"{path}: {what} cannot use a URL yet; use a shared filesystem path (and upload the "
+            "directory), or gather the state to rank 0 and save that"
+        )
 
 
 def local_path(path: str | os.PathLike[str]) -> str:

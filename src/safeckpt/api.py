@@ -85,6 +85,7 @@ def save(
     if _runtime.across_ranks(state, format):
         from . import distributed
 
+        _remote.refuse_url(path, "a save across ranks (DTensor state)")
         return distributed.save(path, state, filter=filter, max_shard_size=max_shard_size)
     if isinstance(state, nn.Module):
         tree: Any = st.module_state_dict(st.unwrap(state))
@@ -225,6 +226,7 @@ def load(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
+        _remote.refuse_url(path, "a load across ranks (DTensor state)")
         return distributed.load(path, state, strict=strict, verify=verify)
     local = _runtime.local(path, storage_options)
     fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
@@ -390,6 +392,7 @@ def load_raw(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
+        _remote.refuse_url(path, "a load across ranks (DTensor state)")
         return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
     local = _runtime.local(path, storage_options)
