@@ -379,3 +379,17 @@ def test_partial_load_of_a_sharded_url_reads_only_the_needed_shard(s3: S3) -> No
     t = ckpt.tensors()["model/w2"].load()
     assert_bits_equal(t, sd["w2"])
     assert s3.proxy.down < 1.1 * t.nbytes + HTTP_SLACK, f"one shard's tensor cost {s3.proxy.down} bytes"
+
+
+def test_a_damaged_object_fails_verify_naming_the_url(s3: S3) -> None:
+    url = s3.url("damaged.safeckpt")
+    sd = {"w": torch.arange(4096.0)}
+    safeckpt.save(url, sd, storage_options=s3.options())
+    fs, key = s3.fs(), f"{s3.bucket}/damaged.safeckpt"
+    data = bytearray(fs.cat_file(key))
+    data[-100] ^= 0xFF  # a byte of the tensor's data
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(safeckpt.CorruptCheckpointError, match=re.escape(url) + ".*checksum") as e:
+        safeckpt.load(url, verify=True, storage_options=s3.options())
+    assert "safeckpt-view" not in str(e.value)
+    assert_bits_equal(safeckpt.load(url, storage_options=s3.options())["w"][:10], sd["w"][:10])  # unchecked: loads

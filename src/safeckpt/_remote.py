@@ -193,8 +193,24 @@ def view(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
         _sources.run(lambda job: _place(*job), jobs)
     else:
         _place(fs, rpath, int(info["size"]), root / name, url, opener)
+    opener.shown = (str(root / name), url)
     _sources.serve(opener)
     return root / name
+
+
+@contextlib.contextmanager
+def urls_in_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An error raised inside names the URL a view of ``path`` stands for, not the view's local path."""
+    try:
+        yield
+    except Exception as e:
+        op = _sources.opener_of(path)
+        if op is not None and op.shown is not None:
+            local, url = op.shown
+            e.args = tuple(a.replace(local, url) if isinstance(a, str) else a for a in e.args)
+            if isinstance(e, OSError) and isinstance(e.filename, str):
+                e.filename = e.filename.replace(local, url)
+        raise
 
 
 def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sources.Opener) -> None:

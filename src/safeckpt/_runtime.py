@@ -50,9 +50,10 @@ def open_local(path: Path, allow: Iterable[str] = ()) -> Checkpoint:
         >>> open_local(Path("friend.pt")).format
         'torch'
     """
-    fmt = formats.detect(path)
-    with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
-        return fmt.read(path, allow=tuple(allow))
+    with _remote.urls_in_errors(path):
+        fmt = formats.detect(path)
+        with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
+            return fmt.read(path, allow=tuple(allow))
 
 
 @contextlib.contextmanager
@@ -74,9 +75,10 @@ def verify(ckpt: Checkpoint | Path) -> None:
     """
     fmt = formats.get(ckpt.format) if isinstance(ckpt, Checkpoint) else formats.detect(ckpt)
     path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
-    problems = fmt.verify(path) if fmt.verify is not None else []
-    if problems:
-        raise CorruptCheckpointError("; ".join(problems))
+    with _remote.urls_in_errors(path):
+        problems = fmt.verify(path) if fmt.verify is not None else []
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems))
 
 
 def across_ranks(state: Any, format: str | None = None) -> bool:

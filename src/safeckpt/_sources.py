@@ -81,6 +81,7 @@ class Opener:
     def __init__(self, root: Path, where: str) -> None:
         self.root = Path(os.path.realpath(root))
         self.where = where  # what messages name: the URL, not the view's local path
+        self.shown: tuple[str, str] | None = None  # (the view's local path, the URL errors name instead)
         self._makers: dict[str, Callable[[Path, int | None], MappedFile]] = {}
         self._open: dict[str, MappedFile] = {}
         self._lock = threading.Lock()
