@@ -69,7 +69,13 @@ def is_url(path: object) -> bool:
 
 
 def refuse_url(path: object, what: str) -> None:
-    """Raise `NotImplementedError` naming ``path`` if it is a URL: ``what`` works on local paths only."""
+    """Raise `NotImplementedError` naming ``path`` if it is a URL: ``what`` works on local paths only.
+
+    Example:
+        >>> refuse_url("s3://bucket/run", "a save across ranks")
+        Traceback (most recent call last):
+        NotImplementedError: s3://bucket/run: a save across ranks cannot use a URL yet; ...
+    """
     if is_url(path):
         raise NotImplementedError(
             f"{path}: {what} cannot use a URL yet; use a shared filesystem path (and upload the "
@@ -78,7 +84,12 @@ def refuse_url(path: object, what: str) -> None:
 
 
 def local_path(path: str | os.PathLike[str]) -> str:
-    """``path`` without a ``file://`` prefix."""
+    """``path`` without a ``file://`` prefix.
+
+    Example:
+        >>> local_path("file:///data/run.safeckpt")
+        '/data/run.safeckpt'
+    """
     text = os.fspath(path)
     return text[len("file://") :] if text.startswith("file://") else text
 
@@ -118,7 +129,12 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
 
 @contextlib.contextmanager
 def named(url: str) -> Iterator[None]:
-    """Re-raise what fsspec and its stores raise as the same kind of error naming ``url`` and the fix."""
+    """Re-raise what fsspec and its stores raise as the same kind of error naming ``url`` and the fix.
+
+    Example:
+        >>> with named("s3://bucket/run.safeckpt"):
+        ...     fs.info("bucket/run.safeckpt")   # FileNotFoundError naming the URL and the fix
+    """
     try:
         yield
     except (CheckpointError, FileExistsError):  # ours name the URL already; the store's 412 is below
@@ -200,7 +216,12 @@ def view(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
 
 @contextlib.contextmanager
 def urls_in_errors(path: str | os.PathLike[str]) -> Iterator[None]:
-    """An error raised inside names the URL a view of ``path`` stands for, not the view's local path."""
+    """An error raised inside names the URL a view of ``path`` stands for, not the view's local path.
+
+    Example:
+        >>> with urls_in_errors(view):
+        ...     formats.detect(view)   # UnknownFormatError naming s3://..., not /tmp/safeckpt-view-...
+    """
     try:
         yield
     except Exception as e:
@@ -273,7 +294,11 @@ def staged(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterat
 
 def commit(fs: Any, local: Path, rpath: str, url: str) -> None:
     """Upload the file or flat directory ``local`` to ``rpath`` all or nothing (see the module
-    docstring); errors name ``url``."""
+    docstring); errors name ``url``.
+
+    Example:
+        >>> commit(fs, Path("/tmp/x/step-7"), "bucket/run/step-7", "s3://bucket/run/step-7")
+    """
     with named(url):
         if local.is_dir():
             _commit_dir(fs, local, rpath, url)
@@ -287,7 +312,11 @@ def put_file(fs: Any, local: Path, rpath: str) -> None:
     On S3, s3fs's multipart upload (`UPLOAD_CONCURRENCY` parts of `_sources.PART` bytes in flight:
     memory is bounded by those, aborted on any error); elsewhere an fsspec file opened with
     ``autocommit=False`` (committed at the end, discarded on an error), else fsspec's ``put_file``,
-    as atomic as the store's own writes."""
+    as atomic as the store's own writes.
+
+    Example:
+        >>> put_file(fs, Path("/tmp/x/step-7.safeckpt"), "bucket/run/step-7.safeckpt")
+    """
     if hasattr(fs, "_upload_file_part_concurrent"):  # s3fs
         fs.put_file(os.fspath(local), rpath, chunksize=_sources.PART, max_concurrency=UPLOAD_CONCURRENCY)
         return
@@ -372,7 +401,12 @@ def _put_index(fs: Any, local: Path, rpath: str, etag: str | None, url: str) -> 
 
 def convert_to(convert: Any, src: Any, dst: str, overwrite: bool, storage_options: Any, args: dict[str, Any]) -> str:
     """`safeckpt.convert` to the URL ``dst``: converted (and verified) into a local temporary,
-    then committed; an existing object is refused unless ``overwrite``."""
+    then committed; an existing object is refused unless ``overwrite``.
+
+    Example:
+        >>> convert_to(safeckpt.convert, "friend.pt", "s3://bucket/friend.safeckpt", False, None, options)
+        's3://bucket/friend.safeckpt'
+    """
     fs, rpath = filesystem(dst, storage_options)
     with named(dst):
         fs.invalidate_cache(rpath)
@@ -490,13 +524,22 @@ class _Entry:
 
 
 def scandir(directory: Any) -> Any:
-    """`os.scandir`, or a `UrlPath`'s listing."""
+    """`os.scandir`, or a `UrlPath`'s listing.
+
+    Example:
+        >>> [e.name for e in scandir(UrlPath("s3://bucket/run"))]
+        ['step-000000100.safeckpt']
+    """
     return directory.scandir() if isinstance(directory, UrlPath) else os.scandir(directory)
 
 
 def remove_url(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Delete the checkpoint at ``url``: the object, or every object under a sharded checkpoint's
-    prefix (its index first, so it stops being a checkpoint before its shards go); missing is fine."""
+    prefix (its index first, so it stops being a checkpoint before its shards go); missing is fine.
+
+    Example:
+        >>> remove_url("s3://bucket/run/step-000000100")
+    """
     fs, rpath = filesystem(url, storage_options)
     with named(url):
         fs.invalidate_cache(rpath)

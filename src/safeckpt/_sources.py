@@ -117,13 +117,22 @@ _served_lock = threading.Lock()
 
 
 def serve(opener: Opener) -> None:
-    """Make `file` read the placeholders under ``opener.root`` through ``opener``."""
+    """Make `file` read the placeholders under ``opener.root`` through ``opener``.
+
+    Example:
+        >>> serve(Opener(view_root, "s3://bucket/run"))
+    """
     with _served_lock:
         _served[str(opener.root)] = opener
 
 
 def opener_of(path: str | os.PathLike[str]) -> Opener | None:
-    """The opener serving the view ``path`` lies in, or None for an ordinary path."""
+    """The opener serving the view ``path`` lies in, or None for an ordinary path.
+
+    Example:
+        >>> opener_of(Path("run.safeckpt")) is None   # an ordinary file
+        True
+    """
     if not _served:
         return None
     real = Path(os.path.realpath(path))
@@ -149,7 +158,12 @@ def file(path: Path, expect_size: int | None = None, f: BinaryIO | None = None) 
 def prefetch(path: str | os.PathLike[str]) -> list[Any]:
     """Fetch every placeholder of the view ``path`` is in whole, now (before a load of the whole
     checkpoint: a few large ranged reads rather than one per tensor). Reads cut tensors from these
-    buffers while the caller keeps the returned list (or a tensor cut from them) alive."""
+    buffers while the caller keeps the returned list (or a tensor cut from them) alive.
+
+    Example:
+        >>> fetched = prefetch(view)        # keep it while loading
+        >>> safeckpt.load(view)
+    """
     op = opener_of(path)
     sources = [s for s in op.sources() if isinstance(s, UrlFile)] if op is not None else []
     fetched: list[Any] = [None] * len(sources)
@@ -254,7 +268,11 @@ class UrlFile(MappedFile):
 
 
 def run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
-    """``fn`` on every item, several at once (network requests that wait, not compute)."""
+    """``fn`` on every item, several at once (network requests that wait, not compute).
+
+    Example:
+        >>> run(lambda span: fetch(*span), [(0, 1 << 20), (1 << 20, 2 << 20)])
+    """
     items = list(items)
     if len(items) <= 1:
         for i in items:
