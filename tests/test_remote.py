@@ -393,3 +393,16 @@ def test_a_damaged_object_fails_verify_naming_the_url(s3: S3) -> None:
         safeckpt.load(url, verify=True, storage_options=s3.options())
     assert "safeckpt-view" not in str(e.value)
     assert_bits_equal(safeckpt.load(url, storage_options=s3.options())["w"][:10], sd["w"][:10])  # unchecked: loads
+
+
+def test_manager_async_save_to_the_store(s3: S3) -> None:
+    manager = safeckpt.CheckpointManager(s3.url("async"), keep_last=1, async_save=True, storage_options=s3.options())
+    model = _model()
+    for step in (1, 2):
+        manager.save(step, {"model": model, "step": step})
+    manager.wait()
+    assert manager.steps() == [2]
+    state = {"model": _model(9), "step": 0}
+    manager.restore(state)
+    assert state["step"] == 2
+    assert_bits_equal(dict(state["model"].state_dict()), dict(model.state_dict()))
