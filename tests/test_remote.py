@@ -406,3 +406,29 @@ def test_manager_async_save_to_the_store(s3: S3) -> None:
     manager.restore(state)
     assert state["step"] == 2
     assert_bits_equal(dict(state["model"].state_dict()), dict(model.state_dict()))
+
+
+def test_a_sharded_save_failing_midway_leaves_the_previous_checkpoint(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeckpt import _remote
+
+    url, opts = s3.url("run/sharded"), s3.options()
+    sd = {f"w{i}": torch.full((64, 64), float(i)) for i in range(4)}
+    safeckpt.save(url, {"model": sd, "step": 1}, max_shard_size="20KB", storage_options=opts)
+    before = sorted(s3.fs().ls(f"{s3.bucket}/run/sharded"))
+    real, calls = _remote.put_file, []
+
+    def failing(fs: Any, local: Path, rpath: str) -> None:
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise ConnectionResetError("the network went away")
+        real(fs, local, rpath)
+
+    monkeypatch.setattr(_remote, "put_file", failing)
+    with pytest.raises(OSError, match=re.escape(url)):
+        safeckpt.save(url, {"model": {k: v + 1 for k, v in sd.items()}, "step": 2}, max_shard_size="20KB",
+                      storage_options=opts)  # fmt: skip
+    monkeypatch.undo()
+    assert sorted(s3.fs().ls(f"{s3.bucket}/run/sharded", refresh=True)) == before  # its shards removed
+    out = safeckpt.load(url, storage_options=opts)
+    assert out["step"] == 1
+    assert_bits_equal(out["model"], sd)

@@ -347,13 +347,15 @@ def _commit_dir(fs: Any, local: Path, rpath: str, url: str) -> None:
     before = _listing(fs, rpath)
     etag = _etag(fs, f"{rpath}/{index[0]}") if index else None
     written = [n for n in names if n not in index]
-    _sources.run(lambda n: put_file(fs, local / n, f"{rpath}/{n}"), written)
     try:
+        _sources.run(lambda n: put_file(fs, local / n, f"{rpath}/{n}"), written)
         for n in index:  # the commit point
             _put_index(fs, local / n, f"{rpath}/{n}", etag, url)
-    except FileExistsError:
-        with contextlib.suppress(OSError):  # ours, never committed: nobody reads them
-            fs.rm([f"{rpath}/{n}" for n in written if n not in before])
+    except BaseException:
+        ours = [f"{rpath}/{n}" for n in written if n not in before]
+        with contextlib.suppress(Exception):  # never committed, so nobody reads them: free their space
+            if ours:
+                fs.rm(ours)
         raise
     stale = [f"{rpath}/{n}" for n in before if n not in names and (_SHARDS.fullmatch(n) or _TEMP.fullmatch(n))]
     with contextlib.suppress(OSError):  # a leftover old shard is garbage, never a broken checkpoint
