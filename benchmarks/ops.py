@@ -581,6 +581,93 @@ def one_tensor_safe_open(env: Env) -> Prepared:
     return Prepared(run, check=tensor_check(env, box))
 
 
+# -- remote: the same state on a local S3-compatible server (s3_server.py) ---------------------
+
+
+def _s3() -> Any:
+    """s3fs's client, connected (untimed): a timed call pays for its requests, not a session."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # AWS_ENDPOINT_URL and keys: set by bench.py
+    fs.ls("bench")
+    return fs
+
+
+def _warm_fabric() -> None:
+    """Lightning's client (fsspec's cached one for the URL), connected (untimed)."""
+    import fsspec
+
+    fsspec.core.url_to_fs("s3://bench")[0].ls("bench")
+
+
+def _warm_safeckpt() -> None:
+    """The client safeckpt will use, connected (untimed), as `_s3` does for s3fs's own calls."""
+    from safeckpt import _remote
+
+    _remote.filesystem("s3://bench")[0].ls("bench")
+
+
+def _uploaded(env: Env, name: str) -> str:
+    """``name``'s file in the bucket (uploaded once, untimed); its URL."""
+    fs, key = _s3(), f"bench/{env.size}/{name}"
+    if not fs.exists(key) or fs.size(key) != env.file(name).stat().st_size:
+        fs.put_file(str(env.file(name)), key)
+    return f"s3://{key}"
+
+
+def s3_put(env: Env) -> Prepared:
+    """The floor for a save: s3fs's own upload of a file of the native checkpoint's size."""
+    fs, src = _s3(), env.file("full.safeckpt")
+    return Prepared(lambda: fs.put_file(str(src), f"bench/{env.size}/put.bin"))
+
+
+def s3_get(env: Env) -> Prepared:
+    """The floor for a load: the whole native checkpoint's bytes into memory."""
+    url = _uploaded(env, "full.safeckpt")
+    fs = _s3()
+    return Prepared(lambda: fs.cat_file(url.removeprefix("s3://")))
+
+
+def save_safeckpt_s3(env: Env) -> Prepared:
+    import safeckpt
+
+    _warm_safeckpt()
+    state = S.build_state(env.shape)
+    return Prepared(lambda: safeckpt.save(f"s3://bench/{env.size}/save.safeckpt", state))
+
+
+def save_fabric_s3(env: Env) -> Prepared:
+    f = fabric()
+    _warm_fabric()
+    state = S.build_state(env.shape)
+    return Prepared(lambda: f.save(f"s3://bench/{env.size}/save.fabric.ckpt", state))
+
+
+def load_safeckpt_s3(env: Env) -> Prepared:
+    import safeckpt
+
+    _warm_safeckpt()
+    url, state = _uploaded(env, "full.safeckpt"), load_target(env)
+    return Prepared(lambda: safeckpt.load(url, state), check=loaded_check(env, state))
+
+
+def load_fabric_s3(env: Env) -> Prepared:
+    f = fabric()
+    _warm_fabric()
+    url, state = _uploaded(env, "full.pt"), load_target(env)
+    return Prepared(lambda: f.load(url, state), check=loaded_check(env, state))
+
+
+def one_tensor_s3(env: Env) -> Prepared:
+    import safeckpt
+
+    _warm_safeckpt()
+    url, name, box = _uploaded(env, "full.safeckpt"), env.manifest["one_tensor"], []
+    return Prepared(
+        lambda: box.append(safeckpt.open(url).tensors()[name].load().clone()), check=tensor_check(env, box)
+    )
+
+
 # -- open / inspect ------------------------------------------------------------------------------
 
 
@@ -640,7 +727,7 @@ def cli_startup(env: Env) -> Prepared:
     return Prepared(lambda: command(cmd, peak), peak=peak)
 
 
-ST, LN = ("safetensors",), ("lightning",)
+ST, LN, S3 = ("safetensors",), ("lightning",), ("s3fs", "moto")
 GPU: dict[str, Any] = {"nbytes": "model_bytes", "sample_anon": True}
 OPS: dict[str, Op] = {
     op.name: op
@@ -725,6 +812,13 @@ OPS: dict[str, Op] = {
         Op(
             "hf version", "open", "huggingface_hub", command_op(HF, "version"), nbytes="", requires=("huggingface_hub",)
         ),
+        Op("s3fs put_file [s3]", "remote", "limit", s3_put, requires=S3),
+        Op("safeckpt.save [s3]", "remote", "safeckpt", save_safeckpt_s3, requires=S3),
+        Op("fabric.save [s3]", "remote", "fabric", save_fabric_s3, requires=S3 + LN),
+        Op("s3fs cat_file (whole object) [s3]", "remote", "limit", s3_get, requires=S3),
+        Op("safeckpt.load [s3]", "remote", "safeckpt", load_safeckpt_s3, requires=S3, sample_anon=True),
+        Op("fabric.load [s3]", "remote", "fabric", load_fabric_s3, requires=S3 + LN, sample_anon=True),
+        Op("safeckpt.open+1 tensor [s3]", "remote", "safeckpt", one_tensor_s3, requires=S3, nbytes="one_tensor_bytes"),
         Op("safeckpt.save [no CRC]", "integrity", "limit", save_crc("none")),
         Op("safeckpt.save [CRC zlib]", "integrity", "safeckpt", save_crc("zlib")),
         Op("safeckpt.save [CRC isal]", "integrity", "safeckpt", save_crc("isal"), requires=("isal",)),
@@ -738,7 +832,7 @@ OPS: dict[str, Op] = {
         Op("torch.load(map_location=cuda)+load_state_dict", "gpu", "torch", gpu_torch_load, **GPU),
     ]
 }
-GROUPS = ("save", "load", "load_raw", "convert", "one_tensor", "open", "integrity", "gpu")
+GROUPS = ("save", "load", "load_raw", "convert", "one_tensor", "open", "integrity", "gpu", "remote")
 
 
 # -- preparing the files every load reads --------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from remote_server import s3, s3_server  # noqa: F401 - fixtures: a real S3-compatible server (moto)
+
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The reliability numbers (kills, races, bit flips) and the fuzz harness's counts

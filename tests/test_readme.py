@@ -16,6 +16,8 @@ copy of ``fixtures/``, so paths are written relative to the repository's root as
 - Hidden markers, an HTML comment on the line before a block, set context a reader does not see:
   ``<!-- test: setup=hub -->`` runs the whole story against a local Hugging Face Hub
   (tests/minihub.py; ``HF_ENDPOINT``/``HF_TOKEN``/``HF_HOME`` set, user ``me``);
+  ``<!-- test: setup=s3 -->`` against a local S3 server (tests/remote_server.py; ``AWS_*`` set,
+  bucket ``my-bucket``);
   ``<!-- test: file=train.py -->`` writes the block to that file instead of running it (a later
   console block runs it: the torch.distributed story uses the real ``torchrun``, 2 gloo ranks).
 
@@ -63,7 +65,7 @@ SKIP = {
 MARKER = re.compile(r"^<!--\s*test:(.*)-->\s*$")
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")  # indented fences (in a list item) count too
 SHELLS = ("console", "bash", "sh", "shell")
-SETUPS = ("hub",)
+SETUPS = ("hub", "s3")
 
 
 @dataclass
@@ -271,6 +273,8 @@ def test_story(story: Story, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, re
     monkeypatch.chdir(tmp_path)
     if any(b.marker.get("setup") == "hub" for b in story.blocks):
         use_hub(request, monkeypatch, tmp_path / ".hf-home")
+    if any(b.marker.get("setup") == "s3" for b in story.blocks):
+        request.getfixturevalue("s3_server").fs().mkdir("my-bucket", exist_ok=True)
     namespace: dict[str, Any] = {"__name__": "__main__"}
     registered = set(user_types._BY_NAME)
     request.addfinalizer(lambda: [user_types._unregister(n) for n in set(user_types._BY_NAME) - registered])

@@ -155,7 +155,7 @@ class _Source:
         self.fd: int | None = None
         self.bytes: torch.Tensor | None = None
         span = None if isinstance(ref, torch.Tensor) else ref.span
-        if span is not None and ref.dtype not in (torch.complex32, torch.complex128):
+        if span is not None and span.file.local and ref.dtype not in (torch.complex32, torch.complex128):
             key = id(span.file)
             if key not in files:  # one open (and one identity check) per file, not per tensor
                 files[key] = span.file.open()

@@ -8,7 +8,6 @@ import errno
 import mmap
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
@@ -64,35 +63,26 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-# Placeholders for files whose bytes are fetched on first read (the shards of a Hub checkpoint,
-# see hub.py): a sparse file of the real size holding only the real header. REMOTE maps its real
-# path to a function that fetches the real file and returns its local path; `MappedFile` maps that.
-REMOTE: dict[str, Callable[[], Path]] = {}
-
-
-def remote(path: str | os.PathLike[str]) -> Callable[[], Path] | None:
-    """The fetch function if ``path`` is a placeholder registered in `REMOTE`, else None."""
-    return REMOTE.get(os.path.realpath(path)) if REMOTE else None
-
-
 class MappedFile:
     """A file mapped once (copy-on-write) and cut into tensors on demand.
 
     Tensors share the map, so opening many costs nothing until their pages are touched; writing
     to a tensor never changes the file. The file must still be the one that was opened (same
-    size and modification time), else `CorruptCheckpointError`.
+    size and modification time), else `CorruptCheckpointError`. The sources of remote bytes
+    (`_sources`) derive from it; ``local`` says whether ``open()`` is a real file.
     """
+
+    local = True
 
     def __init__(self, path: Path, expect_size: int | None = None, f: BinaryIO | None = None) -> None:
         self.path = path
         st = os.fstat(f.fileno()) if f is not None else os.stat(path)
         # the inode too: a file replaced by a rename within the mtime granularity has the same size and mtime
         self._stamp = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
-        self._fetch = remote(path)
         if expect_size is not None and st.st_size != expect_size:
             raise CorruptCheckpointError(f"{path}: expected {expect_size} bytes, the file has {st.st_size}")
         self._map: mmap.mmap | None = None
-        if f is not None and self._fetch is None and st.st_size:
+        if f is not None and st.st_size:
             # mapped from the file its header was read from: a save replacing the path meanwhile
             # or later cannot mix another file's bytes into this one (the map keeps the old file)
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -106,14 +96,10 @@ class MappedFile:
         return self._map
 
     def open(self) -> BinaryIO:
-        """The file, opened for reading, checked to be the one that was opened (a Hub placeholder
-        is fetched first)."""
-        f = open(self._fetch() if self._fetch else self.path, "rb")  # noqa: SIM115 - the caller closes it
+        """The file, opened for reading, checked to be the one that was opened."""
+        f = open(self.path, "rb")  # noqa: SIM115 - the caller closes it
         st = os.fstat(f.fileno())
-        # a fetched placeholder is another file: only its size must match
-        if (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino) != self._stamp and (
-            not self._fetch or st.st_size != self._stamp[0]
-        ):
+        if (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino) != self._stamp:
             f.close()
             raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
         return f
@@ -148,7 +134,7 @@ def copy_span(out: BinaryIO, span: Span, nbytes: int, source: BinaryIO | None = 
     """Append ``nbytes`` at ``span`` to ``out`` with ``copy_file_range`` (no pass through user
     space). False, with nothing written, where the kernel cannot do it (the caller writes instead).
     ``source``: ``span.file`` already opened (`MappedFile.open`), for a caller copying many spans."""
-    if not hasattr(os, "copy_file_range"):
+    if not hasattr(os, "copy_file_range") or not span.file.local:
         return False
     start = os.lseek(out.fileno(), 0, os.SEEK_CUR)
     with contextlib.nullcontext(source) if source is not None else span.file.open() as src:

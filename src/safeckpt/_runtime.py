@@ -13,15 +13,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import formats
+from . import _remote, formats
 from .errors import CorruptCheckpointError
 from .tree import Checkpoint, iter_leaves
 
 __all__ = ["across_ranks", "holds_dtensors", "local", "open_local", "verify"]
 
 
-def local(path: str | os.PathLike[str]) -> Path:
-    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``).
+def local(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Path:
+    """A local path for ``path``; ``hf://`` URIs are fetched through the Hub client (extra ``hub``),
+    other fsspec URLs (``s3://``, ...) are read through a view of ranged reads (`_remote.view`)
+    with ``storage_options``.
 
     Example:
         >>> local("runs/step-7.safeckpt")
@@ -32,7 +34,9 @@ def local(path: str | os.PathLike[str]) -> Path:
         from . import hub
 
         return hub.resolve(text)
-    return Path(text)
+    if _remote.is_url(text):
+        return _remote.view(text, storage_options)
+    return Path(_remote.local_path(text))
 
 
 def open_local(path: Path, allow: Iterable[str] = ()) -> Checkpoint:
@@ -42,9 +46,10 @@ def open_local(path: Path, allow: Iterable[str] = ()) -> Checkpoint:
         >>> open_local(Path("friend.pt")).format
         'torch'
     """
-    fmt = formats.detect(path)
-    with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
-        return fmt.read(path, allow=tuple(allow))
+    with _remote.urls_in_errors(path):
+        fmt = formats.detect(path)
+        with _gc_paused():  # reading builds many objects and no cycles: collections would be wasted work
+            return fmt.read(path, allow=tuple(allow))
 
 
 @contextlib.contextmanager
@@ -66,9 +71,10 @@ def verify(ckpt: Checkpoint | Path) -> None:
     """
     fmt = formats.get(ckpt.format) if isinstance(ckpt, Checkpoint) else formats.detect(ckpt)
     path = Path(ckpt.path) if isinstance(ckpt, Checkpoint) else ckpt
-    problems = fmt.verify(path) if fmt.verify is not None else []
-    if problems:
-        raise CorruptCheckpointError("; ".join(problems), path=path, hint="restore the file from a copy or re-save it")
+    with _remote.urls_in_errors(path):
+        problems = fmt.verify(path) if fmt.verify is not None else []
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems), path=path, hint="restore the file from a copy or re-save it")
 
 
 def across_ranks(state: Any, format: str | None = None) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _runtime, codec, formats
+from . import _remote, _runtime, _sources, codec, formats
 from .tree import Checkpoint, TensorRef, is_tensor, iter_leaves, map_leaves, path_name
 
 if TYPE_CHECKING:  # open, convert and a checkpoint's headers need no torch: what loads into objects imports it
@@ -21,12 +21,13 @@ if TYPE_CHECKING:  # open, convert and a checkpoint's headers need no torch: wha
     from torch import nn
 
 PathLike = str | os.PathLike[str]
+StorageOptions = Mapping[str, Any] | None
 TensorFilter = Callable[[str, TensorRef], bool]
 
 __all__ = ["convert", "load", "load_raw", "open", "save"]
 
 
-def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
+def open(path: PathLike, *, allow: Iterable[str] = (), storage_options: StorageOptions = None) -> Checkpoint:
     """Open any checkpoint the registry reads, reading headers only.
 
     Args:
@@ -34,6 +35,8 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
             a sharded or DCP directory) or an ``hf://repo/file`` URI.
         allow: extra pickle globals (``"module.Name"``) to admit as inert data when reading a
             pickle-based file; see ``formats/torch.md``.
+        storage_options: passed to fsspec for a URL path (``s3://bucket/run.safeckpt``): its
+            header is read with one or two ranged reads, each tensor's ``load()`` reads its bytes.
 
     Example:
         >>> ckpt = safeckpt.open("friend.pt")
@@ -41,7 +44,7 @@ def open(path: PathLike, *, allow: Iterable[str] = ()) -> Checkpoint:
         ('torch', ['l1.weight', 'l1.bias'])
         >>> ckpt.tensors()["l1.weight"].load()   # reads just this tensor
     """
-    return _runtime.open_local(_runtime.local(path), allow)
+    return _runtime.open_local(_runtime.local(path, storage_options), allow)
 
 
 def save(
@@ -51,7 +54,8 @@ def save(
     filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
     format: str | None = None,
     max_shard_size: int | str | None = None,
-) -> Path:
+    storage_options: StorageOptions = None,
+) -> Path | str:
     """Save training state without pickle, atomically (Fabric's ``fabric.save``).
 
     Top-level modules (unwrapped from DDP, ``torch.compile`` and Fabric), optimizers and any
@@ -70,6 +74,9 @@ def save(
             ``.safeckpt``, ``.ckpt`` or no extension natively; ``.pt``/``.pth``/``.bin`` or an
             extension of no format is refused (`check_name`): say ``format="torch"`` or ``"safeckpt"``.
         max_shard_size: write a sharded directory with shards of at most this size ("2GB" or bytes).
+        storage_options: passed to fsspec when ``path`` is a URL (``s3://bucket/run/step-100.safeckpt``):
+            the checkpoint is written to a local temporary, then uploaded all or nothing, and the
+            URL is returned as a ``str``.
 
     Example:
         >>> safeckpt.save("run/step-100.safeckpt", {"model": model, "optimizer": opt, "step": 100})
@@ -82,6 +89,7 @@ def save(
     if _runtime.across_ranks(state, format):
         from . import distributed
 
+        _remote.refuse_url(path, "a save across ranks (DTensor state)")
         return distributed.save(path, state, filter=filter, max_shard_size=max_shard_size)
     if isinstance(state, nn.Module):
         tree: Any = st.module_state_dict(st.unwrap(state))
@@ -89,7 +97,11 @@ def save(
         tree = st.to_saveable(state, filter)
     ckpt = Checkpoint(tree, format="memory", path="<memory>")
     write, opts = _writer(Path(os.fspath(path)), format, max_shard_size, tree)
-    return write(ckpt, Path(os.fspath(path)), **opts)
+    if _remote.is_url(path):
+        with _remote.staged(os.fspath(path), storage_options) as staged:
+            write(ckpt, staged, **opts)
+        return os.fspath(path)
+    return write(ckpt, Path(_remote.local_path(path)), **opts)
 
 
 # Names the native format takes without format=: its own, Lightning's (.ckpt: Fabric writes any
@@ -173,6 +185,7 @@ def load(
     device: str | torch.device | None = None,
     assign: bool = False,
     map_location: str | torch.device | None = None,
+    storage_options: StorageOptions = None,
 ) -> dict[Any, Any]:
     """Load a checkpoint, into ``state``'s objects in place if given (Fabric's ``fabric.load``).
 
@@ -222,8 +235,10 @@ def load(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
+        _remote.refuse_url(path, "a load across ranks (DTensor state)")
         return distributed.load(path, state, strict=strict, verify=verify)
-    local = _runtime.local(path)
+    local = _runtime.local(path, storage_options)
+    fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
     if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
         _runtime.verify(local)
     ckpt = open(local, allow=allow)
@@ -350,6 +365,7 @@ def load_raw(
     device: str | torch.device | None = None,
     allow: Iterable[str] = (),
     map_location: str | torch.device | None = None,
+    storage_options: StorageOptions = None,
 ) -> Any:
     """Load a bare state dict (a friend's ``torch.save(model.state_dict())``, a safetensors file,
     a sharded directory) into a module or optimizer (Fabric's ``fabric.load_raw``).
@@ -402,9 +418,12 @@ def load_raw(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
+        _remote.refuse_url(path, "a load across ranks (DTensor state)")
         return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
     target = st.unwrap(obj)
-    ckpt = open(_runtime.local(path), allow=allow)
+    local = _runtime.local(path, storage_options)
+    fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
+    ckpt = open(local, allow=allow)
     tree = ckpt.tree
     if isinstance(target, nn.Module):
         sd = tree["state_dict"] if _is_trainer_checkpoint(tree) else tree
@@ -472,7 +491,8 @@ def convert(
     verify: bool = True,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> Path:
+    storage_options: StorageOptions = None,
+) -> Path | str:
     """Convert any readable checkpoint into a safe format, streaming tensor by tensor.
 
     The defaults are the ``safeckpt convert`` command's: the result is read back and compared with
@@ -497,17 +517,21 @@ def convert(
             ``config.json``, stay); any other non-empty directory is refused.
         progress: called with a byte count as each source tensor is read (for a progress bar);
             during verification, again as each tensor pair is compared.
+        storage_options: passed to fsspec for ``src`` and ``dst`` URLs (``s3://...``). A URL ``dst``
+            is written and verified locally, then uploaded all or nothing; its URL is returned.
 
     Example:
         >>> safeckpt.convert("friend.pt", "friend.safetensors", verify=True)
         PosixPath('friend.safetensors')
     """
     check_name(dst, format, max_shard_size)
+    if _remote.is_url(dst):
+        return _remote.convert_to(convert, src, os.fspath(dst), overwrite, storage_options, locals())
     if not overwrite and (Path(os.fspath(dst)).exists() or Path(os.fspath(dst)).is_symlink()):
         raise FileExistsError(
             f"{os.fspath(dst)} already exists; pass overwrite=True to replace it, or choose another destination"
         )
-    ckpt = open(src, allow=allow)
+    ckpt = open(src, allow=allow, storage_options=storage_options)
     if verify and ckpt.format in _CHECKSUMMED and not os.fspath(src).startswith("hf://"):
         _verify_source(ckpt)
     tree = ckpt.tree

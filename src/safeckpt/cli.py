@@ -120,6 +120,32 @@ def _add_allow(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="storage_option",
+        help="an fsspec option for URL paths (s3://...), e.g. endpoint_url=http://127.0.0.1:9000 or anon=true "
+        "(repeatable; VALUE is read as JSON where it parses, else as a string; default: the AWS_* environment)",
+    )
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` flags as fsspec's ``storage_options`` (None if none)."""
+    out: dict[str, Any] = {}
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Usage(f"--storage-option {item!r}: write KEY=VALUE, e.g. --storage-option endpoint_url=http://host:9000")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out or None
+
+
 def _selector(args: argparse.Namespace) -> Callable[[str], bool] | None:
     """A path-name test from --include/--exclude: a glob matches a leaf's path or any enclosing
     container's path, so 'model' selects the whole model subtree and 'model/*' its contents."""
@@ -158,15 +184,15 @@ def _prune(node: Any, keep: Callable[[str], bool], path: tuple[Any, ...] = ()) -
 
 def _open(path: str, args: argparse.Namespace) -> Checkpoint:
     try:
-        return safeckpt.open(path, allow=getattr(args, "allow", ()))
+        return safeckpt.open(path, allow=getattr(args, "allow", ()), storage_options=_storage_options(args))
     except Exception as e:
         e.safeckpt_path = path  # type: ignore[attr-defined]  # lets the error line name the file
         raise
 
 
 def _shown(given: str, local: Path | str) -> str:
-    """How a report names a checkpoint: the hf:// URI as typed, not its local view in the Hub cache."""
-    return given if given.startswith("hf://") else str(local)
+    """How a report names a checkpoint: a URL as typed, not its local view (the Hub cache, a temporary)."""
+    return given if "://" in given else str(local)  # a URL (hf://, s3://, ...) as typed
 
 
 def _unique(tree: Any) -> dict[Hashable, TensorRef]:
@@ -283,6 +309,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     )
     _add_select(p, "leaves")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (fields described above)")
 
 
@@ -488,6 +515,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="KEY", help="convert only this top-level entry (e.g. model, state_dict)")
     _add_select(p, "tensors")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip reading DST back and comparing it with SRC")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -497,8 +525,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.format is not None:
         formats.get(args.format)  # unknown name -> ValueError listing the known ones (exit 2)
     max_shard = parse_size(args.max_shard_size) if args.max_shard_size is not None else None
-    dst = Path(args.dst)
-    if (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
+    from ._remote import is_url
+
+    dst: Any = args.dst if is_url(args.dst) else Path(args.dst)  # a URL's existence: safeckpt.convert checks it
+    if not isinstance(dst, str) and (dst.exists() or dst.is_symlink()) and not args.force:  # before the source is read
         raise Usage(f"{dst} already exists; pass --force to overwrite it, or choose another destination")
     from .api import check_name
 
@@ -537,10 +567,11 @@ def _run_convert(args: argparse.Namespace) -> int:
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
                 allow=args.allow, verify=not args.no_verify, overwrite=args.force,
                 progress=bar if _draws_bars(args) else None,  # counting reads each tensor: no file-to-file copy
+                storage_options=_storage_options(args),
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
-    out = safeckpt.open(written)
+    out = safeckpt.open(written, storage_options=_storage_options(args))
     # the destination as the user typed it (relative stays relative), unless the writer chose another path
     shown = args.dst if Path(written).absolute() == Path(args.dst).absolute() else str(written)
     result = {
@@ -572,6 +603,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a checkpoint file or directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_storage(p)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -580,7 +612,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     from .formats.safeckpt_sharded import ShardedRef
 
     try:
-        local = _runtime.local(args.path)  # hf:// paths resolve to a local copy first
+        local = _runtime.local(args.path, _storage_options(args))  # hf:// and s3:// paths: a local view first
         fmt = formats.detect(local)  # a missing or unrecognised file is a usage error (exit 2), not a finding
     except Exception as e:
         e.safeckpt_path = args.path  # type: ignore[attr-defined]
@@ -686,6 +718,7 @@ def _diff_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=_non_negative, default=0.0, help="... and this relative tolerance (of b)")
     _add_select(p, "leaves")
     _add_allow(p)
+    _add_storage(p)
     p.add_argument("--json", action="store_true", help="print the differences as JSON")
 
 

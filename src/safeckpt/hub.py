@@ -10,7 +10,7 @@ to a commit and mirrored in a *view* directory inside the repo's cache folder
 cached downloads, and each safetensors file not yet downloaded is a *placeholder*, a sparse file of
 the real size holding only its real header (fetched with one HTTP range request). The format
 readers read headers from it as from any file; the first tensor load maps the file through
-`_fs.MappedFile`, which downloads the real file into the Hub cache then (see `_fs.REMOTE`) and
+`_sources.HubFile`, which downloads the real file into the Hub cache then (the view's `_sources.Opener`) and
 hard-links it over the placeholder. So opening a sharded checkpoint downloads its index and shard
 headers, and loading some of its tensors downloads only the shards that hold them. A directory's
 view holds its files, not its sub-folders, and beside safetensors weights it leaves out large
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from urllib.parse import unquote
 import torch
 from torch import nn
 
-from . import _fs, _storage
+from . import _sources, _storage
 from .errors import CorruptCheckpointError, HubAuthError, HubError, HubNotFoundError
 
 __all__ = ["HubPath", "parse_uri", "pull_from_hub", "push_to_hub", "resolve"]
@@ -50,7 +51,6 @@ LAZY_SUFFIXES = (".safetensors", ".safeckpt")  # files probed for a safetensors 
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".pkl")
 OTHER_WEIGHTS_SIZE = 10 << 20
 PROBE = 64 << 10  # first range request; most safetensors headers fit
-MAX_HEADER = 100_000_000
 VIEWS = "safeckpt-views"
 MANIFEST = "manifest.json"
 HF_WEIGHT_FILES = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
@@ -306,16 +306,20 @@ def _register(root: Path, loc: HubPath, commit: str, hub: _Hub) -> bool:
     base = root / manifest["name"]
     if not base.exists():
         return False
+    opener = _sources.Opener(root, str(loc))
     for rel in manifest["lazy"]:
         local = base / rel if rel else base
         if local.stat().st_nlink > 1:
             continue  # fetched already: a hard link to the cached download
         repo_path = f"{loc.path}/{rel}".strip("/") if rel else loc.path
-        _fs.REMOTE[os.path.realpath(local)] = _fetcher(loc, repo_path, commit, hub, local)
+        opener.add(local, functools.partial(_sources.HubFile, fetch=_fetcher(loc, repo_path, commit, hub, local, opener)))
+    _sources.serve(opener)
     return True
 
 
-def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) -> Callable[[], Path]:
+def _fetcher(
+    loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path, opener: _sources.Opener
+) -> Callable[[], Path]:
     lock = threading.Lock()
 
     def fetch() -> Path:
@@ -333,7 +337,7 @@ def _fetcher(loc: HubPath, repo_path: str, commit: str, hub: _Hub, local: Path) 
                             "delete it from the cache and load again"
                         )
                 _storage.link_or_copy(real, local)
-            _fs.REMOTE.pop(os.path.realpath(local), None)
+            opener.discard(local)
             return local
 
     return fetch
@@ -362,20 +366,11 @@ def _probe(loc: HubPath, repo_path: str, commit: str, size: int, hub: _Hub) -> b
     headers = build_hf_headers(token=hub.token, library_name="safeckpt")
 
     def get(start: int, end: int) -> bytes:
-        r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end}"})
+        r = get_session().get(url, headers={**headers, "Range": f"bytes={start}-{end - 1}"})
         hf_raise_for_status(r)
-        return bytes(r.content)[: end + 1 - start]
+        return bytes(r.content)[: end - start]
 
-    head = get(0, min(size, PROBE) - 1)
-    if len(head) < 8:
-        return None
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER or 8 + n > size:
-        return None
-    if len(head) < 8 + n:
-        head += get(len(head), 8 + n - 1)
-    head = head[: 8 + n]
-    return head if len(head) == 8 + n and head[8:].lstrip(b" \t\r\n")[:1] == b"{" else None
+    return _sources.probe_header(get(0, min(size, PROBE)), size, get)
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import _storage, codec, user_types
+from ._remote import is_url, remove_url
 from .api import load, save
 from .tree import map_leaves
 
@@ -56,6 +57,9 @@ class SafeCheckpointIO(CheckpointIO):
             size (``"2GB"`` or bytes) instead of one file.
         allow: extra pickle globals (``"module.Class"``) to admit as inert data when loading an old
             pickle-based ``.ckpt`` that holds them (see `safeckpt.open`).
+        storage_options: passed to fsspec when Lightning hands over a URL (``default_root_dir`` or
+            ``ckpt_path`` on ``s3://``...); ``Trainer.save_checkpoint(..., storage_options=)``
+            overrides them per call. Without them the store's environment applies (``AWS_*``).
 
     ``weights_only`` is accepted and ignored: no byte is ever handed to Python's unpickler. Native
     files hold no pickle, and a pickle-based ``.ckpt`` is read by safeckpt's own interpreter, which
@@ -68,10 +72,17 @@ class SafeCheckpointIO(CheckpointIO):
         >>> trainer = L.Trainer(plugins=[SafeCheckpointIO(allow=["my_pkg.OldCallbackState"])])
     """
 
-    def __init__(self, *, max_shard_size: int | str | None = None, allow: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        max_shard_size: int | str | None = None,
+        allow: Iterable[str] = (),
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.max_shard_size = max_shard_size
         self.allow = tuple(allow)
+        self.storage_options = storage_options
         for name in _CHECKPOINT_IO_MODULES:
             other = sys.modules.get(name)
             if other is not None and not isinstance(self, other.CheckpointIO):
@@ -80,25 +91,21 @@ class SafeCheckpointIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
     ) -> None:
-        """Write ``checkpoint`` to ``path`` without pickle, atomically (parent directories created).
+        """Write ``checkpoint`` to ``path`` without pickle, atomically (parent directories created);
+        a URL (``s3://...``) is uploaded all or nothing, with ``storage_options`` (else the plugin's).
 
         Raises:
-            TypeError: ``storage_options`` was given (as Lightning's ``TorchCheckpointIO``), or a value
-                cannot be stored without pickle; the message names where it is and how to fix it.
+            TypeError: a value cannot be stored without pickle; the message names where it is and how
+                to fix it.
 
         Example:
             >>> SafeCheckpointIO().save_checkpoint({"state_dict": model.state_dict(), "epoch": 3}, "ckpts/last.ckpt")
         """
-        if storage_options is not None:
-            raise TypeError(
-                "`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg"
-                f" is not supported for `{type(self).__name__}`. Please implement your custom `CheckpointIO`"
-                " to define how you'd like to use `storage_options`."
-            )
+        options = self.storage_options if storage_options is None else storage_options
         try:
             # the plugin is the native writer by choice: Lightning's names (any extension) hold the native format
             native = "safeckpt" if self.max_shard_size is None else None
-            save(_local(path), checkpoint, format=native, max_shard_size=self.max_shard_size)
+            save(_local(path), checkpoint, format=native, max_shard_size=self.max_shard_size, storage_options=options)
         except TypeError as e:
             raise _unstorable(e, checkpoint, path) from e
 
@@ -119,12 +126,12 @@ class SafeCheckpointIO(CheckpointIO):
             >>> ckpt["global_step"]
             120
         """
-        text = os.fspath(path)
-        if not text.startswith("hf://") and not os.path.exists(text):
+        text, options = os.fspath(path), self.storage_options
+        if not text.startswith("hf://") and not is_url(text) and not os.path.exists(text):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         if isinstance(map_location, (str, torch.device)):  # read straight onto the device (pinned staging for CUDA)
-            return load(text, allow=self.allow, device=map_location)
-        return _relocate(load(text, allow=self.allow), map_location)
+            return load(text, allow=self.allow, device=map_location, storage_options=options)
+        return _relocate(load(text, allow=self.allow, storage_options=options), map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Delete a checkpoint file or sharded directory (a symlink itself, not its target); a
@@ -133,16 +140,20 @@ class SafeCheckpointIO(CheckpointIO):
         Example:
             >>> SafeCheckpointIO().remove_checkpoint("ckpts/epoch=0-step=4.ckpt")
         """
-        _storage.remove_tree(_local(path), missing_ok=True)
+        local = _local(path)
+        if isinstance(local, str):  # a URL: the object, or every object under a sharded checkpoint's prefix
+            remove_url(local, self.storage_options)
+            return
+        _storage.remove_tree(local, missing_ok=True)
 
 
-def _local(path: str | os.PathLike[str]) -> Path:
+def _local(path: str | os.PathLike[str]) -> Path | str:
+    """``path`` as a local `Path`, or the URL (``s3://...``) as it is."""
     text = os.fspath(path)
+    if is_url(text):
+        return text
     if "://" in text:
-        raise ValueError(
-            f"SafeCheckpointIO writes local paths only, not {text}: save to a local directory and upload it "
-            "(e.g. with `safeckpt push`), or keep TorchCheckpointIO for remote storage"
-        )
+        raise ValueError(f"SafeCheckpointIO cannot write {text}: give a local path or an fsspec URL (s3://, gs://, ...)")
     return Path(text)
 
 

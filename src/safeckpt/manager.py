@@ -23,11 +23,11 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
-from . import _runtime, api
+from . import _remote, _runtime, api
 from ._storage import Template, fsync_dir, remove
 from .errors import CheckpointError
 from .formats.safeckpt_sharded import INDEX, LAYOUT  # the index's presence commits a sharded directory
@@ -130,8 +130,15 @@ class CheckpointManager:
         keep_every: int | None = None,
         best: Best | tuple[Any, ...] | None = None,
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.directory = Path(os.fspath(directory))
+        # a URL (s3://...) is listed, written and rotated on its store; UrlPath has the Path methods used here
+        self.storage_options = storage_options
+        self.directory = (
+            cast(Path, _remote.UrlPath(os.fspath(directory), storage_options))
+            if _remote.is_url(directory)
+            else Path(_remote.local_path(directory))
+        )
         self.keep_last = None if keep_last is None else _positive(keep_last, "keep_last")
         self.keep_every = None if keep_every is None else _positive(keep_every, "keep_every")
         if best is not None and not isinstance(best, Best):
@@ -184,14 +191,14 @@ class CheckpointManager:
     def _entries(self) -> dict[int, Path]:
         found: dict[int, Path] = {}
         try:
-            scan = list(os.scandir(self.directory))
+            scan = list(_remote.scandir(self.directory))
         except FileNotFoundError:
             return found
         for entry in scan:
             m = STEP_FILE.match(entry.name) or STEP_DIR.match(entry.name)
             if m is None:
                 continue
-            step, path = int(m["step"]), Path(entry.path)
+            step, path = int(m["step"]), self.directory / entry.name
             if m.re is STEP_FILE.pattern:
                 complete = entry.is_file(follow_symlinks=False)
             else:
@@ -302,7 +309,7 @@ class CheckpointManager:
         value: float | None,
         collective: bool,
     ) -> None:
-        api.save(path, tree, filter=filter, max_shard_size=max_shard_size)
+        api.save(path, tree, filter=filter, max_shard_size=max_shard_size, storage_options=self.storage_options)
         self._metrics[path.name] = value
         if not collective:
             self._clean(step, path)
@@ -386,7 +393,7 @@ class CheckpointManager:
         if path.name not in self._metrics:
             value = None
             with contextlib.suppress(CheckpointError, OSError, TypeError, ValueError):
-                tree = api.open(path).tree
+                tree = api.open(path, storage_options=self.storage_options).tree
                 if isinstance(tree, Mapping) and self.best.name in tree:
                     raw = tree[self.best.name]
                     value = _number(raw.load() if isinstance(raw, TensorRef) else raw, self.best.name)
@@ -398,7 +405,9 @@ class CheckpointManager:
         checkpoint), then its shards; files the format does not name stay, and so does the
         directory then."""
         self._metrics.pop(path.name, None)
-        if path.is_dir() and not path.is_symlink():
+        if isinstance(path, _remote.UrlPath):  # on a store: its index first, then its shards
+            _remote.remove_url(path, self.storage_options)
+        elif path.is_dir() and not path.is_symlink():
             LAYOUT.delete(path)
         else:
             remove(path)
@@ -407,8 +416,8 @@ class CheckpointManager:
         """What killed saves of steps up to ``step`` left: temporaries and uncommitted directories.
         This manager's own saves up to ``step`` are all done, so nothing here is being written."""
         removed = []
-        for entry in os.scandir(self.directory):
-            m, path = _TEMP.match(entry.name), Path(entry.path)
+        for entry in _remote.scandir(self.directory):
+            m, path = _TEMP.match(entry.name), self.directory / entry.name
             if m and int(m["step"]) <= step and entry.is_file(follow_symlinks=False):
                 if remove(path):
                     removed.append(path)
@@ -463,7 +472,7 @@ class CheckpointManager:
                 f"{self.directory}: no checkpoint of step {step}; the steps there are {shown}"
                 + (f" (the newest 20 of {len(steps)})" if len(steps) > 20 else "")
             )
-        return api.load(path, state, strict=strict, device=device, assign=assign)
+        return api.load(path, state, strict=strict, device=device, assign=assign, storage_options=self.storage_options)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

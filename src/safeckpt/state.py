@@ -392,6 +392,7 @@ def read_into(ref: TensorRef, target: torch.Tensor) -> bool:
     span = ref.span
     if (
         span is None
+        or not span.file.local  # remote bytes: the tensor is fetched and copied like any other
         or target.device.type != "cpu"
         or not target.is_contiguous()
         or target.dtype != ref.dtype

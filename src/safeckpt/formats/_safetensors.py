@@ -23,7 +23,7 @@ from operator import mul, sub
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from .. import _dtypes, _shapes
+from .. import _dtypes, _shapes, _sources
 from .._fs import MappedFile, Span, checksum, copy_span, crc32, tensor_bytes, write_all
 from .._storage import atomic_write
 from ..errors import CorruptCheckpointError
@@ -657,7 +657,7 @@ def checksum_problems(header: Header, key: str, describe: Callable[[str], str] =
     recorded = checksums(header, key)
     if recorded is None:
         return None
-    mapped = MappedFile(header.path, header.size).map
+    mapped = _sources.file(header.path, header.size).map
     view, page = memoryview(mapped), mmap.PAGESIZE
     entries = list(header.entries.values())
 

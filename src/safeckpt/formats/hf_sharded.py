@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from .. import _shapes
-from .._fs import MappedFile, member_problem
+from .. import _shapes, _sources
+from .._fs import member_problem
 from .._storage import Template, replace_set, write_bytes
 from .._units import parse_size
 from ..errors import CorruptCheckpointError, UnknownFormatError
@@ -133,7 +133,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         file = _shard_file(layout, shard)
         if layout.ext == ".safetensors":
             header = st.read_header(file)
-            mapped = MappedFile(file, header.size)  # maps on first tensor load, never before
+            mapped = _sources.file(file, header.size)  # maps on first tensor load, never before
             contents[shard] = {n: stf.tensor_ref(file, mapped, e) for n, e in header.entries.items()}
             stf.undecodable(header)
             shard_meta.update(header.metadata)

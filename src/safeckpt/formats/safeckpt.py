@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import _dtypes, codec
+from .. import _dtypes, _sources, codec
 from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
@@ -48,7 +48,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
-        mapped = MappedFile(path, header.size, f)
+        mapped = _sources.file(path, header.size, f)
     meta = header.metadata
     version = meta.get(KEY_VERSION)
     if version is None or KEY_SKELETON not in meta:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .. import _dtypes, _shapes, codec
+from .. import _dtypes, _shapes, _sources, codec
 from .._fs import MappedFile, Span, checksum, member_problem
 from .._storage import GENERATION, Generation, Layout, Template, literal, naming, target_dir
 from .._units import parse_size
@@ -118,7 +118,7 @@ class _Shard:
                     f"{self.path}: the index records {self.size} bytes, the file has {actual} (truncated or replaced)"
                 )
             header = st.read_header(self.path, f)
-            self._mapped = MappedFile(self.path, header.size, f)
+            self._mapped = _sources.file(self.path, header.size, f)
         return header
 
     @functools.cached_property

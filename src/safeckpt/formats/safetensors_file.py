@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import _dtypes
+from .. import _dtypes, _sources
 from .._fs import MappedFile, Span
 from ..tree import Checkpoint, TensorRef, alias_key, is_tensor, iter_leaves
 from . import Format
@@ -57,7 +57,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     """
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
-        mapped = MappedFile(path, header.size, f)
+        mapped = _sources.file(path, header.size, f)
     crcs = st.checksums(header, st.KEY_CRC) or {}
     source = str(path)
     refs = {name: tensor_ref(source, mapped, e, crcs.get(name)) for name, e in header.entries.items()}

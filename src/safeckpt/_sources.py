@@ -1,0 +1,283 @@
+"""Where a checkpoint's bytes come from: a local file, a Hugging Face cache entry fetched on first
+read, or an fsspec URL read by byte ranges.
+
+Format readers work on local paths: they sniff, parse headers and list directories there. A
+remote checkpoint is therefore presented as a *view*, a local directory whose small files are
+real and whose tensor files are *placeholders* (sparse files of the real size holding only the
+real header). The code that builds a view (``hub.py`` for ``hf://``, ``_remote.py`` for fsspec
+URLs) hands an `Opener` for it to `serve`; a reader asks `file` for the bytes of a path, and gets a
+`MappedFile` for an ordinary file or the opener's source for a placeholder:
+
+- `HubFile`: the whole file is downloaded into the Hub cache on first read and linked over the
+  placeholder, then mapped like any file;
+- `UrlFile`: one tensor is one ranged read of exactly its bytes; the whole file (``map``, a whole
+  load after `prefetch`) is fetched with large parallel ranged reads into memory.
+
+Every source has the `MappedFile` interface: ``path``, ``open()``, ``map``, ``tensor(offset,
+nbytes, dtype, shape)`` and ``local`` (False where ``open()`` is not a real file).
+
+Example:
+    >>> f = file(Path("run.safeckpt"))          # a local file: mapped as before
+    >>> f.tensor(128, 16, torch.float32, (4,))
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ._fs import MappedFile
+from .errors import CorruptCheckpointError
+
+__all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "probe_header", "run", "serve"]
+
+# Uploads go in parts of PART bytes (S3's minimum is 5 MiB); a whole file is fetched in ranges of
+# at least FETCH_PART bytes, up to WORKERS at once.
+PART = 16 << 20
+FETCH_PART = 64 << 20  # the smallest range of a whole-file fetch
+WORKERS = 8
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def probe_header(head: bytes, size: int, get: Callable[[int, int], bytes]) -> bytes | None:
+    """The header (length prefix + JSON) of a remote safetensors-family file of ``size`` bytes,
+    given its first bytes ``head`` and ``get(start, end)`` for more (one more request where the
+    header is longer than ``head``); None if the file does not start with a safetensors header.
+
+    Example:
+        >>> probe_header(first_64k, size, lambda a, b: fetch_range(url, a, b))[:8]
+        b'x\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
+    """
+    if len(head) < 8:
+        return None
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER or 8 + n > size:
+        return None
+    if len(head) < 8 + n:
+        head += get(len(head), 8 + n)
+    head = head[: 8 + n]
+    return head if len(head) == 8 + n and head[8:].lstrip(b" \t\r\n")[:1] == b"{" else None
+
+
+class Opener:
+    """The sources of one view's placeholders: ``add(path, make)`` records how to open the
+    placeholder at ``path``; `file` calls ``make(path, expect_size)`` the first time a reader asks.
+
+    Example:
+        >>> op = Opener(view_root, "s3://bucket/run")
+        >>> op.add(view_root / "model.safetensors", lambda p, n: UrlFile(p, n, get_range, url))
+        >>> serve(op)
+    """
+
+    def __init__(self, root: Path, where: str) -> None:
+        self.root = Path(os.path.realpath(root))
+        self.where = where  # what messages name: the URL, not the view's local path
+        self.shown: tuple[str, str] | None = None  # (the view's local path, the URL errors name instead)
+        self._makers: dict[str, Callable[[Path, int | None], MappedFile]] = {}
+        self._open: dict[str, MappedFile] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: Path, make: Callable[[Path, int | None], MappedFile]) -> None:
+        self._makers[os.path.realpath(path)] = make
+
+    def discard(self, path: Path) -> None:
+        """Stop serving ``path`` (a placeholder that has become a real file)."""
+        self._makers.pop(os.path.realpath(path), None)
+        self._open.pop(os.path.realpath(path), None)
+
+    def source(self, path: Path, expect_size: int | None) -> MappedFile | None:
+        key = os.path.realpath(path)
+        with self._lock:
+            if key in self._open:
+                return self._open[key]
+            make = self._makers.get(key)
+            if make is None:
+                return None
+            src = self._open[key] = make(path, expect_size)
+            return src
+
+    def sources(self) -> list[MappedFile]:
+        """A source for every placeholder of the view (opened now where not yet)."""
+        return [s for p in list(self._makers) if (s := self.source(Path(p), None)) is not None]
+
+
+# View roots and their openers. Keyed by root, not by file: a reader that opens a shard lazily
+# (long after `open` returned) finds the opener of the view the shard lies in.
+_served: dict[str, Opener] = {}
+_served_lock = threading.Lock()
+
+
+def serve(opener: Opener) -> None:
+    """Make `file` read the placeholders under ``opener.root`` through ``opener``.
+
+    Example:
+        >>> serve(Opener(view_root, "s3://bucket/run"))
+    """
+    with _served_lock:
+        _served[str(opener.root)] = opener
+
+
+def opener_of(path: str | os.PathLike[str]) -> Opener | None:
+    """The opener serving the view ``path`` lies in, or None for an ordinary path.
+
+    Example:
+        >>> opener_of(Path("run.safeckpt")) is None   # an ordinary file
+        True
+    """
+    if not _served:
+        return None
+    real = Path(os.path.realpath(path))
+    for p in (real, *real.parents):
+        op = _served.get(str(p))
+        if op is not None:
+            return op
+    return None
+
+
+def file(path: Path, expect_size: int | None = None, f: BinaryIO | None = None) -> MappedFile:
+    """The bytes of ``path`` for a reader: its opener's source for a placeholder of a view, else
+    the file itself, mapped (from ``f`` where given, the open file its header was read from).
+
+    Example:
+        >>> file(Path("model.safetensors"), 1024).tensor(8 + 88, 16, torch.float32, (4,))
+    """
+    op = opener_of(path)
+    src = op.source(path, expect_size) if op is not None else None
+    return src if src is not None else MappedFile(path, expect_size, f)
+
+
+def prefetch(path: str | os.PathLike[str]) -> list[Any]:
+    """Fetch every placeholder of the view ``path`` is in whole, now (before a load of the whole
+    checkpoint: a few large ranged reads rather than one per tensor). Reads cut tensors from these
+    buffers while the caller keeps the returned list (or a tensor cut from them) alive.
+
+    Example:
+        >>> fetched = prefetch(view)        # keep it while loading
+        >>> safeckpt.load(view)
+    """
+    op = opener_of(path)
+    sources = [s for s in op.sources() if isinstance(s, UrlFile)] if op is not None else []
+    fetched: list[Any] = [None] * len(sources)
+
+    def get(i: int) -> None:
+        fetched[i] = sources[i].map
+
+    run(get, range(len(sources)))
+    return fetched
+
+
+class HubFile(MappedFile):
+    """A Hub placeholder: ``fetch()`` downloads the real file into the Hub cache, links it over the
+    placeholder and returns its path; every read but the header's happens after that."""
+
+    def __init__(self, path: Path, expect_size: int | None, fetch: Callable[[], Path]) -> None:
+        super().__init__(path, expect_size)
+        self._fetch = fetch
+
+    def open(self) -> BinaryIO:
+        f = open(self._fetch(), "rb")  # noqa: SIM115 - the caller closes it
+        if os.fstat(f.fileno()).st_size != self._stamp[0]:  # a fetched file is another inode: size must match
+            f.close()
+            raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
+        return f
+
+
+class _Buffer(mmap.mmap):
+    """Anonymous memory holding a fetched file. ``madvise`` is a no-op: advice meant for a file's
+    pages (``MADV_DONTNEED`` drops them to be re-read) would zero fetched bytes here."""
+
+    def madvise(self, *args: Any) -> None:
+        return None
+
+
+class UrlFile(MappedFile):
+    """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole.
+
+    ``path`` is the view's placeholder (what readers see); ``get(start, end)`` reads a byte range
+    of the object at ``url``. A whole fetch is kept while a tensor cut from it lives (or the list `prefetch`
+    returned), so reads after it cost no request.
+    """
+
+    local = False
+
+    def __init__(self, path: Path, expect_size: int | None, get: Callable[[int, int], bytes], url: str) -> None:
+        super().__init__(path, expect_size)
+        self.get, self.url = get, url
+        self._weak: weakref.ref[_Buffer] | None = None
+        self._fetching = threading.Lock()
+
+    def _range(self, start: int, end: int) -> bytes:
+        data = self.get(start, end)
+        if len(data) != end - start:
+            raise CorruptCheckpointError(
+                f"{self.url}: bytes [{start}, {end}) came back as {len(data)} bytes; the object changed "
+                "after it was opened (open it again)"
+            )
+        return data
+
+    @property
+    def map(self) -> mmap.mmap:  # type: ignore[override]
+        with self._fetching:
+            buf = self._weak() if self._weak else None
+            if buf is None:
+                buf = self._fetch_all()
+                self._weak = weakref.ref(buf)
+            return buf
+
+    def _fetch_all(self) -> _Buffer:
+        size = self._stamp[0]
+        buf = _Buffer(-1, max(size, 1))
+        # a few large ranges at once: each request costs little beside its bytes, and several in
+        # flight fill a link that one connection does not (a store's per-connection limit)
+        part = max(FETCH_PART, -(-size // WORKERS))
+        spans = [(a, min(a + part, size)) for a in range(0, size, part)]
+
+        def get(span: tuple[int, int]) -> None:
+            buf[span[0] : span[1]] = self._range(*span)
+
+        run(get, spans)
+        return buf
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.map[:])
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if offset < 0 or offset + nbytes > self._stamp[0]:
+            raise CorruptCheckpointError(
+                f"{self.url}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
+            )
+        buf = self._weak() if self._weak else None
+        if buf is not None:
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+            if offset % dtype.itemsize:
+                raw = raw.clone()
+        else:
+            raw = torch.frombuffer(bytearray(self._range(offset, offset + nbytes)), dtype=torch.uint8)
+        return raw.view(dtype).reshape(shape)
+
+
+def run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
+    """``fn`` on every item, several at once (network requests that wait, not compute).
+
+    Example:
+        >>> run(lambda span: fetch(*span), [(0, 1 << 20), (1 << 20, 2 << 20)])
+    """
+    items = list(items)
+    if len(items) <= 1:
+        for i in items:
+            fn(i)
+        return
+    with ThreadPoolExecutor(min(WORKERS, len(items))) as pool:
+        for _ in pool.map(fn, items):
+            pass
