@@ -153,7 +153,7 @@ _STORAGE = "safeckpt/_storage.py"
 # (file, function) -> why it may write a file that is not a checkpoint file, outside `_storage`
 ALLOWED_WRITERS = {
     ("safeckpt/hub.py", "_commit"): "the Hub cache's refs/<revision> file, laid out as huggingface_hub's own cache",
-    ("safeckpt/hub.py", "_build"): "placeholders and the manifest of a Hub view, inside the temporary directory "
+    ("safeckpt/hub.py", "_build"): "the manifest of a Hub view, inside the temporary directory "
     "`_storage.new_directory` renames into place whole",
 }
 

@@ -29,14 +29,13 @@ import errno
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _sources
+from . import _sources, _storage
 from .errors import CheckpointError
 
 __all__ = ["commit", "filesystem", "is_url", "named", "refuse_url", "staged", "view"]
@@ -244,14 +243,10 @@ def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sourc
 
     head = get(0, min(size, PROBE)) if size else b""
     header = _sources.probe_header(head, size, get)
-    with open(local, "wb") as f:
-        if header is not None:  # sparse: the header, then a hole up to the real size
-            f.write(header)
-            f.truncate(size)
-            opener.add(local, lambda p, n: _sources.UrlFile(p, n, get, url))
-            return
-        f.write(head)
-        f.truncate(size)
+    _storage.placeholder(local, head if header is None else header, size)
+    if header is not None:  # the tensors' bytes are read where they lie, range by range
+        opener.add(local, lambda p, n: _sources.UrlFile(p, n, get, url))
+        return
     spans = [(a, min(a + _sources.PART, size)) for a in range(len(head), size, _sources.PART)]
 
     def fill(span: tuple[int, int]) -> None:
@@ -267,7 +262,8 @@ def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sourc
 
 def _remove_views() -> None:
     for root in _views:
-        shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # at exit: a view left behind is only scratch space
+            _storage.remove_tree(root)
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -289,7 +285,8 @@ def staged(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterat
         yield local
         commit(fs, local, rpath.rstrip("/"), url)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _storage.remove_tree(tmp)
 
 
 def commit(fs: Any, local: Path, rpath: str, url: str) -> None:

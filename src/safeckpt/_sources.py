@@ -31,12 +31,13 @@ import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._fs import MappedFile
 from .errors import CorruptCheckpointError
+
+if TYPE_CHECKING:  # a tensor is made only when one is read: opening a file needs no torch
+    import torch
 
 __all__ = ["HubFile", "Opener", "UrlFile", "file", "opener_of", "prefetch", "probe_header", "run", "serve"]
 
@@ -251,6 +252,8 @@ class UrlFile(MappedFile):
         return io.BytesIO(self.map[:])
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if offset < 0 or offset + nbytes > self._stamp[0]:

@@ -317,6 +317,18 @@ def remove(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+def placeholder(path: str | os.PathLike[str], head: bytes, size: int) -> None:
+    """Create ``path`` as a file of ``size`` bytes that holds only ``head``, the rest a hole (sparse):
+    what a remote or Hub view puts where a file's bytes are fetched on first read, or filled in.
+
+    Example:
+        >>> placeholder("view/model.safetensors", header_bytes, 3_000_000_000)
+    """
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+
+
 def remove_tree(path: str | os.PathLike[str], *, missing_ok: bool = True) -> None:
     """Delete ``path``: a directory with everything in it, or a file or a symlink (itself).
 

@@ -284,9 +284,7 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
         if header is None:
             _storage.link_or_copy(_download(loc, repo_path, commit, hub), local)
             continue
-        with open(local, "wb") as f:  # sparse: the header, then a hole up to the real size
-            f.write(header)
-            f.truncate(size)
+        _storage.placeholder(local, header, size)
         lazy.append(rel)
     (tmp / MANIFEST).write_text(json.dumps({"uri": str(loc), "commit": commit, "name": name, "lazy": lazy}))
 
