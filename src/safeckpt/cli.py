@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 
 def _import_torch_side() -> None:
-    """Bind the names the verbs use from the modules that import torch (about 2 s), once, when a
-    verb runs: ``--help``, ``--version`` and argument errors never import torch."""
+    """Bind the names the verbs use from the reading modules, once, when a verb runs: ``--help``,
+    ``--version`` and argument errors never import them. (They no longer import torch: that comes
+    only when a verb materializes a tensor, e.g. ``diff`` of differing tensors or a ``.pt`` read.)"""
     if "TensorRef" in globals():
         return
     from . import codec as codec_module
