@@ -67,6 +67,12 @@ DUPLICATES = [  # json would resolve each silently (last wins), at every level
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"\\u0064ata_offsets":[0,4]}}',
 ]
 OTHERS = [  # types, sizes and layout
+    '{"a":null}',
+    '{"a":5,"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":null,"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":[1],"data_offsets":7}}',
+    '{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":{},"data_offsets":[0,4]}}',

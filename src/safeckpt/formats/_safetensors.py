@@ -165,6 +165,14 @@ _BEGIN, _END = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _parse_fast(path: Path, raw: bytes, size: int) -> Header | None:
+    """`_parse_columns`, None where a value of an unexpected type met one of its column operations."""
+    try:
+        return _parse_columns(path, raw, size)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+        return None
+
+
+def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
     """The header if it is plainly valid, else None (then `_parse_checked` says what is wrong).
     Accepts only what `_parse_checked` accepts, with the same result.
 
