@@ -710,7 +710,8 @@ def header_problems(path: Path, raw: bytes | None = None) -> list[str] | None:
     stored = raw[at : at + 8]
     if raw.find(marker, at) >= 0 or raw[at + 8 : at + 9] != b'"' or not all(c in b"0123456789abcdef" for c in stored):
         return [f"{path}: the header's checksum field {KEY_HEADER_CRC!r} is malformed: the header is damaged"]
-    crc = checksum(raw[:at] + b"00000000" + raw[at + 8 :])
+    view = memoryview(raw)  # the CRC over the three pieces: the header is not copied to zero the field
+    crc = crc32(view[at + 8 :], crc32(b"00000000", crc32(view[:at])))
     if crc != int(stored, 16):
         return [
             f"{path}: the header fails its checksum (stored {stored.decode()}, read {crc:08x}): a tensor's name, "
