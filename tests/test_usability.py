@@ -347,7 +347,7 @@ def test_convert_defaults_are_the_commands(
     monkeypatch.setattr(st, "tensor_bytes", lambda t: flip(original(t)))
     monkeypatch.setattr(st, "span_bytes", lambda span, n: flip(original_span(span, n)))
     monkeypatch.setattr(st, "copy_span", lambda *args: False)  # the kernel's file-to-file copy would bypass the fault
-    count = {"progress": lambda n: None}  # tensors read and written, not copied byte for byte (which this fault misses)
+    count = {"progress": lambda n: None}  # as the command calls it
     with pytest.raises(CorruptCheckpointError, match="does not match"):
         safeckpt.convert(src, tmp_path / "checked.safeckpt", **count)
     safeckpt.convert(src, tmp_path / "unchecked.safeckpt", verify=False, **count)  # asked not to: written as is

@@ -536,8 +536,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         try:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
-                allow=args.allow, verify=not args.no_verify, overwrite=args.force,
-                progress=bar if _draws_bars(args) else None,  # counting reads each tensor: no file-to-file copy
+                allow=args.allow, verify=not args.no_verify, overwrite=args.force, progress=bar,
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify
             raise Found(str(e)) from e
