@@ -178,17 +178,16 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
 
     Every check runs over whole columns in C (map, zip, set, sorted): per-entry Python work made
     reading a 600-tensor header take ~10x safetensors' Rust. A duplicate key, which ``json``
-    silently resolves, is found by counting: without a backslash in the text every ``"`` delimits
-    a string, so the text holds exactly as many strings as the parsed dicts account for, or a key
-    was given twice. Text with escapes is parsed with every object kept as its list of pairs.
+    silently resolves, is found by counting: every ``"`` not escaped (one after an odd run of
+    backslashes, counted once each ``\\\\`` pair is taken out) delimits a string, so the text
+    holds exactly as many strings as the parsed dicts account for, or a key was given twice.
     """
     try:
         text = raw.decode("utf-8")
         if not text.lstrip().startswith("{"):
             return None
-        escaped = "\\" in text
-        obj = json.loads(text, object_pairs_hook=_pairs_checked if escaped else None)
-    except (ValueError, RecursionError, DuplicateKey):
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
         return None
     if type(obj) is not dict:
         return None
@@ -197,7 +196,7 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
     if type(metadata) is not dict or "data_offsets" in metadata or set(map(type, metadata.values())) - {str}:
         return None
     # JSON text that is valid UTF-8 holds a lone surrogate only through a \u escape
-    if escaped and "\\u" in text and not all(map(is_unicode, (*obj, *metadata, *metadata.values()))):
+    if "\\u" in text and not all(map(is_unicode, (*obj, *metadata, *metadata.values()))):
         return None
     data_start = 8 + len(raw)
     if not obj:
@@ -220,7 +219,10 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
     begins, ends = zip(*offsets, strict=True)
     if set(map(type, begins)) | set(map(type, ends)) != {int} or min(begins) < 0:
         return None
-    if not escaped and text.count('"') != 2 * (5 * len(obj) + strings):
+    quotes = text.count('"')
+    if "\\" in text:  # less the escaped ones: a quote after an odd run of backslashes
+        quotes -= text.replace("\\\\", "").count('\\"')
+    if quotes != 2 * (5 * len(obj) + strings):
         return None  # a key given twice
     numels = list(map(math.prod, shapes))
     if max(numels) >= 1 << 63 or (0 in numels and not all(map(_shapes.fits_int64, shapes))):
@@ -244,14 +246,6 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
 
 
 _FIELDS = operator.itemgetter("dtype", "shape", "data_offsets")
-
-
-def _pairs_checked(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`no_duplicates` in C where it can: a dict shorter than its pairs had a key twice."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise DuplicateKey("")
-    return out
 
 
 def _parse_checked(path: Path, raw: bytes, size: int) -> Header:
