@@ -48,6 +48,12 @@ def _valid(n: int) -> tuple[dict[str, Any], int]:
     return header, pos
 
 
+def test_escaped_strings_take_the_fast_pass() -> None:
+    raw = b'{"__metadata__":{"k":"x\\"y\\\\"},"a\\"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    fast, checked = _both(raw, 8 + len(raw) + 4)
+    assert fast is not None and fast == checked and list(fast.entries) == ['a"'] and fast.metadata == {"k": 'x"y\\'}
+
+
 def test_real_files_take_the_fast_pass(tmp_path: Path) -> None:
     tensors = {f"w{i}": torch.ones(i, 3, dtype=torch.bfloat16 if i % 2 else torch.float32) for i in range(40)}
     tensors["empty"] = torch.ones(0, 5)
@@ -58,6 +64,9 @@ def test_real_files_take_the_fast_pass(tmp_path: Path) -> None:
 
 
 DUPLICATES = [  # json would resolve each silently (last wins), at every level
+    '{"a\\"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a\\"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"a\\\\":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a\\\\":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"__metadata__":{"k":"x\\"y"},"a":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"data_offsets":[0,4]}}',
@@ -67,6 +76,12 @@ DUPLICATES = [  # json would resolve each silently (last wins), at every level
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"\\u0064ata_offsets":[0,4]}}',
 ]
 OTHERS = [  # types, sizes and layout
+    '{"a":null}',
+    '{"a":5,"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":null,"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":[1],"data_offsets":7}}',
+    '{"a":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}',
+    '{"a":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":{},"data_offsets":[0,4]}}',
@@ -96,7 +111,7 @@ def test_hostile_headers_get_the_checked_verdict(text: str) -> None:
         _agree(raw, size)
 
 
-_leaf = s.one_of(s.integers(-2, 8), s.booleans(), s.none(), s.just(1.0), s.text("ab", max_size=2))
+_leaf = s.one_of(s.integers(-2, 8), s.booleans(), s.none(), s.just(1.0), s.text('ab"\\', max_size=3))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

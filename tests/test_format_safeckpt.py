@@ -135,8 +135,8 @@ def test_module_loads_read_straight_into_parameters(tmp_path: Path, monkeypatch:
     model = Net()
     path = safeckpt.save(tmp_path / "w.safetensors", model.state_dict())
     reads: list[str] = []
-    real = state.read_into
-    monkeypatch.setattr(state, "read_into", lambda ref, t: reads.append(ref.name) or real(ref, t))
+    real = state.read_all
+    monkeypatch.setattr(state, "read_all", lambda pairs: reads.extend(ref.name for ref, _ in pairs) or real(pairs))
     target = Net()
     safeckpt.load_raw(path, target)
     assert sorted(reads) == sorted(model.state_dict())

@@ -69,7 +69,9 @@ def test_open_describes_every_tensor_without_torch(fmt: str, sources: dict[str, 
     form, rows, nbytes, text = json.loads(p.stdout)
     ckpt = safeckpt.open(path)  # with torch: the same description, and torch's dtypes when asked
     assert form == fmt == ckpt.format and nbytes == ckpt.nbytes
-    expected = {n: [str(r.dtype).removeprefix("torch."), list(r.shape), r.nbytes, repr(r)] for n, r in ckpt.tensors().items()}
+    expected = {
+        n: [str(r.dtype).removeprefix("torch."), list(r.shape), r.nbytes, repr(r)] for n, r in ckpt.tensors().items()
+    }
     assert rows == expected and text == str(ckpt)
     assert {type(r.dtype) for r in ckpt.tensors().values()} == {torch.dtype}
     for name, ref in ckpt.tensors().items():
@@ -100,7 +102,9 @@ def test_convert_between_safetensors_formats_without_torch(
     code = "import sys\nfrom safeckpt.cli import main\ncode = main(sys.argv[1:])\nassert 'torch' not in sys.modules\nsys.exit(code)\n"
     _no_torch(code, "convert", str(src), str(dst))  # verified by reading it back, still without torch
     a, b = safeckpt.open(src), safeckpt.open(dst)
-    assert b.format == ("safetensors" if suffix == ".safetensors" and fmt in ("safetensors", "hf-sharded") else "safeckpt")
+    assert b.format == (
+        "safetensors" if suffix == ".safetensors" and fmt in ("safetensors", "hf-sharded") else "safeckpt"
+    )
     ta, tb = a.tensors(), b.tensors()
     if b.format == "safetensors":
         assert sorted(ta) == sorted(tb)
@@ -143,7 +147,25 @@ def test_header_checks_still_refuse_bad_files_without_torch(sources: dict[str, P
     """The fast header pass accepts only plainly valid headers: a duplicate key (here written by
     hand) still gets the precise message, in the torch-free process too."""
     bad = tmp_path / "dup.safetensors"
-    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    header = (
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    )
     bad.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
     p = run_without_torch("import sys, safeckpt\nsafeckpt.open(sys.argv[1])\n", str(bad))
     assert p.returncode != 0 and "duplicate key 'a'" in p.stderr and "torch is blocked" not in p.stderr
+
+
+def test_progress_counts_tensors_copied_file_to_file(sources: dict[str, Path], tmp_path: Path) -> None:
+    """A progress callback (the command's bars) no longer turns copies into reads through torch:
+    the copied tensors are counted when the write is done."""
+    p = _no_torch(
+        "import sys, safeckpt\n"
+        "seen = []\n"
+        "safeckpt.convert(sys.argv[1], sys.argv[2], progress=seen.append, verify=False)\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(sum(seen), safeckpt.open(sys.argv[1]).nbytes)\n",
+        str(sources["safeckpt"]),
+        str(tmp_path / "out.safeckpt"),
+    )
+    counted, total = p.stdout.split()
+    assert counted == total

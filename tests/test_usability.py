@@ -285,15 +285,21 @@ def test_version_help_and_argument_errors_never_import_torch(tmp_path: Path) -> 
         (["bogus"], 2, "invalid choice"),
         (["-q", "convert", "a", "b", "--json", "--max-shard-size"], 2, "expected one argument"),
     ]
+    # reading a safetensors header needs no torch either (issue 19)
+    cases.append((["inspect", str(FIXTURES / "hf" / "plain.safetensors")], 0, "float32 [0, 3]"))
     for args, code, text in cases:
         p = _command(tmp_path, _BLOCK_TORCH, *args)
         out, err = p.communicate(timeout=120)
         assert p.returncode == code, (args, err)
         assert text in out + err and "torch imported" not in err and "Traceback" not in err, (args, out, err)
-    # the blocker has teeth: a verb that reads a file does need torch
-    p = _command(tmp_path, _BLOCK_TORCH, "inspect", FIXTURES / "hf" / "plain.safetensors")
+    # the blocker has teeth: a file holding a torch value (here a dtype) does need torch
+    p = _command(tmp_path, _BLOCK_TORCH, "inspect", _holding_a_torch_value(tmp_path))
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2 and "torch imported by a command that must not need it" in err
+
+
+def _holding_a_torch_value(tmp_path: Path) -> Path:
+    return safeckpt.save(tmp_path / "typed.safeckpt", {"w": torch.ones(2), "dtype": torch.float16})
 
 
 def test_ctrl_c_during_the_torch_import_is_one_line_and_130(tmp_path: Path) -> None:
@@ -302,7 +308,7 @@ def test_ctrl_c_during_the_torch_import_is_one_line_and_130(tmp_path: Path) -> N
 
     mark = tmp_path / "importing-torch"
     p = _command(
-        tmp_path, _SLOW_TORCH, "inspect", FIXTURES / "hf" / "plain.safetensors", env={"TORCH_IMPORT_MARK": str(mark)}
+        tmp_path, _SLOW_TORCH, "inspect", _holding_a_torch_value(tmp_path), env={"TORCH_IMPORT_MARK": str(mark)}
     )
     deadline = time.monotonic() + 60
     while not mark.exists() and p.poll() is None and time.monotonic() < deadline:
@@ -333,16 +339,15 @@ def test_convert_defaults_are_the_commands(
     assert dst.read_bytes() == before  # neither touched it
     assert safeckpt.convert(src, dst, overwrite=True) == dst and sorted(safeckpt.load(dst)) == ["step", "w"]
     # the read-back check is on by default: a writer that damages a tensor is caught
-    original = st.tensor_bytes
+    original, original_span = st.tensor_bytes, st.span_bytes
 
-    def flipped(t: Any) -> memoryview:
-        data = bytearray(original(t))
-        if data:
-            data[0] ^= 0xFF
-        return memoryview(bytes(data))
+    def flip(data: Any) -> memoryview:  # every byte: the bytes of several tensors may be written at once
+        return memoryview(bytes(b ^ 0xFF for b in bytes(data)))
 
-    monkeypatch.setattr(st, "tensor_bytes", flipped)
-    count = {"progress": lambda n: None}  # tensors read and written, not copied byte for byte (which this fault misses)
+    monkeypatch.setattr(st, "tensor_bytes", lambda t: flip(original(t)))
+    monkeypatch.setattr(st, "span_bytes", lambda span, n: flip(original_span(span, n)))
+    monkeypatch.setattr(st, "copy_span", lambda *args: False)  # the kernel's file-to-file copy would bypass the fault
+    count = {"progress": lambda n: None}  # as the command calls it
     with pytest.raises(CorruptCheckpointError, match="does not match"):
         safeckpt.convert(src, tmp_path / "checked.safeckpt", **count)
     safeckpt.convert(src, tmp_path / "unchecked.safeckpt", verify=False, **count)  # asked not to: written as is

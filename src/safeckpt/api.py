@@ -545,7 +545,10 @@ def convert(
     out = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata)
     _replaceable(Path(os.fspath(dst)), format or ("safeckpt-sharded" if max_shard_size is not None else None))
     write, opts = _writer(Path(os.fspath(dst)), format, max_shard_size, tree)
-    written = write(_counting(out, progress) if progress else out, Path(os.fspath(dst)), **opts)
+    counted, copied = _counting(out, progress) if progress else (out, 0)
+    written = write(counted, Path(os.fspath(dst)), **opts)
+    if progress and copied:
+        progress(copied)  # the tensors copied file to file, counted once the write is done
     if verify:
         from .compare import compare
         from .errors import CorruptCheckpointError
@@ -598,12 +601,18 @@ def _replaceable(dst: Path, fmt_name: str | None) -> None:
         )
 
 
-def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:
-    """``ckpt`` with every tensor reporting its byte count to ``progress`` when the writer reads it."""
+def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> tuple[Checkpoint, int]:
+    """``ckpt`` with every tensor the writer reads reporting its byte count to ``progress`` when
+    it is read, and the bytes of those it copies file to file (its ``span``: no read to count,
+    no torch), which the caller reports when the write is done."""
     wrapped: dict[int, TensorRef] = {}
+    copied: dict[Any, int] = {}
 
     def wrap(_: tuple[Any, ...], x: Any) -> Any:
         if not isinstance(x, TensorRef):
+            return x
+        if x.span is not None:
+            copied[x.alias_key] = x.nbytes
             return x
         if id(x) not in wrapped:  # one wrapper per reference keeps tied tensors tied
 
@@ -612,12 +621,12 @@ def _counting(ckpt: Checkpoint, progress: Callable[[int], None]) -> Checkpoint:
                 progress(ref.nbytes)
                 return t
 
-            wrapped[id(x)] = dataclasses.replace(x, loader=load, span=None)  # counted: read, not copied
+            wrapped[id(x)] = dataclasses.replace(x, loader=load)
         return wrapped[id(x)]
 
-    return Checkpoint(
-        map_leaves(ckpt.tree, wrap), format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata, info=ckpt.info
-    )
+    tree = map_leaves(ckpt.tree, wrap)
+    counted = Checkpoint(tree, format=ckpt.format, path=ckpt.path, metadata=ckpt.metadata, info=ckpt.info)
+    return counted, sum(copied.values())
 
 
 def _filter_tensors(tree: Any, keep: TensorFilter) -> Any:

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 
 def _import_torch_side() -> None:
-    """Bind the names the verbs use from the modules that import torch (about 2 s), once, when a
-    verb runs: ``--help``, ``--version`` and argument errors never import torch."""
+    """Bind the names the verbs use from the reading modules, once, when a verb runs: ``--help``,
+    ``--version`` and argument errors never import them. (They no longer import torch: that comes
+    only when a verb materializes a tensor, e.g. ``diff`` of differing tensors or a ``.pt`` read.)"""
     if "TensorRef" in globals():
         return
     from . import codec as codec_module
@@ -565,8 +566,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         try:
             written = safeckpt.convert(
                 args.src, dst, format=args.format, filter=tensor_filter, max_shard_size=max_shard, key=key,
-                allow=args.allow, verify=not args.no_verify, overwrite=args.force,
-                progress=bar if _draws_bars(args) else None,  # counting reads each tensor: no file-to-file copy
+                allow=args.allow, verify=not args.no_verify, overwrite=args.force, progress=bar,
                 storage_options=_storage_options(args),
             )  # fmt: skip
         except CheckpointError as e:  # the source opened fine: damaged tensor data, or a mismatch on verify

@@ -280,7 +280,12 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
     loaded: dict[int, Any] = {}
     ext_depth = [0]
 
+    def refuse_ext(code: int, payload: bytes) -> Any:
+        raise CorruptCheckpointError(f"{source}: a tensor reference in the skeleton holds an ext value")
+
     def hook(code: int, payload: bytes) -> Any:
+        if code == Ext.TENSOR:  # one per tensor: [name, flags], which holds no ext value (no depth to count)
+            return _tensor(msgpack.unpackb(payload, ext_hook=refuse_ext, raw=False, strict_map_key=False))
         before = len(pending)
         ext_depth[0] += 1
         if ext_depth[0] > MAX_EXT_DEPTH:
@@ -291,8 +296,6 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
             value = _unpack(payload)
         finally:
             ext_depth[0] -= 1
-        if code == Ext.TENSOR:
-            return _tensor(value)
         if code == Ext.USER:
             return _user(value, inner_pending=len(pending) > before)
         if code not in _BUILD:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -292,6 +294,7 @@ def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], 
     values: dict[str, Any] = OrderedDict()
     done: dict[int, Any] = {}  # target -> the tensor read into it (tied keys: one read)
     staged: list[tuple[TensorRef, torch.Tensor]] = []
+    reads: list[tuple[TensorRef, torch.Tensor]] = []
     for k, v in sd.items():
         if k not in own and not strict:
             continue
@@ -303,12 +306,14 @@ def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], 
                 staged.append((v, target))
                 done[id(target)] = v.alias_key
                 v = target
-            elif direct and target is not None and read_into(v, target):
+            elif direct and isinstance(target, torch.Tensor) and fits(v, target):
+                reads.append((v, target))  # read below, all at once
                 done[id(target)] = v.alias_key
                 v = target  # the parameter itself as the value: torch's copy_ of a tensor onto itself is a no-op
             else:
                 v = v.load(target.device if isinstance(target, torch.Tensor) else None)
         values[k] = v
+    read_all(reads)
     # the CUDA targets that cannot take the bytes as they are get them copied by load_state_dict
     for ref, target in _device.read_into(staged):
         for k, v in values.items():
@@ -389,27 +394,64 @@ _PLAIN_LOADERS = {nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBas
 def read_into(ref: TensorRef, target: torch.Tensor) -> bool:
     """Read ``ref``'s bytes from its file into ``target``'s memory (one ``preadv`` per GiB, no
     page faults on a map); False if they cannot go there as they are."""
-    span = ref.span
-    if (
-        span is None
-        or not span.file.local  # remote bytes: the tensor is fetched and copied like any other
+    if not fits(ref, target):
+        return False
+    read_all([(ref, target)])
+    return True
+
+
+def fits(ref: TensorRef, target: torch.Tensor) -> bool:
+    """Whether ``ref``'s bytes, as its file holds them, can be read straight into ``target``."""
+    return not (
+        ref.span is None
+        or not ref.span.file.local  # remote bytes: the tensor is fetched and copied like any other
         or target.device.type != "cpu"
         or not target.is_contiguous()
         or target.dtype != ref.dtype
         or tuple(target.shape) != ref.shape
         or ref.nbytes == 0
         or ref.dtype in (torch.complex32, torch.complex128)
-    ):
-        return False
-    view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-    with torch.no_grad(), span.file.open() as f:
-        done = 0
-        while done < len(view):
-            n = os.preadv(f.fileno(), [view[done : done + (1 << 30)]], span.offset + done)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{ref.source}: ends inside tensor {ref.name!r}")
-            done += n
-    return True
+    )
+
+
+# below this many bytes in all, one thread reads: starting more costs more than it saves
+PARALLEL_READS = 64 << 20
+
+
+def read_all(pairs: list[tuple[TensorRef, torch.Tensor]]) -> None:
+    """`read_into` for every ``(ref, target)`` that `fits`: each file opened once, and the reads
+    spread over up to 4 threads (half the cores) when there are enough bytes (``preadv`` copies
+    page-cache pages without the GIL, so each thread's copy runs on a core of its own)."""
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        files: dict[int, int] = {}
+        jobs = []
+        for ref, target in pairs:
+            span = ref.span
+            assert span is not None
+            if id(span.file) not in files:
+                files[id(span.file)] = stack.enter_context(span.file.open()).fileno()
+            view = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            jobs.append((files[id(span.file)], view, span.offset, ref))
+        total = sum(len(view) for _, view, _, _ in jobs)
+        # measured on a 2-core VM: a second thread made the copy slower (0.95x load_model's time
+        # against 0.87x), so parallel reads take at most half the cores
+        workers = min(4, (os.cpu_count() or 1) // 2, len(jobs)) if total >= PARALLEL_READS else 1
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(_pread_all, sorted(jobs, key=lambda j: -len(j[1]))))
+        else:
+            for job in jobs:
+                _pread_all(job)
+
+
+def _pread_all(job: tuple[int, memoryview, int, TensorRef]) -> None:
+    fd, view, offset, ref = job
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            raise CorruptCheckpointError(f"{ref.source}: ends inside tensor {ref.name!r}")
+        done += n
 
 
 def apply(obj: Any, sd: Any, strict: bool) -> None:

@@ -71,9 +71,10 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
             raise CorruptCheckpointError(
                 f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold"
             )
-        return _ref(path, mapped, entry, flags, real_of, crcs.get(name))
+        return _ref(source, mapped, entry, flags, real_of, crcs.get(name))
 
-    tensor, refs = tensor_leaf_decoder(str(path), bind, complex_dtype=True)
+    source = str(path)
+    tensor, refs = tensor_leaf_decoder(source, bind, complex_dtype=True)
     tree = codec.decode(skeleton, tensor, source=str(path))
     stray = set(header.entries) - set(refs)
     if stray:
@@ -82,18 +83,19 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     return Checkpoint(tree, format=NAME, path=path, metadata=plain, info={"format_version": version})
 
 
-def _ref(path: Path, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any, crc: int | None) -> TensorRef:
+def _ref(source: str, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any, crc: int | None) -> TensorRef:
     if entry.code not in st.ROWS:
-        raise CorruptCheckpointError(f"{path}: tensor {entry.name!r} has dtype {entry.code}, which torch cannot represent")
+        raise CorruptCheckpointError(
+            f"{source}: tensor {entry.name!r} has dtype {entry.code}, which torch cannot represent"
+        )
     dtype, shape = st.ROWS[entry.code], entry.torch_shape
     loader = partial(st.entry_tensor, mapped, entry)
     if real_of is not None:
         complex_dtype = _dtypes.BY_NAME[real_of] if real_of in st.REAL_OF else None
         if complex_dtype is None or st.REAL_OF[real_of] != dtype.name or not shape or shape[-1] != 2:
-            raise CorruptCheckpointError(f"{path}: tensor {entry.name!r} cannot be read as {real_of!r}")
+            raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} cannot be read as {real_of!r}")
         dtype, shape = complex_dtype, shape[:-1]
         loader = partial(st.entry_complex, mapped, entry)
-    source = str(path)
     return TensorRef(
         entry.name,
         dtype,

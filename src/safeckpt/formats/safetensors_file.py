@@ -74,14 +74,13 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
 def tensor_ref(path: Path | str, mapped: MappedFile, e: st.Entry, crc: int | None = None) -> TensorRef:
     """The lazy reference to one header entry (F6 tensors, which torch lacks, as raw ``uint8`` bytes);
     ``crc``: its CRC-32 if the file records it. Its dtype is a torch-free `_dtypes.DType`."""
-    source = str(path)
-    span = Span(mapped, e.begin, crc)
-    if e.code not in st.ROWS:
+    source, span, row = str(path), Span(mapped, e.begin, crc), st.ROWS.get(e.code)
+    if row is None:
         n = e.end - e.begin
         return TensorRef(e.name, _UINT8, (n,), source, partial(st.entry_bytes, mapped, e), source, e.name, span=span)
-    return TensorRef(
-        e.name, st.ROWS[e.code], e.torch_shape, source, partial(st.entry_tensor, mapped, e), source, e.name, span=span
-    )
+    shape = e.shape if e.code != "F4" else e.torch_shape
+    load = partial(st.entry_tensor, mapped, e)
+    return TensorRef(e.name, row, shape, source, load, source, e.name, False, False, span)
 
 
 _UINT8 = _dtypes.BY_NAME["uint8"]
