@@ -169,3 +169,26 @@ def test_progress_counts_tensors_copied_file_to_file(sources: dict[str, Path], t
     )
     counted, total = p.stdout.split()
     assert counted == total
+
+
+@pytest.mark.parametrize("name", ["friend.pt", "friend_legacy.pt", "optimizer.pt"])
+def test_a_pt_is_inspected_verified_and_converted_without_torch(name: str, tmp_path: Path) -> None:
+    """A ``.pt`` from torch.save (zip and legacy): listed, verified (its storages' bytes in place,
+    the zip's CRCs) and converted to safetensors by a process that cannot import torch; the copy
+    is then compared, with torch, bit for bit against what torch.load gives."""
+    src = Path(__file__).parent.parent / "fixtures" / "torch" / name
+    cli = "import sys\nfrom safeckpt.cli import main\ncode = main(sys.argv[1:])\nassert 'torch' not in sys.modules\nsys.exit(code)\n"
+    assert json.loads(_no_torch(cli, "inspect", str(src), "--json").stdout)["format"] == "torch"
+    verified = run_without_torch(cli, "verify", str(src))
+    # a zip has CRCs to check (ok: 0); a legacy file has none (not verified: 3); never a crash
+    assert verified.returncode == (3 if "legacy" in name else 0), verified.stdout + verified.stderr[-3000:]
+    dst = tmp_path / "out.safetensors"
+    _no_torch(cli, "convert", str(src), str(dst))
+    expected = dict(safeckpt.tree.iter_leaves(torch.load(src, weights_only=True)))  # our fixture, made by torch.save
+    expected = {safeckpt.tree.path_name(p): t for p, t in expected.items() if isinstance(t, torch.Tensor)}
+    out = safetensors.torch.load_file(dst)
+    assert sorted(out) == sorted(expected) and out
+    for key, t in out.items():
+        ref = expected[key].contiguous()
+        assert t.dtype == ref.dtype and t.shape == ref.shape, key
+        assert torch.equal(t.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), key

@@ -606,6 +606,25 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     _add_storage(p)
 
 
+def _span_readable(ref: TensorRef) -> bool:
+    """For a reference whose exact bytes lie in a local file (a ``.pt``'s storage): check they are
+    all there, without reading them or importing torch, and return True; False for any other
+    (the caller loads it). Their integrity is the format's checksums' to judge."""
+    span = ref.span
+    if span is None or not span.file.local:
+        return False
+    size = len(span.file.map) if ref.nbytes else 0
+    if span.offset + ref.nbytes > size:
+        raise CorruptCheckpointError(
+            f"{span.file.path}: tensor {ref.name!r} bytes [{span.offset}, {span.offset + ref.nbytes}) lie past "
+            f"the end of the file ({size} bytes)",
+            path=span.file.path,
+            key=ref.name,
+            hint="the file is damaged",
+        )
+    return True
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     from . import _runtime
     from .formats import _safetensors as st
@@ -640,7 +659,7 @@ def _run_verify(args: argparse.Namespace) -> int:
                 try:
                     if isinstance(ref, ShardedRef):  # each chunk against its shard, without torch
                         ref.check_readable()
-                    elif not st.check_readable(ref):  # safetensors bytes are checked in place, without torch
+                    elif not st.check_readable(ref) and not _span_readable(ref):  # in place, without torch
                         ref.load()
                 except CheckpointError as e:
                     failed += 1
