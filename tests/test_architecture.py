@@ -151,11 +151,7 @@ _SHUTIL_MOVES = {"rmtree", "move", "copy", "copy2", "copyfile", "copytree"}
 _PATH_MOVES = {"unlink", "rename", "rmdir", "symlink_to", "hardlink_to", "touch", "write_text", "write_bytes"}
 _STORAGE = "safeckpt/_storage.py"
 # (file, function) -> why it may write a file that is not a checkpoint file, outside `_storage`
-ALLOWED_WRITERS = {
-    ("safeckpt/hub.py", "_commit"): "the Hub cache's refs/<revision> file, laid out as huggingface_hub's own cache",
-    ("safeckpt/hub.py", "_build"): "the manifest of a Hub view, inside the temporary directory "
-    "`_storage.new_directory` renames into place whole",
-}
+ALLOWED_WRITERS: dict[tuple[str, str], str] = {}
 
 
 def _is_write_mode(node: ast.expr | None) -> bool:
@@ -196,7 +192,7 @@ def file_moves(tree: ast.AST) -> Iterator[tuple[int, str, str]]:
                 what = "os.open(O_CREAT)"
             elif owner == "shutil" and f.attr in _SHUTIL_MOVES:
                 what = f"shutil.{f.attr}"
-            elif owner not in ("os", "shutil") and f.attr in _PATH_MOVES:
+            elif owner not in ("os", "shutil", "_storage") and f.attr in _PATH_MOVES:
                 what = f".{f.attr}()"
             elif (
                 f.attr == "replace" and len(node.args) == 1 and not node.keywords

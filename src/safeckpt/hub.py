@@ -220,9 +220,8 @@ def _commit(loc: HubPath, hub: _Hub) -> str:
     if not isinstance(sha, str) or not HEX40.fullmatch(sha):  # the server's answer becomes a cache path too
         raise HubNotFoundError(f"{loc}: the Hub answered {sha!r:.60} for revision {rev!r}, not a commit hash")
     # record the ref as hf_hub_download does, so the same revision resolves offline later
-    ref.parent.mkdir(parents=True, exist_ok=True)
     if not ref.is_file() or ref.read_text() != sha:
-        ref.write_text(sha)
+        _storage.write_bytes(ref, sha.encode())  # a reader never sees half a hash
     return sha
 
 
@@ -286,7 +285,7 @@ def _build(tmp: Path, name: str, loc: HubPath, commit: str, hub: _Hub) -> None:
             continue
         _storage.placeholder(local, header, size)
         lazy.append(rel)
-    (tmp / MANIFEST).write_text(json.dumps({"uri": str(loc), "commit": commit, "name": name, "lazy": lazy}))
+    _storage.write_bytes(tmp / MANIFEST, json.dumps({"uri": str(loc), "commit": commit, "name": name, "lazy": lazy}).encode())
 
 
 def _other_weights(path: str, size: int) -> bool:
