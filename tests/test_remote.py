@@ -476,3 +476,23 @@ def test_a_whole_load_into_a_module_streams_with_bounded_memory(s3: S3, tmp_path
     print(f"peak memory grew by {got['grew']} bytes loading {size}; {s3.proxy.down} bytes transferred")
     assert s3.proxy.down < 1.1 * size + HTTP_SLACK + (64 << 10)  # once, plus the view's header probe
     assert got["grew"] < size / 3, f"peak memory grew by {got['grew']} bytes loading a {size}-byte file"
+
+
+def test_a_whole_load_transfers_each_byte_once_in_any_order(s3: S3) -> None:
+    """Module parameters streamed into place and the optimizer's state read whole share the
+    transfer, whichever the state dict names first."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    url = s3.url("order.safeckpt")
+    safeckpt.save(url, {"model": model, "optimizer": opt}, storage_options=s3.options())
+    size = s3.fs().size(f"{s3.bucket}/order.safeckpt")
+    for names in (("model", "optimizer"), ("optimizer", "model")):
+        m2 = _model(7)
+        objs = {"model": m2, "optimizer": torch.optim.Adam(m2.parameters())}
+        s3.proxy.reset()
+        safeckpt.load(url, {k: objs[k] for k in names}, storage_options=s3.options(counted=True))
+        assert s3.proxy.down < 1.1 * size + HTTP_SLACK, (names, s3.proxy.down, size)
+        assert_bits_equal(dict(m2.state_dict()), dict(model.state_dict()))
+        assert_bits_equal(objs["optimizer"].state_dict()["state"], opt.state_dict()["state"])

@@ -256,6 +256,11 @@ class UrlFile(MappedFile):
                 raise CorruptCheckpointError(
                     f"{self.url}: tensor bytes [{offset}, {offset + len(view)}) lie past the end of the file"
                 )
+        buf = self._fetched()
+        if buf is not None and not any(a < o + len(v) and o < b for o, v in jobs for a, b in self._filled):
+            for offset, view in jobs:  # already here (an optimizer's state was read first): no second transfer
+                view[:] = memoryview(buf)[offset : offset + len(view)]
+            return
         spans: list[tuple[int, int]] = []
         for offset, view in jobs:  # neighbouring targets (a file's tensors, in order) merge into one range
             end = offset + len(view)
@@ -265,6 +270,14 @@ class UrlFile(MappedFile):
                 spans.append((offset, end))
         parts = [(a, min(a + STREAM_PART, b)) for a, b in spans for a in range(a, b, STREAM_PART)]
         starts = [o for o, _ in jobs]
+        with self._fetching:
+            self._filled += spans  # the spans, not only the targets: the rest is then a few large ranges
+            # a file read whole (an optimizer's state follows): its rest is fetched alongside, not after
+            whole = self.whole() if self.whole is not None else None
+            rest: tuple[_Buffer, list[tuple[int, int]]] | None = None
+            if whole is not None and id(self) not in whole.buffers:
+                rest = self._whole_ranges(self._filled)
+                whole.buffers[id(self)] = rest[0]
 
         def fetch(part: tuple[int, int]) -> None:
             lo, hi = part
@@ -278,9 +291,14 @@ class UrlFile(MappedFile):
                     view[a - offset : b - offset] = data[a - lo : b - lo]
                 i += 1
 
-        run(fetch, parts)
-        with self._fetching:
-            self._filled += [(o, o + len(v)) for o, v in jobs]
+        def fetch_rest(span: tuple[int, int]) -> None:
+            assert rest is not None
+            rest[0][span[0] : span[1]] = self._range(*span)
+
+        run(
+            lambda job: job[0](job[1]),
+            [(fetch, p) for p in parts] + [(fetch_rest, r) for r in (rest[1] if rest else [])],
+        )
 
     def _range(self, start: int, end: int) -> bytes:
         data = self.get(start, end)
@@ -300,6 +318,12 @@ class UrlFile(MappedFile):
                 self._weak = weakref.ref(buf)
             return buf
 
+    def _fetched(self) -> mmap.mmap | None:
+        """The file's bytes if already fetched (whole, or all but the ranges `fill` streamed)."""
+        buf: mmap.mmap | None = self._weak() if self._weak else None
+        whole = self.whole() if self.whole is not None else None
+        return buf if buf is not None or whole is None else whole.buffers.get(id(self))
+
     def _unfilled(self, whole: Whole) -> mmap.mmap:
         """The file's bytes but the ranges `fill` streamed into targets (zeros there), fetched once
         and kept by ``whole``."""
@@ -310,18 +334,22 @@ class UrlFile(MappedFile):
             return buf
 
     def _fetch_all(self, skip: list[tuple[int, int]]) -> _Buffer:
-        size = self._stamp[0]
-        buf = _Buffer(-1, max(size, 1))  # anonymous memory: pages of ranges never fetched cost nothing
-        # a few large ranges at once: each request costs little beside its bytes, and several in
-        # flight fill a link that one connection does not (a store's per-connection limit)
-        part = max(FETCH_PART, -(-size // WORKERS))
-        spans = [(a, min(a + part, b)) for a0, b in _complement(skip, size) for a in range(a0, b, part)]
+        buf, spans = self._whole_ranges(skip)
 
         def get(span: tuple[int, int]) -> None:
             buf[span[0] : span[1]] = self._range(*span)
 
         run(get, spans)
         return buf
+
+    def _whole_ranges(self, skip: list[tuple[int, int]]) -> tuple[_Buffer, list[tuple[int, int]]]:
+        """A buffer for the whole file, and the ranges to fetch into it (all but ``skip``)."""
+        size = self._stamp[0]
+        buf = _Buffer(-1, max(size, 1))  # anonymous memory: pages of ranges never fetched cost nothing
+        # a few large ranges at once: each request costs little beside its bytes, and several in
+        # flight fill a link that one connection does not (a store's per-connection limit)
+        part = max(FETCH_PART, -(-size // WORKERS))
+        return buf, [(a, min(a + part, b)) for a0, b in _complement(skip, size) for a in range(a0, b, part)]
 
     def open(self) -> BinaryIO:
         return io.BytesIO(self.map[:])
