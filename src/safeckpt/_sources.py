@@ -231,11 +231,12 @@ class _Buffer(mmap.mmap):
 
 
 class UrlFile(MappedFile):
-    """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole.
+    """A file at an fsspec URL: a tensor is one ranged read of its bytes; ``map`` fetches it whole;
+    `fill` streams byte ranges into targets.
 
     ``path`` is the view's placeholder (what readers see); ``get(start, end)`` reads a byte range
-    of the object at ``url``. A whole fetch is kept while a tensor cut from it lives (or the list `prefetch`
-    returned), so reads after it cost no request.
+    of the object at ``url``. A whole fetch is kept while a tensor cut from it lives (or the `Whole`
+    `prefetch` returned), so reads after it cost no request.
     """
 
     local = False
@@ -261,35 +262,43 @@ class UrlFile(MappedFile):
             for offset, view in jobs:  # already here (an optimizer's state was read first): no second transfer
                 view[:] = memoryview(buf)[offset : offset + len(view)]
             return
-        spans: list[tuple[int, int]] = []
+        whole = self.whole() if self.whole is not None else None
+        # read whole, the bytes between targets are wanted too (they go to the whole read's buffer)
+        gap = self._stamp[0] if whole is not None and id(self) not in whole.buffers else GAP
+        spans: list[tuple[int, int]] = [(0, 0)] if gap > GAP else []
         for offset, view in jobs:  # neighbouring targets (a file's tensors, in order) merge into one range
             end = offset + len(view)
-            if spans and offset <= spans[-1][1] + GAP:
+            if spans and offset <= spans[-1][1] + gap:
                 spans[-1] = (spans[-1][0], max(spans[-1][1], end))
             else:
                 spans.append((offset, end))
         parts = [(a, min(a + STREAM_PART, b)) for a, b in spans for a in range(a, b, STREAM_PART)]
         starts = [o for o, _ in jobs]
         with self._fetching:
-            self._filled += spans  # the spans, not only the targets: the rest is then a few large ranges
-            # a file read whole (an optimizer's state follows): its rest is fetched alongside, not after
-            whole = self.whole() if self.whole is not None else None
+            # a file read whole (an optimizer's state follows): its rest is fetched alongside, not
+            # after, in a few large ranges (what lies between targets comes with their parts)
             rest: tuple[_Buffer, list[tuple[int, int]]] | None = None
             if whole is not None and id(self) not in whole.buffers:
-                rest = self._whole_ranges(self._filled)
+                rest = self._whole_ranges(self._filled + spans)
                 whole.buffers[id(self)] = rest[0]
+            self._filled += [(o, o + len(v)) for o, v in jobs]
 
         def fetch(part: tuple[int, int]) -> None:
             lo, hi = part
             data = memoryview(self._range(lo, hi))
             # the targets overlapping [lo, hi): those starting before hi, from the last starting at or before lo
-            i = max(bisect.bisect_right(starts, lo) - 1, 0)
+            i, at = max(bisect.bisect_right(starts, lo) - 1, 0), lo
             while i < len(jobs) and jobs[i][0] < hi:
                 offset, view = jobs[i]
                 a, b = max(lo, offset), min(hi, offset + len(view))
                 if a < b:
                     view[a - offset : b - offset] = data[a - lo : b - lo]
+                    if rest is not None and a > at:  # bytes between targets: for the file's whole read
+                        rest[0][at:a] = data[at - lo : a - lo]
+                    at = max(at, b)
                 i += 1
+            if rest is not None and at < hi:
+                rest[0][at:hi] = data[at - lo :]
 
         def fetch_rest(span: tuple[int, int]) -> None:
             assert rest is not None
