@@ -50,7 +50,7 @@ __all__ = ["HubFile", "Opener", "UrlFile", "file", "fill", "opener_of", "prefetc
 # at least FETCH_PART bytes, up to WORKERS at once.
 PART = 16 << 20
 FETCH_PART = 64 << 20  # the smallest range of a whole-file fetch
-STREAM_PART = 16 << 20  # a streamed fill's ranged reads: memory is WORKERS of these at most
+STREAM_PART = 64 << 20  # a streamed fill's ranged reads: memory is WORKERS of these at most
 GAP = 64 << 10  # targets this close share a ranged read (the bytes between are read and dropped)
 WORKERS = 8
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
