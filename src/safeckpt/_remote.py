@@ -38,7 +38,7 @@ from typing import Any
 from . import _sources, _storage
 from .errors import CheckpointError
 
-__all__ = ["commit", "filesystem", "is_url", "named", "refuse_url", "staged", "view"]
+__all__ = ["DirectoryCommit", "RankUpload", "commit", "filesystem", "is_url", "named", "staged", "view"]
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # handled elsewhere: hf:// by hub.py, file:// is a local path
@@ -65,21 +65,6 @@ def is_url(path: object) -> bool:
         return False
     m = _URL.match(os.fspath(path))
     return bool(m) and m.group(1).lower() not in _NOT_FSSPEC  # type: ignore[union-attr]
-
-
-def refuse_url(path: object, what: str) -> None:
-    """Raise `NotImplementedError` naming ``path`` if it is a URL: ``what`` works on local paths only.
-
-    Example:
-        >>> refuse_url("s3://bucket/run", "a save across ranks")
-        Traceback (most recent call last):
-        NotImplementedError: s3://bucket/run: a save across ranks cannot use a URL yet; ...
-    """
-    if is_url(path):
-        raise NotImplementedError(
-            f"{path}: {what} cannot use a URL yet; use a shared filesystem path (and upload the "
-            "directory), or gather the state to rank 0 and save that"
-        )
 
 
 def local_path(path: str | os.PathLike[str]) -> str:
@@ -341,23 +326,133 @@ def put_file(fs: Any, local: Path, rpath: str) -> None:
 def _commit_dir(fs: Any, local: Path, rpath: str, url: str) -> None:
     names = sorted(os.listdir(local))
     index = [n for n in names if _INDEXES.fullmatch(n)]
-    before = _listing(fs, rpath)
-    etag = _etag(fs, f"{rpath}/{index[0]}") if index else None
+    commit = DirectoryCommit(fs, rpath, url, index[0] if index else None)
+    commit.start()
     written = [n for n in names if n not in index]
+    commit.upload(local, written)
     try:
-        _sources.run(lambda n: put_file(fs, local / n, f"{rpath}/{n}"), written)
         for n in index:  # the commit point
-            _put_index(fs, local / n, f"{rpath}/{n}", etag, url)
+            commit.commit_index((local / n).read_bytes(), written)
     except BaseException:
-        ours = [f"{rpath}/{n}" for n in written if n not in before]
-        with contextlib.suppress(Exception):  # never committed, so nobody reads them: free their space
-            if ours:
-                fs.rm(ours)
+        commit.abandon()
         raise
-    stale = [f"{rpath}/{n}" for n in before if n not in names and (_SHARDS.fullmatch(n) or _TEMP.fullmatch(n))]
-    with contextlib.suppress(OSError):  # a leftover old shard is garbage, never a broken checkpoint
-        if stale:
-            fs.rm(stale)
+    if not index:
+        commit.remove_stale(written)
+
+
+class DirectoryCommit:
+    """The remote half of a directory save (formats/safeckpt-sharded.md §5.1), split so several
+    processes can share it: the committing one reads the store's state first (`__init__`: the
+    listing, the index's ETag), every process `upload`s its own files, the committing one
+    `commit_index`es last and removes older generations; a failed save's processes `abandon`
+    (remove what they uploaded: never committed, nobody reads it).
+
+    Example:
+        >>> c = DirectoryCommit(fs, "bucket/run/step-7", "s3://bucket/run/step-7", "safeckpt-index.msgpack")
+        >>> c.start()
+        >>> c.upload(Path("/tmp/stage"), ["shard-1a2b3c4d5e6f-00000-00000.safetensors"])
+        >>> c.commit_index(index_bytes, all_shard_names)
+    """
+
+    def __init__(self, fs: Any, rpath: str, url: str, index: str | None) -> None:
+        self.fs, self.rpath, self.url, self.index = fs, rpath, url, index
+        self.before: list[str] = []
+        self.etag: str | None = None
+        self.uploaded: list[str] = []
+
+    def start(self) -> None:
+        """Read what the save replaces (the committing process, before any upload): the listing,
+        and the index's ETag, the condition of `commit_index`."""
+        with named(self.url):
+            self.before = _listing(self.fs, self.rpath)
+            if self.index is not None:
+                self.etag = _etag(self.fs, f"{self.rpath}/{self.index}")
+
+    def upload(self, local: Path, names: list[str]) -> None:
+        """Upload the files ``names`` of the directory ``local`` (several at once), each all or
+        nothing; on an error, those already uploaded are removed."""
+        done: list[str] = []
+
+        def put(n: str) -> None:
+            put_file(self.fs, local / n, f"{self.rpath}/{n}")
+            done.append(n)
+
+        try:
+            with named(self.url):
+                _sources.run(put, names)
+        except BaseException:
+            self._remove(done)
+            raise
+        finally:
+            self.uploaded += done
+
+    def commit_index(self, data: bytes, files: list[str]) -> None:
+        """Write the index ``data`` (the commit point; conditional on S3), then remove the files of
+        other generations listed before the save (``files`` are this save's, every process's).
+        Where the index is refused, ``files`` are removed: this save never happened."""
+        assert self.index is not None
+        try:
+            with named(self.url):
+                _put_index(self.fs, data, f"{self.rpath}/{self.index}", self.etag, self.url)
+        except BaseException:
+            self._remove(files)
+            raise
+        self.remove_stale(files)
+
+    def remove_stale(self, files: list[str]) -> None:
+        """Remove the shards and temporaries listed before the save that are not ``files`` (this
+        save's): a leftover old shard is garbage, never a broken checkpoint."""
+        keep = {*files, self.index}
+        self._remove([n for n in self.before if n not in keep and (_SHARDS.fullmatch(n) or _TEMP.fullmatch(n))], True)
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.rpath)
+
+    def abandon(self) -> None:
+        """After a failed save: remove what this process uploaded."""
+        self._remove(self.uploaded)
+        self.uploaded = []
+
+    def _remove(self, names: list[str], old: bool = False) -> None:
+        ours = [f"{self.rpath}/{n}" for n in names if old or n not in self.before]
+        with contextlib.suppress(Exception):  # never committed: only space is at stake
+            if ours:
+                self.fs.rm(ours)
+
+
+class RankUpload:
+    """One process's part of a sharded save to ``url`` from several processes (a save across
+    ranks): it writes its files to ``local`` (a fresh temporary directory), `upload`s them; the
+    ``committer`` (rank 0) read the store's state when this was made and `commit_index`es once
+    every process's files are up. `abandon` after a failure anywhere; `close` at the end.
+
+    Example:
+        >>> up = RankUpload("s3://bucket/run/step-7", None, rank == 0, "safeckpt-index.msgpack")
+        >>> up.upload(["shard-1a2b3c4d5e6f-00001-00000.safetensors"])   # written under up.local
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None, committer: bool, index: str) -> None:
+        fs, rpath = filesystem(url, storage_options)
+        self.commit = DirectoryCommit(fs, rpath.rstrip("/"), url.rstrip("/"), index)
+        if committer:
+            self.commit.start()
+        self.local = Path(tempfile.mkdtemp(prefix="safeckpt-upload-"))
+
+    def upload(self, names: list[str]) -> None:
+        """Upload the files ``names`` written under ``local``, then free their local space."""
+        self.commit.upload(self.local, names)
+        for n in names:
+            _storage.remove(self.local / n)
+
+    def commit_index(self, data: bytes, files: list[str]) -> None:
+        """Commit the index ``data`` naming ``files`` (every process's; see `DirectoryCommit`)."""
+        self.commit.commit_index(data, files)
+
+    def abandon(self) -> None:
+        self.commit.abandon()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            _storage.remove_tree(self.local)
 
 
 def _listing(fs: Any, rpath: str) -> list[str]:
@@ -376,10 +471,9 @@ def _etag(fs: Any, rpath: str) -> str | None:
     return info.get("ETag") or info.get("etag")  # type: ignore[no-any-return]
 
 
-def _put_index(fs: Any, local: Path, rpath: str, etag: str | None, url: str) -> None:
+def _put_index(fs: Any, data: bytes, rpath: str, etag: str | None, url: str) -> None:
     """Write the index with a condition on S3: the index this save started from (``etag``), or
     none (``""``). Elsewhere it is a plain write: the last writer wins."""
-    data = local.read_bytes()
     if not hasattr(fs, "call_s3") or etag is None:
         fs.pipe_file(rpath, data)
         return

@@ -89,8 +89,9 @@ def save(
     if _runtime.across_ranks(state, format):
         from . import distributed
 
-        _remote.refuse_url(path, "a save across ranks (DTensor state)")
-        return distributed.save(path, state, filter=filter, max_shard_size=max_shard_size)
+        return distributed.save(
+            path, state, filter=filter, max_shard_size=max_shard_size, storage_options=storage_options
+        )
     if isinstance(state, nn.Module):
         tree: Any = st.module_state_dict(st.unwrap(state))
     else:
@@ -235,8 +236,7 @@ def load(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
-        _remote.refuse_url(path, "a load across ranks (DTensor state)")
-        return distributed.load(path, state, strict=strict, verify=verify)
+        return distributed.load(path, state, strict=strict, verify=verify, storage_options=storage_options)
     local = _runtime.local(path, storage_options)
     fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads
     if verify:  # before parsing: a damaged header is reported as failing its checksum, not as what it now says
@@ -418,8 +418,7 @@ def load_raw(
 
         if assign or dev is not None:
             raise ValueError("device= and assign= are not supported for DTensor state loaded across ranks")
-        _remote.refuse_url(path, "a load across ranks (DTensor state)")
-        return distributed.load_raw(path, obj, strict=strict)  # type: ignore[arg-type]
+        return distributed.load_raw(path, obj, strict=strict, storage_options=storage_options)  # type: ignore[arg-type]
     target = st.unwrap(obj)
     local = _runtime.local(path, storage_options)
     fetched = _sources.prefetch(local)  # noqa: F841 - from a URL: the whole checkpoint, in large ranged reads

@@ -19,10 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -43,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _runtime, codec
+from . import _remote, _runtime, codec
 from . import state as st
 from ._runtime import holds_dtensors
 from ._units import parse_size
@@ -89,6 +91,23 @@ def agree(error: BaseException | None, what: str) -> None:
         raise RuntimeError(f"{what} failed on rank {rank} ({message}); nothing was written or changed")
 
 
+@contextlib.contextmanager
+def _failures_named(what: str) -> Iterator[None]:
+    """DCP's `CheckpointException` (a `BaseException`, which ``except Exception`` would miss) as
+    `agree` reports failures: this rank's own error re-raised, else a `RuntimeError` naming the rank."""
+    try:
+        yield
+    except CheckpointException as e:
+        mine = e.failures.get(torch.distributed.get_rank())
+        if mine is not None:
+            raise mine[0] from None
+        rank, (error, _) = min(e.failures.items())
+        raise RuntimeError(
+            f"{what} failed on rank {rank} ({type(error).__name__}: {error}); nothing was committed, "
+            "the previous checkpoint is untouched"
+        ) from None
+
+
 # -- saving ------------------------------------------------------------------------------------------
 
 
@@ -98,7 +117,8 @@ def save(
     *,
     filter: Mapping[str, Callable[[str, Any], bool]] | None = None,
     max_shard_size: int | str | None = None,
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Save ``state`` from every rank of the default process group as a sharded directory.
 
     Call it on every rank with the same ``path``. Each rank writes the slices it owns (a DTensor's
@@ -106,6 +126,12 @@ def save(
     safetensors files of at most ``max_shard_size`` bytes; rank 0 then writes the msgpack index,
     holding every non-tensor value (rank 0's), which commits the checkpoint. An optimizer whose
     parameters belong to a module saved alongside is stored keyed by parameter names.
+
+    To an fsspec URL (``s3://bucket/run/step-100``, with ``storage_options``) each rank writes its
+    shards to a local temporary and uploads them; once every rank's are up, rank 0 commits the
+    index (conditionally on S3) and removes older generations (formats/safeckpt-sharded.md §5.1).
+    A failure on any rank fails the save on every rank, removes its uploads and leaves the
+    previous checkpoint at the URL; the URL is returned.
 
     Example:
         >>> safeckpt.distributed.save("run/step-100", {"model": model, "optimizer": opt, "step": 100})
@@ -121,6 +147,7 @@ def save(
     payload = tensor_leaf_encoder(add, tied=False)
 
     error, root, skeleton, limit = None, Path(os.fspath(path)), b"", None
+    remote: _remote.RankUpload | None = None
     try:
         limit = None if max_shard_size is None else parse_size(max_shard_size)
         if isinstance(state, nn.Module):
@@ -134,13 +161,26 @@ def save(
                 views[k] = v if owner is None else _OptimizerState(owner, obj)
             tree = st.to_saveable(views, filter)
         skeleton = codec.encode(tree, payload)
-        root = fmt.target_dir(root)
+        if _remote.is_url(path):
+            remote = _remote.RankUpload(os.fspath(path), storage_options, torch.distributed.get_rank() == 0, fmt.INDEX)
+            root = remote.local
+        else:
+            root = fmt.target_dir(root)
     except Exception as e:
         error = e
-    agree(error, "safeckpt.save")
-    writer = _Writer(root, skeleton, declared, limit)
-    dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
-    return root
+    try:
+        agree(error, "safeckpt.save")
+        writer = _Writer(root, skeleton, declared, limit, remote)
+        with _failures_named("safeckpt.save"):
+            dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    except BaseException:
+        if remote is not None:
+            remote.abandon()
+        raise
+    finally:
+        if remote is not None:
+            remote.close()
+    return root if remote is None else os.fspath(path)
 
 
 def _done(value: Any) -> Future:
@@ -152,9 +192,17 @@ def _done(value: Any) -> Future:
 class _Writer(StorageWriter):
     """Each rank's slices into safetensors shards; rank 0's `finish` commits the msgpack index."""
 
-    def __init__(self, root: Path, skeleton: bytes, declared: dict[str, Any], limit: int | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        skeleton: bytes,
+        declared: dict[str, Any],
+        limit: int | None,
+        remote: _remote.RankUpload | None = None,
+    ) -> None:
         super().__init__()
         self.root, self.skeleton, self.declared, self.limit = root, skeleton, declared, limit
+        self.remote = remote  # a save to a URL: ``root`` is this rank's staging directory
         self.generation = ""
 
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -196,12 +244,20 @@ class _Writer(StorageWriter):
         for piece, frec, crec in fmt.write_shards(self.root, generation, rank, pieces, self.limit):
             index = MetadataIndex(piece.name, piece.offsets)
             out.append(WriteResult(index=index, size_in_bytes=piece.nbytes, storage_data=(frec, crec)))
+        if self.remote is not None:  # this rank's shards to the store, before DCP gathers the results
+            self.remote.upload(sorted({r.storage_data[0]["name"] for r in out}))
         return _done(out)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         written = [(r.index.fqn, *r.storage_data) for rank_results in results for r in rank_results]
         try:
-            fmt.commit(self.root, self.generation, written, self.declared, self.skeleton, {}, len(results))
+            if self.remote is None:
+                fmt.commit(self.root, self.generation, written, self.declared, self.skeleton, {}, len(results))
+            else:  # every rank's shards are on the store (DCP gathered their results): commit the index
+                packed, files = fmt.index_bytes(
+                    self.generation, written, self.declared, self.skeleton, {}, len(results)
+                )
+                self.remote.commit_index(packed, sorted(files))
         finally:
             self.live.release()
 
@@ -383,7 +439,12 @@ def _initialized(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def load(
-    path: str | os.PathLike[str], state: Mapping[str, Any], *, strict: bool = True, verify: bool = False
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    verify: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[Any, Any]:
     """Load into ``state``'s objects on every rank of the default process group, each rank reading
     only the slices its own sharding needs (any world size, any DTensor placements).
@@ -392,7 +453,8 @@ def load(
     ``strict=False``; a module's missing or unexpected keys are a ``RuntimeError`` unless
     ``strict=False``; a shape mismatch always is. Every module is checked before anything is read
     or changed, and if any rank finds a problem every rank raises. The checkpoint may be of any format; a sharded one is read slice by slice from
-    its memory maps, a single file by slicing each tensor's map.
+    its memory maps, a single file by slicing each tensor's map. From a URL (``storage_options``
+    go to fsspec) each rank reads the index, the headers, and the byte ranges of the chunks it needs.
 
     Returns:
         The checkpoint's entries not in ``state``, as plain Python with full tensors.
@@ -403,7 +465,7 @@ def load(
     """
     plan, steps, tree, error = _Plan(), [], {}, None
     try:
-        ckpt = _runtime.open_local(_runtime.local(path))
+        ckpt = _runtime.open_local(_runtime.local(path, storage_options))
         if verify:
             _runtime.verify(ckpt)
         tree = ckpt.tree
@@ -436,7 +498,13 @@ def _assign(state: Any, key: Any, ckpt: Checkpoint, value: Any) -> None:
     state[key] = ckpt.to_python(value)
 
 
-def load_raw(path: str | os.PathLike[str], obj: nn.Module, *, strict: bool = True) -> None:
+def load_raw(
+    path: str | os.PathLike[str],
+    obj: nn.Module,
+    *,
+    strict: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Load a bare state dict (any format) into a module sharded across the default process group.
 
     Example:
@@ -447,7 +515,7 @@ def load_raw(path: str | os.PathLike[str], obj: nn.Module, *, strict: bool = Tru
         module = st.unwrap(obj)
         if not isinstance(module, nn.Module):
             raise TypeError(f"load_raw into sharded state takes a torch.nn.Module, got {type(obj).__name__}")
-        ckpt = _runtime.open_local(_runtime.local(path))
+        ckpt = _runtime.open_local(_runtime.local(path, storage_options))
         apply = _module_plan(ckpt, module, ckpt.tree, strict, str(path), plan)
     except Exception as e:
         error = e

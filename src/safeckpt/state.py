@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _sources
 from .errors import CorruptCheckpointError
 from .tree import TensorRef
 
@@ -295,6 +296,7 @@ def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], 
     done: dict[int, Any] = {}  # target -> the tensor read into it (tied keys: one read)
     staged: list[tuple[TensorRef, torch.Tensor]] = []
     reads: list[tuple[TensorRef, torch.Tensor]] = []
+    streamed: list[tuple[Any, int, memoryview]] = []  # from a URL: (file, offset, the target's memory)
     for k, v in sd.items():
         if k not in own and not strict:
             continue
@@ -310,10 +312,16 @@ def _in_place(module: nn.Module, own: Mapping[str, Any], sd: Mapping[str, Any], 
                 reads.append((v, target))  # read below, all at once
                 done[id(target)] = v.alias_key
                 v = target  # the parameter itself as the value: torch's copy_ of a tensor onto itself is a no-op
+            elif direct and isinstance(target, torch.Tensor) and (into := _remote_target(v, target)) is not None:
+                streamed.append(into)
+                done[id(target)] = v.alias_key
+                v = target
             else:
                 v = v.load(target.device if isinstance(target, torch.Tensor) else None)
         values[k] = v
     read_all(reads)
+    with torch.no_grad():
+        _sources.fill(streamed)  # every URL target at once: network overlaps the copies, a few parts in memory
     # the CUDA targets that cannot take the bytes as they are get them copied by load_state_dict
     for ref, target in _device.read_into(staged):
         for k, v in values.items():
@@ -391,6 +399,27 @@ def _plain_loading(module: nn.Module) -> bool:
 _PLAIN_LOADERS = {nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict}
 
 
+def _remote_target(ref: TensorRef, target: torch.Tensor) -> tuple[Any, int, memoryview] | None:
+    """``(file, offset, target's memory)`` for `_sources.fill` where ``ref``'s bytes are at a URL
+    and can go into ``target`` as they are; else None."""
+    span = ref.span
+    if span is None or not isinstance(span.file, _sources.UrlFile) or not _fits(ref, target):
+        return None
+    return span.file, span.offset, memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _fits(ref: TensorRef, target: torch.Tensor) -> bool:
+    """Whether ``ref``'s bytes, as stored, are ``target``'s (a CPU tensor, contiguous, same dtype and shape)."""
+    return (
+        target.device.type == "cpu"
+        and target.is_contiguous()
+        and target.dtype == ref.dtype
+        and tuple(target.shape) == ref.shape
+        and ref.nbytes > 0
+        and ref.dtype not in (torch.complex32, torch.complex128)
+    )
+
+
 def read_into(ref: TensorRef, target: torch.Tensor) -> bool:
     """Read ``ref``'s bytes from its file into ``target``'s memory (one ``preadv`` per GiB, no
     page faults on a map); False if they cannot go there as they are."""
@@ -401,17 +430,9 @@ def read_into(ref: TensorRef, target: torch.Tensor) -> bool:
 
 
 def fits(ref: TensorRef, target: torch.Tensor) -> bool:
-    """Whether ``ref``'s bytes, as its file holds them, can be read straight into ``target``."""
-    return not (
-        ref.span is None
-        or not ref.span.file.local  # remote bytes: the tensor is fetched and copied like any other
-        or target.device.type != "cpu"
-        or not target.is_contiguous()
-        or target.dtype != ref.dtype
-        or tuple(target.shape) != ref.shape
-        or ref.nbytes == 0
-        or ref.dtype in (torch.complex32, torch.complex128)
-    )
+    """Whether ``ref``'s bytes, as its local file holds them, can be read straight into ``target``
+    (remote bytes go through `_remote_target`)."""
+    return ref.span is not None and ref.span.file.local and _fits(ref, target)
 
 
 # below this many bytes in all, one thread reads: starting more costs more than it saves

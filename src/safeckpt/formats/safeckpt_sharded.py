@@ -205,8 +205,8 @@ class Chunk:
 def _prefetch(mapped: MappedFile, start: int, length: int) -> None:
     # We know the exact range we touch: ask for it, and turn off fault read-around there, which
     # (read_ahead_kb is often MBs) would otherwise pull in other ranks' slices as well.
-    if length <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
-        return
+    if length <= 0 or not hasattr(mmap, "MADV_WILLNEED") or not mapped.local:
+        return  # (a URL's bytes are one ranged read already: its map would fetch the whole shard)
     aligned = start - start % mmap.PAGESIZE
     with contextlib.suppress(OSError, ValueError):
         mapped.map.madvise(mmap.MADV_RANDOM, aligned, length + start - aligned)
@@ -479,6 +479,24 @@ def commit(
     """Write the index (last, atomically) naming every chunk in ``written`` (``(tensor name, file
     record, chunk record)`` as `write_shards` yields them), then delete the files of other
     generations. Until the index is replaced the previous checkpoint stays whole."""
+    packed, files = index_bytes(generation, written, declared, skeleton, metadata, world_size)
+    return LAYOUT.commit(root, generation, packed, files)
+
+
+def index_bytes(
+    generation: str,
+    written: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    declared: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    skeleton: bytes,
+    metadata: dict[str, str],
+    world_size: int = 1,
+) -> tuple[bytes, dict[str, int]]:
+    """The index naming every chunk in ``written`` (see `commit`), and the files it names (name:
+    size): what a commit writes, here or on an object store (``_remote.DirectoryCommit``).
+
+    Example:
+        >>> packed, files = index_bytes(generation, written, declared, skeleton, {}, world_size=2)
+    """
     files: dict[str, int] = {}
     file_records: list[dict[str, Any]] = []
     tensors: dict[str, dict[str, Any]] = {}
@@ -506,7 +524,7 @@ def commit(
     }
     packed = msgpack.packb(index, use_bin_type=True)
     packed = packed[:-8] + f"{checksum(packed):08x}".encode()
-    return LAYOUT.commit(root, generation, packed, {rec["name"]: rec["size"] for rec in file_records})
+    return packed, {rec["name"]: rec["size"] for rec in file_records}
 
 
 def _refuse(ok: bool, what: str) -> None:
