@@ -613,7 +613,9 @@ def _span_readable(ref: TensorRef) -> bool:
     span = ref.span
     if span is None or not span.file.local:
         return False
-    size = len(span.file.map) if ref.nbytes else 0
+    if not ref.nbytes:  # an empty tensor has no bytes to find (and an empty file no map)
+        return True
+    size = len(span.file.map)
     if span.offset + ref.nbytes > size:
         raise CorruptCheckpointError(
             f"{span.file.path}: tensor {ref.name!r} bytes [{span.offset}, {span.offset + ref.nbytes}) lie past "
