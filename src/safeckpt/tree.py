@@ -227,6 +227,13 @@ def is_tensor(x: Any) -> bool:
     return tensor is not None and isinstance(x, tensor)
 
 
+def _children(node: Any) -> Iterator[tuple[Any, Any]]:
+    """``(key, value)`` of a dict, ``(index, value)`` of a list or tuple; nothing for a leaf."""
+    if isinstance(node, dict):
+        return iter(node.items())
+    return enumerate(node) if type(node) in (list, tuple) else iter(())
+
+
 def is_container(obj: Any) -> bool:
     return isinstance(obj, dict) or type(obj) in (list, tuple)
 
@@ -279,7 +286,7 @@ def path_name(path: tuple[Any, ...]) -> str:
         >>> path_name(("optimizer", "state", 0, "exp_avg"))
         'optimizer/state/0/exp_avg'
     """
-    return "/".join(str(k) for k in path)
+    return "/".join(map(str, path))
 
 
 def unique_name(name: str, used: set[str]) -> str:
@@ -360,7 +367,23 @@ class Checkpoint:
             >>> list(safeckpt.open("fabric.ckpt").tensors())[:2]
             ['model/0.weight', 'model/0.bias']
         """
-        return {path_name(p): leaf for p, leaf in iter_leaves(self.tree) if isinstance(leaf, TensorRef)}
+        if isinstance(self.tree, TensorRef):
+            return {"": self.tree}
+        # `iter_leaves` + `path_name`, with each name built once per level instead of per leaf
+        # from a tuple: listing is most of what `open` costs past the header
+        out: dict[str, TensorRef] = {}
+        stack = [("", _children(self.tree))]
+        while stack:
+            prefix, items = stack[-1]
+            for k, v in items:
+                if isinstance(v, TensorRef):
+                    out[prefix + str(k)] = v
+                elif isinstance(v, dict) or type(v) in (list, tuple):
+                    stack.append((f"{prefix}{k!s}/", _children(v)))
+                    break
+            else:
+                stack.pop()
+        return out
 
     @property
     def nbytes(self) -> int:
