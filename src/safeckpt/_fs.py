@@ -120,6 +120,26 @@ class MappedFile:
         return raw.view(dtype).reshape(shape)
 
 
+def check_in_file(file: MappedFile, begin: int, nbytes: int, name: str) -> None:
+    """Check that tensor ``name``'s bytes ``[begin, begin + nbytes)`` all lie in ``file``, reading
+    none of them (and importing no torch); `CorruptCheckpointError` naming the file and the tensor if not.
+
+    Example:
+        >>> check_in_file(MappedFile(Path("model.safetensors")), 96, 16, "w")
+    """
+    if not nbytes:  # an empty tensor has no bytes to find (and an empty file no map)
+        return
+    size = len(file.map)
+    if begin + nbytes > size:
+        raise CorruptCheckpointError(
+            f"{file.path}: tensor {name!r} bytes [{begin}, {begin + nbytes}) lie past the end of the file "
+            f"({size} bytes)",
+            path=file.path,
+            key=name,
+            hint="the file is damaged",
+        )
+
+
 class Span(NamedTuple):
     """Where a tensor's exact bytes (C order, little-endian) lie in a file, so a writer can copy
     them file to file without reading them into the process; ``crc32`` if the source recorded it.

@@ -215,6 +215,9 @@ def urls_in_errors(path: str | os.PathLike[str]) -> Iterator[None]:
             e.args = tuple(a.replace(local, url) if isinstance(a, str) else a for a in e.args)
             if isinstance(e, OSError) and isinstance(e.filename, str):
                 e.filename = e.filename.replace(local, url)
+            if isinstance(e, CheckpointError):  # the fields callers decide on, not only the text
+                e.path = e.path and e.path.replace(local, url)
+                e.hint = e.hint and e.hint.replace(local, url)
         raise
 
 
@@ -235,12 +238,7 @@ def _place(fs: Any, rpath: str, size: int, local: Path, url: str, opener: _sourc
     spans = [(a, min(a + _sources.PART, size)) for a in range(len(head), size, _sources.PART)]
 
     def fill(span: tuple[int, int]) -> None:
-        data = get(*span)
-        fd = os.open(local, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, span[0])
-        finally:
-            os.close(fd)
+        _storage.write_at(local, span[0], get(*span))
 
     _sources.run(fill, spans)
 

@@ -408,6 +408,11 @@ def run(fn: Callable[[Any], None], items: Iterable[Any]) -> None:
         for i in items:
             fn(i)
         return
-    with ThreadPoolExecutor(min(WORKERS, len(items))) as pool:
+    pool = ThreadPoolExecutor(min(WORKERS, len(items)))
+    try:
         for _ in pool.map(fn, items):
             pass
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # the first failure stops the ranges not yet begun
+        raise
+    pool.shutdown(wait=True)

@@ -329,6 +329,23 @@ def placeholder(path: str | os.PathLike[str], head: bytes, size: int) -> None:
         f.truncate(size)
 
 
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes) -> None:
+    """Write all of ``data`` at ``offset`` into the existing file ``path`` (filling a `placeholder`);
+    a short write is continued, never left as a hole that reads as zeros.
+
+    Example:
+        >>> write_at("view/model.bin", 1 << 20, part)
+    """
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        view, at = memoryview(data), offset
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+    finally:
+        os.close(fd)
+
+
 def remove_tree(path: str | os.PathLike[str], *, missing_ok: bool = True) -> None:
     """Delete ``path``: a directory with everything in it, or a file or a symlink (itself).
 

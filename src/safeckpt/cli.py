@@ -610,20 +610,12 @@ def _span_readable(ref: TensorRef) -> bool:
     """For a reference whose exact bytes lie in a local file (a ``.pt``'s storage): check they are
     all there, without reading them or importing torch, and return True; False for any other
     (the caller loads it). Their integrity is the format's checksums' to judge."""
+    from ._fs import check_in_file
+
     span = ref.span
     if span is None or not span.file.local:
         return False
-    if not ref.nbytes:  # an empty tensor has no bytes to find (and an empty file no map)
-        return True
-    size = len(span.file.map)
-    if span.offset + ref.nbytes > size:
-        raise CorruptCheckpointError(
-            f"{span.file.path}: tensor {ref.name!r} bytes [{span.offset}, {span.offset + ref.nbytes}) lie past "
-            f"the end of the file ({size} bytes)",
-            path=span.file.path,
-            key=ref.name,
-            hint="the file is damaged",
-        )
+    check_in_file(span.file, span.offset, ref.nbytes, ref.name)
     return True
 
 

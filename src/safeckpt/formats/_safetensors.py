@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from .. import _dtypes, _shapes, _sources
-from .._fs import MappedFile, Span, checksum, copy_span, crc32, tensor_bytes, write_all
+from .._fs import MappedFile, Span, check_in_file, checksum, copy_span, crc32, tensor_bytes, write_all
 from .._storage import atomic_write
 from ..errors import CorruptCheckpointError
 from ..tree import TensorRef, is_tensor
@@ -412,11 +412,7 @@ def check_readable(ref: Any) -> bool:
     if not isinstance(loader, partial) or loader.func not in _LOADERS or len(loader.args) != 2:
         return False
     mapped, e = loader.args
-    size = len(mapped.map) if e.end > e.begin else 0
-    if e.end > e.begin and e.end > size:
-        raise CorruptCheckpointError(
-            f"{mapped.path}: tensor {e.name!r} bytes [{e.begin}, {e.end}) lie past the end of the file ({size} bytes)"
-        )
+    check_in_file(mapped, e.begin, e.end - e.begin, e.name)
     return True
 
 
