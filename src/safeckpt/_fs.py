@@ -104,16 +104,23 @@ class MappedFile:
             raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
         return f
 
+    def check_range(self, offset: int, nbytes: int, shown: str) -> None:
+        """`CorruptCheckpointError` naming ``shown`` (the file, or the URL it stands for) unless
+        ``[offset, offset + nbytes)`` lies within the file as it was opened."""
+        if offset < 0 or offset + nbytes > self._stamp[0]:
+            raise CorruptCheckpointError(
+                f"{shown}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file",
+                path=shown,
+                hint="the file is damaged",
+            )
+
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor stored at ``offset`` (``nbytes`` long) as ``dtype`` and ``shape``, backed by the map."""
         import torch
 
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        if offset < 0 or offset + nbytes > self._stamp[0]:
-            raise CorruptCheckpointError(
-                f"{self.path}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
-            )
+        self.check_range(offset, nbytes, str(self.path))
         raw = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=offset)
         if offset % dtype.itemsize:
             raw = raw.clone()  # unaligned data from another writer: copy rather than hand out a misaligned view

@@ -368,10 +368,7 @@ class UrlFile(MappedFile):
 
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        if offset < 0 or offset + nbytes > self._stamp[0]:
-            raise CorruptCheckpointError(
-                f"{self.url}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file"
-            )
+        self.check_range(offset, nbytes, self.url)
         buf: mmap.mmap | None = self._weak() if self._weak else None
         whole = self.whole() if self.whole is not None else None
         if buf is None and whole is not None and not any(a < offset + nbytes and offset < b for a, b in self._filled):
