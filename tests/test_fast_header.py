@@ -75,6 +75,22 @@ DUPLICATES = [  # json would resolve each silently (last wins), at every level
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"\\u0061":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"\\u0064ata_offsets":[0,4]}}',
 ]
+
+def _spans(*spans: tuple[int, int]) -> str:
+    """A header of F32 tensors a, b, c... at ``spans`` (data offsets), in that order."""
+    entries = {chr(97 + i): {"dtype": "F32", "shape": [(e - b) // 4], "data_offsets": [b, e]} for i, (b, e) in enumerate(spans)}
+    return json.dumps(entries, separators=(",", ":"))
+
+
+LAYOUTS = {  # spans in and out of the names' order; the last four overlap, repeat or leave a hole
+    "swapped": _spans((4, 8), (0, 4)),
+    "shuffled": _spans((0, 4), (8, 12), (4, 8)),
+    "empty at the end": _spans((0, 8), (8, 8)),
+    "empty inside another": _spans((0, 8), (4, 4), (8, 12)),
+    "overlap": _spans((0, 4), (4, 8), (2, 6)),
+    "twice": _spans((0, 4), (0, 4), (4, 12)),
+    "hole": _spans((0, 4), (8, 12)),
+}
 OTHERS = [  # types, sizes and layout
     '{"a":null}',
     '{"a":5,"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
@@ -90,6 +106,7 @@ OTHERS = [  # types, sizes and layout
     '{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}',
     '{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}',
+    *LAYOUTS.values(),
     '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"data_offsets":"x"}}',
     '{"__metadata__":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     '{"a":{"shape":[1],"dtype":"F32","data_offsets":[0,4]}}',
@@ -107,8 +124,21 @@ def test_a_key_given_twice_is_never_accepted(text: str) -> None:
 @pytest.mark.parametrize("text", OTHERS)
 def test_hostile_headers_get_the_checked_verdict(text: str) -> None:
     raw = text.encode()
-    for size in (8 + len(raw) + 4, 8 + len(raw) + 8, 8 + len(raw) + 2):
+    for size in (8 + len(raw) + 4, 8 + len(raw) + 8, 8 + len(raw) + 12, 8 + len(raw) + 2):
         _agree(raw, size)
+
+
+def test_layouts_in_any_order_take_the_fast_pass() -> None:
+    """Spans in another order than the names' are checked as a tiling: accepted when they tile the
+    data, and left to the checked parse (which names the problem) when they do not."""
+    for name, text in LAYOUTS.items():
+        raw = text.encode()
+        end = max(e["data_offsets"][1] for e in json.loads(text).values())
+        fast, checked = _both(raw, 8 + len(raw) + end)
+        if name in ("overlap", "twice", "hole", "empty inside another"):
+            assert fast is None and isinstance(checked, CorruptCheckpointError), name
+        else:
+            assert fast is not None and fast == checked, name
 
 
 _leaf = s.one_of(s.integers(-2, 8), s.booleans(), s.none(), s.just(1.0), s.text('ab"\\', max_size=3))

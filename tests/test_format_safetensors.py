@@ -305,3 +305,29 @@ def test_plain_state_dict_of_the_conformance_net(tmp_path: Path) -> None:
     other = Net()
     safeckpt.load_raw(path, other)
     assert_bits_equal(net.state_dict(), other.state_dict())
+
+
+def test_header_references_behave_as_tensor_refs(tmp_path: Path) -> None:
+    """The references `open` builds in bulk (`_safetensors.EntryRef`) answer every field as a
+    `TensorRef` does, make their loader and span on first use, and `dataclasses.replace` gives a
+    plain `TensorRef` with the same fields."""
+    import dataclasses
+
+    tensors = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": torch.ones(4, dtype=torch.int64)}
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    refs = safeckpt.open(path).tensors()
+    assert list(refs) == ["a", "b"]
+    ref = refs["b"]
+    assert "loader" not in vars(ref) and "span" not in vars(ref)
+    assert (ref.name, ref.shape, ref.dtype, ref.source, ref.nbytes) == ("b", (2, 3), torch.bfloat16, str(path), 12)
+    assert ref.dtype_info.code == "BF16" and not ref.requires_grad and not ref.parameter
+    assert torch.equal(ref.load(), tensors["b"])
+    assert path.read_bytes()[ref.span.offset :][:12] == tensors["b"].view(torch.uint8).numpy().tobytes()
+    plain = dataclasses.replace(ref, requires_grad=True)
+    assert type(plain) is safeckpt.TensorRef and plain.requires_grad
+    assert [getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name != "requires_grad"] == [
+        getattr(ref, f.name) for f in dataclasses.fields(ref) if f.name != "requires_grad"
+    ]
+    assert torch.equal(plain.load(), tensors["b"])
+    assert refs["a"].alias_key != ref.alias_key and safeckpt.open(path).tensors()["b"].alias_key == ref.alias_key

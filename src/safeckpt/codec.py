@@ -283,9 +283,14 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
     def refuse_ext(code: int, payload: bytes) -> Any:
         raise CorruptCheckpointError(f"{source}: a tensor reference in the skeleton holds an ext value")
 
+    def no_tensor(value: Any) -> Any:
+        raise CorruptCheckpointError(f"{source}: a tensor reference where none may appear")
+
+    tensor_of, tensor_code, unpack_payload = tensor or no_tensor, Ext.TENSOR, msgpack.unpackb
+
     def hook(code: int, payload: bytes) -> Any:
-        if code == Ext.TENSOR:  # one per tensor: [name, flags], which holds no ext value (no depth to count)
-            return _tensor(msgpack.unpackb(payload, ext_hook=refuse_ext, raw=False, strict_map_key=False))
+        if code == tensor_code:  # one per tensor: [name, flags], which holds no ext value (no depth to count)
+            return tensor_of(unpack_payload(payload, ext_hook=refuse_ext, raw=False, strict_map_key=False))
         before = len(pending)
         ext_depth[0] += 1
         if ext_depth[0] > MAX_EXT_DEPTH:
@@ -334,11 +339,6 @@ def decode(data: bytes, tensor: Callable[[Any], Any] | None, *, source: str = "<
                 loaded[id(x)] = x.load()
             return loaded[id(x)]
         return x
-
-    def _tensor(value: Any) -> Any:
-        if tensor is None:
-            raise CorruptCheckpointError(f"{source}: a tensor reference where none may appear")
-        return tensor(value)
 
     def _unpack(payload: bytes) -> Any:
         return msgpack.unpackb(payload, ext_hook=hook, raw=False, strict_map_key=False, use_list=True)

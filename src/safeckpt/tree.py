@@ -7,6 +7,7 @@ only when `TensorRef.load()` is called.
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -79,7 +80,7 @@ class _Dtype:
     def __get__(self, obj: Any, owner: type | None = None) -> torch.dtype:
         if obj is None:  # no class-level default: dataclass then makes it a required field
             raise AttributeError(self.slot)
-        d = obj.__dict__[self.slot]
+        d = getattr(obj, self.slot)  # the instance's, or a subclass's property (formats/_safetensors.EntryRef)
         return d if not isinstance(d, _dtypes.DType) else _dtypes.to_torch(d)
 
     def __set__(self, obj: Any, value: torch.dtype | _dtypes.DType) -> None:
@@ -160,7 +161,7 @@ class TensorRef:
             >>> ref.dtype_info.name, ref.dtype_info.code
             ('float32', 'F32')
         """
-        return _dtypes.of(self.__dict__["_dtype"])
+        return _dtypes.of(self._dtype)  # type: ignore[attr-defined]
 
     @property
     def numel(self) -> int:
@@ -213,6 +214,9 @@ class TensorRef:
 
     def __repr__(self) -> str:
         return f"TensorRef({self.name!r}, {self.dtype_info.name}, {list(self.shape)})"
+
+
+_ALIAS_KEY = operator.attrgetter("alias_key")
 
 
 def is_tensor(x: Any) -> bool:
@@ -406,11 +410,10 @@ class Checkpoint:
         return sum(r.numel for r in self._unique())
 
     def _unique(self) -> list[TensorRef]:
-        seen: dict[Hashable, TensorRef] = {}
-        for _, leaf in iter_leaves(self.tree):
-            if isinstance(leaf, TensorRef):
-                seen.setdefault(leaf.alias_key, leaf)
-        return list(seen.values())
+        """Each distinct tensor's first reference (tied ones counted once)."""
+        refs = list(self.tensors().values())
+        refs.reverse()  # the first of equal keys is the one a dict built in reverse order keeps
+        return list(dict(zip(map(_ALIAS_KEY, refs), refs, strict=True)).values())
 
     def tied(self) -> list[list[str]]:
         """Groups of tensor names that are the same tensor (tied weights), written once on save.

@@ -8,18 +8,20 @@ Reading validates more than the safetensors library does (duplicate keys, a tens
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import mmap
 import operator
 import os
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain
-from operator import mul, sub
+from itertools import chain, repeat
+from operator import add, mul, sub
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
@@ -48,6 +50,7 @@ ROWS: dict[str, _dtypes.DType] = dict(_dtypes.BY_CODE)
 BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 # bits per element of every code a header may name (F6 has no torch dtype: read as raw bytes)
 _CODE_BITS = {**{c: d.itemsize * 8 for c, d in ROWS.items()}, **BITS}
+_CODE_BYTES = {c: b // 8 for c, b in _CODE_BITS.items() if not b % 8}
 # dtypes safetensors lacks, stored as their real view (by torch name): complex128 as F64 [..., 2],
 # complex32 as F16 [..., 2]
 REAL_OF = {"complex128": "float64", "complex32": "float16"}
@@ -196,8 +199,9 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
     metadata = obj.pop("__metadata__", {})
     if type(metadata) is not dict or "data_offsets" in metadata or set(map(type, metadata.values())) - {str}:
         return None
+    escaped = "\\" in text
     # JSON text that is valid UTF-8 holds a lone surrogate only through a \u escape
-    if "\\u" in text and not all(map(is_unicode, (*obj, *metadata, *metadata.values()))):
+    if escaped and "\\u" in text and not all(map(is_unicode, (*obj, *metadata, *metadata.values()))):
         return None
     data_start = 8 + len(raw)
     if not obj:
@@ -205,48 +209,51 @@ def _parse_columns(path: Path, raw: bytes, size: int) -> Header | None:
     names, infos = list(obj), list(obj.values())
     if "" in obj or set(map(len, infos)) != {3}:
         return None
-    try:  # objects (a list or string has no such keys) of three keys, and these three: no other
-        codes, shapes, offsets = zip(*map(_FIELDS, infos), strict=True)
-        bits = list(map(_CODE_BITS.__getitem__, codes))  # a code of no known dtype (or not a str) fails
+    try:  # objects of three keys (above), and these three; a list or string has no such keys
+        codes, shapes, offsets = list(map(_DTYPE, infos)), list(map(_SHAPE, infos)), list(map(_OFFSETS, infos))
+        kinds = set(codes)  # a list fails here, a code of no known dtype below
     except (KeyError, TypeError):
         return None
-    if set(map(type, shapes)) != {list} or max(map(len, shapes)) > MAX_DIMS:
+    if not kinds <= _CODE_BITS.keys() or set(map(type, shapes)) != {list} or max(map(len, shapes)) > MAX_DIMS:
         return None
     dims = list(chain.from_iterable(shapes))
-    if dims and (set(map(type, dims)) != {int} or min(dims) < 0):
-        return None
-    if set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
-        return None
+    # lists of two ints: JSON makes nothing else that unpacks into two columns of ints (the zip
+    # fails on other lengths, which `_parse_fast` takes as None; a dict or string yields strings)
     begins, ends = zip(*offsets, strict=True)
-    if set(map(type, begins)) | set(map(type, ends)) != {int} or min(begins) < 0:
+    if set(map(type, chain(dims, begins, ends))) != {int} or min(chain(dims, begins)) < 0:
         return None
     quotes = text.count('"')
-    if "\\" in text:  # less the escaped ones: a quote after an odd run of backslashes
-        quotes -= text.replace("\\\\", "").count('\\"')
+    if escaped:  # less the escaped ones: a quote after an odd run of backslashes
+        quotes -= text.replace("\\\\", "").count('\\"') if "\\\\" in text else text.count('\\"')
     if quotes != 2 * (5 * len(obj) + strings):
         return None  # a key given twice
     numels = list(map(math.prod, shapes))
     if max(numels) >= 1 << 63 or (0 in numels and not all(map(_shapes.fits_int64, shapes))):
         return None
-    # end - begin >= 0 follows: the byte counts below are never negative
-    if list(map(mul, numels, bits)) != [8 * n for n in map(sub, ends, begins)]:
+    sizes = list(map(sub, ends, begins))  # never negative once each equals its shape's bytes
+    if kinds <= _CODE_BYTES.keys():
+        if list(map(mul, numels, map(_CODE_BYTES.__getitem__, codes))) != sizes:
+            return None
+    elif list(map(mul, numels, map(_CODE_BITS.__getitem__, codes))) != list(map(mul, sizes, repeat(8))):
         return None
-    if "F4" in codes and any(c == "F4" and (not sh or sh[-1] % 2) for c, sh in zip(codes, shapes, strict=True)):
+    if "F4" in kinds and any(c == "F4" and (not sh or sh[-1] % 2) for c, sh in zip(codes, shapes, strict=True)):
         return None
-    spans = sorted(zip(begins, ends, strict=True))
-    if spans[0][0] != 0 or data_start + spans[-1][1] != size:
-        return None
-    if list(map(_BEGIN, spans[1:])) != list(map(_END, spans[:-1])):  # no hole, no overlap
-        return None
-    starts = [data_start + b for b in begins]
-    stops = [data_start + e for e in ends]
-    entries = dict(
-        zip(names, map(_new_entry, zip(names, codes, map(tuple, shapes), starts, stops, strict=True)), strict=True)
-    )
+    if 0 in sizes:  # no hole, no overlap, in (begin, end) order as the checked parse has it
+        spans = sorted(zip(begins, ends, strict=True))
+        if spans[0][0] != 0 or data_start + spans[-1][1] != size:
+            return None
+        if list(map(_BEGIN, spans[1:])) != list(map(_END, spans[:-1])):
+            return None
+    else:  # each non-empty span begins where another ends, but the first: they tile [0, end)
+        firsts, lasts = sorted(begins), sorted(ends)
+        if firsts[0] != 0 or data_start + lasts[-1] != size or firsts[1:] != lasts[:-1]:
+            return None
+    starts, stops = map(add, begins, repeat(data_start)), map(add, ends, repeat(data_start))
+    entries = dict(zip(names, map(_new_entry, zip(names, codes, map(tuple, shapes), starts, stops, strict=True)), strict=True))
     return Header(path, size, data_start, entries, metadata)
 
 
-_FIELDS = operator.itemgetter("dtype", "shape", "data_offsets")
+_DTYPE, _SHAPE, _OFFSETS = map(operator.itemgetter, ("dtype", "shape", "data_offsets"))
 
 
 def _parse_checked(path: Path, raw: bytes, size: int) -> Header:
@@ -397,6 +404,137 @@ def entry_complex(mapped: MappedFile, e: Entry) -> torch.Tensor:
 
 
 _LOADERS = (entry_tensor, entry_bytes, entry_complex)
+
+
+class EntryRef(TensorRef):
+    """The `TensorRef` of a header entry, built without running Python per tensor: `entry_refs`
+    makes a header's references with ``map`` over its columns in C, and each reads its fields off
+    its `Entry` and `EntryFile` (``_e``, ``_file``) when asked. Its ``loader`` and ``span`` are made
+    when first read. Opening a 600-tensor header with references built one by one, each with its
+    loader and span, cost more than parsing the header did.
+
+    ``read``: how the entry's bytes become a tensor (`entry_tensor`; `entry_bytes` for a dtype
+    torch lacks, `entry_complex` for the real view of a complex tensor). ``dataclasses.replace``
+    of one gives a plain `TensorRef` with the fields it had and those replaced.
+
+    Example:
+        >>> ref = entry_refs(EntryFile("m.safetensors", mapped, {}), header.entries)["w"]
+        >>> ref.shape, ref.span.offset == header.entries["w"].begin
+        ((4, 4), True)
+    """
+
+    __slots__ = ("_e", "_file")
+    name = view = property(operator.attrgetter("_e.name"))  # type: ignore[assignment]
+    source = storage = property(operator.attrgetter("_file.source"))  # type: ignore[assignment]
+    shape = property(operator.attrgetter("_e.shape"))  # type: ignore[assignment]
+    read = staticmethod(entry_tensor)
+    # one tensor per file and name; built in C, as `Checkpoint.nbytes` asks it of every reference
+    alias_key = property(operator.attrgetter("_file.source", "_e.name"))  # type: ignore[assignment]
+
+    @property
+    def nbytes(self) -> int:  # type: ignore[override]
+        return self._e.end - self._e.begin  # checked against the shape and dtype when the header was read
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> TensorRef:  # type: ignore[misc]
+        # what dataclasses.replace and a caller's EntryRef(...) get: the fields live on the
+        # instance there, which this class's properties would hide
+        return TensorRef(*args, **kwargs)
+
+    @property
+    def _dtype(self) -> _dtypes.DType:
+        return ROWS[self._e.code]
+
+    @functools.cached_property
+    def loader(self) -> Callable[[], torch.Tensor]:  # type: ignore[override]
+        return partial(self.read, self._file.mapped, self._e)
+
+    @functools.cached_property
+    def span(self) -> Span:  # type: ignore[override]
+        return Span(self._file.mapped, self._e.begin, self._file.crcs.get(self._e.name))
+
+
+class F4EntryRef(EntryRef):
+    """An F4 entry: torch's ``float4_e2m1fn_x2`` packs two elements a byte (its last dim halved)."""
+
+    __slots__ = ()
+    shape = property(operator.attrgetter("_e.torch_shape"))  # type: ignore[assignment]
+
+
+class RawEntryRef(EntryRef):
+    """An entry of a dtype torch lacks (F6), read as its raw ``uint8`` bytes."""
+
+    __slots__ = ()
+    _dtype = _dtypes.BY_NAME["uint8"]  # type: ignore[assignment]
+    read = staticmethod(entry_bytes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (self._e.end - self._e.begin,)
+
+
+class ComplexEntryRef(EntryRef):
+    """An entry stored as the ``[..., 2]`` real view of a complex tensor, read as the complex one."""
+
+    __slots__ = ()
+    read = staticmethod(entry_complex)
+
+    @property
+    def _dtype(self) -> _dtypes.DType:
+        return _COMPLEX_OF[ROWS[self._e.code].name]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self._e.shape[:-1]
+
+
+_COMPLEX_OF = {real: _dtypes.BY_NAME[c] for c, real in REAL_OF.items()}  # float64 -> complex128 ...
+
+
+class EntryFile(NamedTuple):
+    """What a file's `EntryRef`s share: its name (``source``), its map, its recorded CRC-32s by name."""
+
+    source: str
+    mapped: MappedFile
+    crcs: dict[str, int]
+
+
+_new = object.__new__
+_set_e, _set_file = EntryRef._e.__set__, EntryRef._file.__set__  # type: ignore[attr-defined]
+PLAIN_CODES = frozenset(ROWS) - {"F4"}  # codes an `EntryRef` reads as they are
+
+
+def entry_ref(file: EntryFile, e: Entry, cls: type[EntryRef] | None = None) -> EntryRef:
+    """The reference to entry ``e`` of ``file``: of class ``cls``, or the one its dtype needs
+    (`EntryRef`, `F4EntryRef`, `RawEntryRef` for a dtype torch lacks).
+
+    Example:
+        >>> entry_ref(EntryFile("m.safetensors", mapped, {}), header.entries["w"]).dtype
+        torch.float32
+    """
+    if cls is None:
+        cls = EntryRef if e.code in PLAIN_CODES else F4EntryRef if e.code == "F4" else RawEntryRef
+    ref = _new(cls)
+    _set_e(ref, e)
+    _set_file(ref, file)
+    return ref  # type: ignore[no-any-return]
+
+
+def entry_refs(file: EntryFile, entries: dict[str, Entry]) -> dict[str, EntryRef]:
+    """`entry_ref` of every entry, by name, in the header's order.
+
+    Example:
+        >>> refs = entry_refs(EntryFile(str(path), mapped, {}), read_header(path).entries)
+    """
+    es = list(entries.values())
+    if not set(map(_CODE, es)) <= PLAIN_CODES:
+        return {name: entry_ref(file, e) for name, e in entries.items()}
+    refs = list(map(_new, repeat(EntryRef, len(es))))
+    deque(map(_set_e, refs, es), maxlen=0)  # each a C call: no Python runs per tensor
+    deque(map(_set_file, refs, repeat(file)), maxlen=0)
+    return dict(zip(entries, refs, strict=True))
+
+
+_CODE = operator.itemgetter(1)
 
 
 def check_readable(ref: Any) -> bool:

@@ -134,7 +134,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         if layout.ext == ".safetensors":
             header = st.read_header(file)
             mapped = _sources.file(file, header.size)  # maps on first tensor load, never before
-            contents[shard] = {n: stf.tensor_ref(file, mapped, e) for n, e in header.entries.items()}
+            contents[shard] = st.entry_refs(st.EntryFile(str(file), mapped, {}), header.entries)
             stf.undecodable(header)
             shard_meta.update(header.metadata)
         else:

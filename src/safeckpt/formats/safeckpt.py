@@ -12,12 +12,10 @@ import base64
 import binascii
 import contextlib
 from collections.abc import Callable, Hashable, Iterable
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _dtypes, _sources, codec
-from .._fs import MappedFile, Span
 from ..errors import CorruptCheckpointError
 from ..tree import Checkpoint, TensorRef, alias_key, iter_leaves, path_name, unique_name
 from . import Format
@@ -64,16 +62,25 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     except (binascii.Error, ValueError):
         raise CorruptCheckpointError(f"{path}: the skeleton in the header is not valid base64") from None
     crcs = st.checksums(header, st.KEY_CRC) or {}
+    source = str(path)
+    file, entries = st.EntryFile(source, mapped, crcs), header.entries
 
     def bind(name: str, flags: int, real_of: str | None) -> TensorRef:
-        entry = header.entries.get(name)
-        if entry is None:
-            raise CorruptCheckpointError(
-                f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold"
-            )
-        return _ref(source, mapped, entry, flags, real_of, crcs.get(name))
+        e = entries.get(name)
+        if e is None:
+            raise CorruptCheckpointError(f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold")
+        if e.code not in st.ROWS:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has dtype {e.code}, which torch cannot represent")
+        if real_of is None:
+            ref = st.entry_ref(file, e)
+        elif real_of in st.REAL_OF and st.REAL_OF[real_of] == st.ROWS[e.code].name and e.shape[-1:] == (2,):
+            ref = st.entry_ref(file, e, st.ComplexEntryRef)
+        else:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} cannot be read as {real_of!r}")
+        if flags:  # instance values over the class's False (a dict made only for these references)
+            ref.__dict__.update(requires_grad=bool(flags & FLAG_REQUIRES_GRAD), parameter=bool(flags & FLAG_PARAMETER))
+        return ref
 
-    source = str(path)
     tensor, refs = tensor_leaf_decoder(source, bind, complex_dtype=True)
     tree = codec.decode(skeleton, tensor, source=str(path))
     stray = set(header.entries) - set(refs)
@@ -81,33 +88,6 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         raise CorruptCheckpointError(f"{path}: tensors {sorted(stray)[:5]} are in the file but not in its skeleton")
     plain = {k: v for k, v in meta.items() if not k.startswith("safeckpt.")}
     return Checkpoint(tree, format=NAME, path=path, metadata=plain, info={"format_version": version})
-
-
-def _ref(source: str, mapped: MappedFile, entry: st.Entry, flags: int, real_of: Any, crc: int | None) -> TensorRef:
-    if entry.code not in st.ROWS:
-        raise CorruptCheckpointError(
-            f"{source}: tensor {entry.name!r} has dtype {entry.code}, which torch cannot represent"
-        )
-    dtype, shape = st.ROWS[entry.code], entry.torch_shape
-    loader = partial(st.entry_tensor, mapped, entry)
-    if real_of is not None:
-        complex_dtype = _dtypes.BY_NAME[real_of] if real_of in st.REAL_OF else None
-        if complex_dtype is None or st.REAL_OF[real_of] != dtype.name or not shape or shape[-1] != 2:
-            raise CorruptCheckpointError(f"{source}: tensor {entry.name!r} cannot be read as {real_of!r}")
-        dtype, shape = complex_dtype, shape[:-1]
-        loader = partial(st.entry_complex, mapped, entry)
-    return TensorRef(
-        entry.name,
-        dtype,
-        shape,
-        source,
-        loader,
-        source,
-        entry.name,
-        bool(flags & FLAG_REQUIRES_GRAD),
-        bool(flags & FLAG_PARAMETER),
-        Span(mapped, entry.begin, crc),
-    )
 
 
 def write(ckpt: Checkpoint, path: Path) -> Path:
@@ -234,5 +214,6 @@ def verify(path: Path) -> list[str]:
         except CorruptCheckpointError as e:
             problems.append(str(e))
     return problems
+
 
 FORMAT = Format(NAME, EXTENSIONS, "file", sniff=sniff, read=read, write=write, verify=verify)

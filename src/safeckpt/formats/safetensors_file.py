@@ -17,12 +17,10 @@ from __future__ import annotations
 import warnings
 from collections.abc import Container, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _dtypes, _sources
-from .._fs import MappedFile, Span
 from ..tree import Checkpoint, TensorRef, alias_key, is_tensor, iter_leaves
 from . import Format
 from . import _safetensors as st
@@ -58,9 +56,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     with open(path, "rb") as f:  # header and map from one open file: a concurrent save cannot mix in its bytes
         header = st.read_header(path, f)
         mapped = _sources.file(path, header.size, f)
-    crcs = st.checksums(header, st.KEY_CRC) or {}
-    source = str(path)
-    refs = {name: tensor_ref(source, mapped, e, crcs.get(name)) for name, e in header.entries.items()}
+    refs = st.entry_refs(st.EntryFile(str(path), mapped, st.checksums(header, st.KEY_CRC) or {}), header.entries)
     aliases = tied_aliases(header.metadata, refs)
     tree = {name: refs[aliases.get(name, name)] for name in sorted([*refs, *aliases])} if aliases else _sorted(refs)
     info: dict[str, Any] = {"aliases": aliases} if aliases else {}
@@ -69,21 +65,6 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         info["raw_bytes"] = raw
     meta = {k: v for k, v in header.metadata.items() if k not in (st.KEY_CRC, st.KEY_HEADER_CRC) and k not in aliases}
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
-
-
-def tensor_ref(path: Path | str, mapped: MappedFile, e: st.Entry, crc: int | None = None) -> TensorRef:
-    """The lazy reference to one header entry (F6 tensors, which torch lacks, as raw ``uint8`` bytes);
-    ``crc``: its CRC-32 if the file records it. Its dtype is a torch-free `_dtypes.DType`."""
-    source, span, row = str(path), Span(mapped, e.begin, crc), st.ROWS.get(e.code)
-    if row is None:
-        n = e.end - e.begin
-        return TensorRef(e.name, _UINT8, (n,), source, partial(st.entry_bytes, mapped, e), source, e.name, span=span)
-    shape = e.shape if e.code != "F4" else e.torch_shape
-    load = partial(st.entry_tensor, mapped, e)
-    return TensorRef(e.name, row, shape, source, load, source, e.name, False, False, span)
-
-
-_UINT8 = _dtypes.BY_NAME["uint8"]
 
 
 def _sorted(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
@@ -247,5 +228,6 @@ def verify(path: Path) -> list[str]:
         []
     """
     return st.verify_file(path, st.KEY_CRC, required=False)
+
 
 FORMAT = Format(NAME, EXTENSIONS, "file", sniff=sniff, read=read, write=write, verify=verify)
