@@ -13,6 +13,7 @@ The spec, with the exact allow-list, is ``formats/torch.md``.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import operator
 import os
@@ -20,7 +21,7 @@ import pathlib
 import re
 import struct
 from argparse import Namespace
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -796,18 +797,20 @@ class _Tree:
         s, reader = obj.storage, self.reader
         if math.prod(obj.size) * obj.dtype.itemsize > s.nbytes:  # an expanded view
             self._check_expansion(obj, path)
-        return TensorRef(
-            path_name(path),
-            obj.dtype,  # type: ignore[arg-type]  # a DType row: resolved lazily
-            obj.size,
-            reader.source,
-            reader.tensor_loader(obj),
+        ref = PickledRef.__new__(PickledRef)
+        ref.__dict__.update(
+            name=path_name(path),
+            _dtype=obj.dtype,  # a DType row: resolved lazily
+            shape=obj.size,
+            source=reader.source,
             storage=(reader.source, s.offset),
             view=(obj.offset, obj.size, obj.stride, obj.conj, obj.neg),
             requires_grad=obj.requires_grad,
             parameter=obj.parameter,
-            span=self._span(obj),
+            _spec=obj,
+            _reader=reader,
         )
+        return ref
 
     def _check_expansion(self, spec: TensorSpec, path: tuple[Any, ...]) -> None:
         """Views that address more bytes than they store (stride 0: torch.expand) cost memory once
@@ -826,21 +829,35 @@ class _Tree:
                 f"{bound} (formats/resource-model.md); re-save the tensor contiguous (t.contiguous()) if it is real",
             )
 
-    def _span(self, spec: TensorSpec) -> Span | None:
-        """Where the tensor's bytes lie as they are, if they do (contiguous, little-endian, no
-        lazy conjugation); the record's CRC when the tensor is its whole storage."""
-        s, item = spec.storage, spec.dtype.itemsize
-        if self.reader.byteorder != "little" or spec.conj or spec.neg or s.offset < 0:
-            return None
-        n = math.prod(spec.size)
-        if n > 1:  # C order: each dimension of more than one element strides over the ones after it
-            inner = 1
-            for d, st in zip(reversed(spec.size), reversed(spec.stride), strict=True):
-                if d > 1 and st != inner:
-                    return None
-                inner *= d
-        whole = spec.offset == 0 and n * item == s.nbytes
-        return Span(self.reader.mapped, s.offset + spec.offset * item, s.crc32 if whole else None)
+class PickledRef(TensorRef):
+    """A tensor of a pickled checkpoint. Its loader and its span (where its bytes lie as they
+    are, if they do) are made when first read: opening a .pt builds one reference per tensor,
+    and most opens read one tensor or none."""
+
+    @functools.cached_property
+    def loader(self) -> Callable[[], torch.Tensor]:  # type: ignore[override]
+        return self._reader.tensor_loader(self._spec)  # type: ignore[attr-defined, no-any-return]
+
+    @functools.cached_property
+    def span(self) -> Span | None:  # type: ignore[override]
+        return _span(self._reader, self._spec)  # type: ignore[attr-defined]
+
+
+def _span(reader: _Reader, spec: TensorSpec) -> Span | None:
+    """Where the tensor's bytes lie as they are, if they do (contiguous, little-endian, no
+    lazy conjugation); the record's CRC when the tensor is its whole storage."""
+    s, item = spec.storage, spec.dtype.itemsize
+    if reader.byteorder != "little" or spec.conj or spec.neg or s.offset < 0:
+        return None
+    n = math.prod(spec.size)
+    if n > 1:  # C order: each dimension of more than one element strides over the ones after it
+        inner = 1
+        for d, st in zip(reversed(spec.size), reversed(spec.stride), strict=True):
+            if d > 1 and st != inner:
+                return None
+            inner *= d
+    whole = spec.offset == 0 and n * item == s.nbytes
+    return Span(reader.mapped, s.offset + spec.offset * item, s.crc32 if whole else None)
 
 
 def _open(path: Path, allow: Iterable[str]) -> tuple[_Reader, Any, int]:
