@@ -424,6 +424,9 @@ class EntryRef(TensorRef):
     """
 
     __slots__ = ("_e", "_file")
+    if TYPE_CHECKING:
+        _e: Entry
+        _file: EntryFile
     name = view = property(operator.attrgetter("_e.name"))  # type: ignore[assignment]
     source = storage = property(operator.attrgetter("_file.source"))  # type: ignore[assignment]
     shape = property(operator.attrgetter("_e.shape"))  # type: ignore[assignment]

@@ -67,7 +67,7 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     return Checkpoint(tree, format=NAME, path=path, metadata=meta, info=info)
 
 
-def _sorted(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+def _sorted(refs: Mapping[str, TensorRef]) -> dict[str, TensorRef]:
     names = list(refs)
     if names != sorted(names):
         names.sort()
