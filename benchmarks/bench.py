@@ -211,6 +211,8 @@ PAIRS = [
     Pair("safeckpt.open [.pt]", "torch.load(mmap) lazy [.pt]"),
     Pair("safeckpt.open [.safetensors]", "safe_open keys [.safetensors]"),
     Pair("safeckpt.open [.safeckpt]", "safe_open keys [.safetensors]"),
+    Pair("safeckpt.open+names [.safetensors]", "safe_open keys [.safetensors]"),
+    Pair("safeckpt.open+names [.safeckpt]", "safe_open keys [.safetensors]"),
     *(
         Pair(f"safeckpt inspect CLI [{ext}]", "python -c 'import safeckpt.cli'", kind)
         for ext in (".pt", ".safeckpt", ".safetensors")
@@ -423,8 +425,8 @@ TARGETS = [
 TARGETS_19 = [
     *(
         Target(
-            f"issue 19: open [{ext}] at most 2x safe_open + keys",
-            _ratio(f"safeckpt.open [{ext}]", "safe_open keys [.safetensors]"),
+            f"issue 19: open + names [{ext}] at most 2x safe_open + keys",
+            _ratio(f"safeckpt.open+names [{ext}]", "safe_open keys [.safetensors]"),
             2.0,
         )
         for ext in (".safetensors", ".safeckpt")

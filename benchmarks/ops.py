@@ -685,6 +685,30 @@ def open_safeckpt(filename: str) -> Callable[[Env], Prepared]:
     return setup
 
 
+def open_names(filename: str) -> Callable[[Env], Prepared]:
+    """``open`` + the tensors' names: what ``safe_open`` + ``keys()`` gives (the sizes, which
+    ``keys()`` does not, are summed in the untimed check)."""
+
+    def setup(env: Env) -> Prepared:
+        safeckpt = imported_safeckpt()
+
+        box: list[Any] = []
+        want = env.manifest["state_bytes"]
+
+        def check() -> str | None:
+            names, ckpt = box[0]
+            ok = ckpt.nbytes == want and names == list(ckpt.tensors())
+            return None if ok else f"open listed {len(names)} tensors of {ckpt.nbytes} bytes, expected {want}"
+
+        def run() -> None:
+            ckpt = safeckpt.open(env.file(filename))
+            box.append((list(ckpt.tensors()), ckpt))
+
+        return Prepared(run, check=check)
+
+    return setup
+
+
 def open_torch(env: Env) -> Prepared:
     return Prepared(lambda: torch.load(env.file("full.pt"), mmap=True, weights_only=True))
 
@@ -794,6 +818,8 @@ OPS: dict[str, Op] = {
         Op("safeckpt.open [.pt]", "open", "safeckpt", open_safeckpt("full.pt"), nbytes=""),
         Op("safeckpt.open [.safeckpt]", "open", "safeckpt", open_safeckpt("full.safeckpt"), nbytes=""),
         Op("safeckpt.open [.safetensors]", "open", "safeckpt", open_safeckpt("full.safetensors"), nbytes=""),
+        Op("safeckpt.open+names [.safeckpt]", "open", "safeckpt", open_names("full.safeckpt"), nbytes=""),
+        Op("safeckpt.open+names [.safetensors]", "open", "safeckpt", open_names("full.safetensors"), nbytes=""),
         Op("torch.load(mmap) lazy [.pt]", "open", "torch", open_torch, nbytes=""),
         Op("safe_open keys [.safetensors]", "open", "safetensors", open_safe_open, nbytes="", requires=ST),
         Op("safeckpt inspect CLI [.pt]", "open", "safeckpt", inspect_cli("full.pt"), nbytes=""),

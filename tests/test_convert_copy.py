@@ -85,3 +85,38 @@ def test_a_source_changed_after_open_is_refused(tmp_path: Path) -> None:
     with pytest.raises(safeckpt.CorruptCheckpointError, match="changed after it was opened"):
         native.write(ckpt, tmp_path / "b.safeckpt")
     assert not (tmp_path / "b.safeckpt").exists()
+
+
+@pytest.mark.parametrize("pad", [16, 3])
+def test_copied_bytes_keep_their_place_in_a_page(tmp_path: Path, pad: int) -> None:
+    """The new header is padded so the data copied from another writer's file keeps its offset
+    within a 4 KiB page (which the kernel copies page to page), where that offset is a multiple of
+    8; otherwise the data starts on the usual 64-byte boundary. Either way the tensors load back
+    bit for bit."""
+    import json
+    import struct
+
+    from safeckpt.formats import _safetensors as st
+
+    tensors = {f"w{i}": torch.randn(64, 64) for i in range(4)}
+    blobs = [tensors[k].numpy().tobytes() for k in sorted(tensors)]
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for k, b in zip(sorted(tensors), blobs, strict=True):
+        header[k] = {"dtype": "F32", "shape": [64, 64], "data_offsets": [pos, pos + len(b)]}
+        pos += len(b)
+    text = json.dumps(header).encode()
+    text += b" " * ((pad - 8 - len(text)) % 64)  # data starting at `pad` mod 64, as some writers leave it
+    src = tmp_path / "other.safetensors"
+    src.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    out = tmp_path / "copy.safeckpt"
+    safeckpt.convert(src, out)
+    start_in, start_out = st.read_header(src).data_start, st.read_header(out).data_start
+    assert start_in % 64 == pad
+    if pad % 8 == 0:
+        assert start_out % 4096 == start_in % 4096 and start_out % 8 == 0
+    else:
+        assert start_out % 64 == 0
+    back = safeckpt.open(out).to_python()
+    for k, t in tensors.items():
+        assert_bits_equal(back[k], t)

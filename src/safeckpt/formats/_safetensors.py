@@ -643,7 +643,9 @@ def write(
     """Write a safetensors file atomically, streaming each tensor from its own memory.
 
     Tensors are laid out largest element size first (so each is naturally aligned) and the
-    header is padded with spaces so the data starts on an ``align``-byte boundary. With
+    header is padded with spaces so the data starts on an ``align``-byte boundary, or on an 8-byte
+    one where that keeps the bytes it copies from another file at their offset in a page
+    (`_padding`). With
     ``checksum_key``, the metadata entry of that name holds each tensor's CRC-32 (8 hex digits, in
     data order), computed while writing.
     """
@@ -664,7 +666,7 @@ def write(
         raise ValueError(
             f"{path}: the header would be {len(blob)} bytes, over safetensors' 100 MB limit; store large values as tensors"
         )
-    blob += b" " * (-(8 + len(blob)) % align)
+    blob += b" " * _padding(8 + len(blob), align, items)
     with atomic_write(path) as f, ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as opened:
         sources: dict[int, BinaryIO] = {}  # each source file opened once, however many spans it holds
 
@@ -721,6 +723,34 @@ def write(
             _patch(head, KEY_HEADER_CRC, f"{checksum(bytes(head)):08x}")  # last: it covers the tensor CRCs
             os.pwrite(f.fileno(), head, 0)  # same length: the data does not move
     return Path(path)
+
+
+PAGE = 4096
+
+
+def _padding(end: int, align: int, items: list[Item]) -> int:
+    """Spaces after a header ending at byte ``end``: to the next ``align``-byte boundary or, where
+    ``items`` copy a run of at least a page from another file (`Item.span`), to where the largest
+    run keeps its offset within a page, if that is a multiple of 8 (safetensors' alignment, which
+    keeps every tensor naturally aligned). The kernel copies a run page to page only then: 3 GB
+    took 1.49 s so and 1.96 s with the destination 1000 bytes further on (ext4, copy_file_range;
+    benchmarks/copy_floor.py)."""
+    best, out = (0, 0), 0
+    run: list[Any] = [None, 0, 0, 0]  # the file, source offset, output offset and bytes of a run
+    for it in items:
+        nbytes, span = _shapes.nbytes(it.dtype, it.shape), it.span
+        if span is None:
+            run = [None, 0, 0, 0]
+        elif run[0] is span.file and run[1] + run[3] == span.offset:
+            run[3] += nbytes
+        else:
+            run = [span.file, span.offset, out, nbytes]
+        if run[0] is not None and run[3] > best[0]:
+            best = (run[3], run[1] - run[2])
+        out += nbytes
+    if best[0] >= PAGE and best[1] % 8 == 0:
+        return (best[1] - end) % PAGE
+    return -end % align
 
 
 def span_bytes(span: Span, nbytes: int) -> memoryview:
