@@ -2,9 +2,10 @@
 # The GPU check of issue 14, in one script for a machine with a CUDA device:
 #   bash benchmarks/gpu_check.sh            # from the repository root; OUT=dir keeps the outputs
 # It prints the versions, runs the CUDA-marked tests (tests/test_devices.py, marker `cuda`), then
-# the benchmark's gpu group (loads onto the GPU side by side with safetensors and torch.load).
+# the benchmark's gpu group (loads onto the GPU side by side with safetensors and torch.load), then
+# the load_raw group on the machine's CPUs (parallel reads).
 # Needs python3 with torch (CUDA build), safetensors, msgpack, numpy, pytest; nothing is installed.
-# About 6 minutes at most: each step has its own timeout. SIZE (default 1GB: the model's bytes,
+# About 8 minutes at most: each step has its own timeout. SIZE (default 1GB: the model's bytes,
 # so the full state is ~3 GB) and REPEAT (default 2) can be set; WORKDIR holds the state files
 # (about 5x SIZE on disk; default $TMPDIR/safeckpt-gpu-bench).
 set -u
@@ -47,6 +48,10 @@ timeout 240 "$PY" benchmarks/bench.py --size "$SIZE" --only gpu --repeat "$REPEA
   --workdir "$WORKDIR" --results-dir "$OUT/results" 2>"$OUT/bench-stderr.txt" | tee "$OUT/bench-gpu.md"
 bench_rc=${PIPESTATUS[0]}
 tail -5 "$OUT/bench-stderr.txt"
+
+echo "== benchmark: load_raw group on this machine's CPUs (issue 19: reads on several threads where >= 4 cores)"
+timeout 150 "$PY" benchmarks/bench.py --size "$SIZE" --only load_raw --repeat 3 --warmup 1 \
+  --workdir "$WORKDIR" --results-dir "$OUT/results" 2>>"$OUT/bench-stderr.txt" | tee "$OUT/bench-load_raw.md"
 
 echo "== done: tests exit $tests_rc, benchmark exit $bench_rc (outputs in $OUT)"
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
