@@ -330,4 +330,7 @@ def test_header_references_behave_as_tensor_refs(tmp_path: Path) -> None:
         getattr(ref, f.name) for f in dataclasses.fields(ref) if f.name != "requires_grad"
     ]
     assert torch.equal(plain.load(), tensors["b"])
+    import copy
+
+    assert copy.copy(ref) is ref
     assert refs["a"].alias_key != ref.alias_key and safeckpt.open(path).tensors()["b"].alias_key == ref.alias_key

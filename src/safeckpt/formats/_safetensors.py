@@ -443,6 +443,9 @@ class EntryRef(TensorRef):
         # instance there, which this class's properties would hide
         return TensorRef(*args, **kwargs)
 
+    def __copy__(self) -> EntryRef:  # frozen: a copy is the reference itself (the default would call __new__)
+        return self
+
     @property
     def _dtype(self) -> _dtypes.DType:
         return ROWS[self._e.code]
