@@ -104,13 +104,21 @@ class MappedFile:
             raise CorruptCheckpointError(f"{self.path}: the file changed after it was opened; open it again")
         return f
 
-    def check_range(self, offset: int, nbytes: int, shown: str) -> None:
-        """`CorruptCheckpointError` naming ``shown`` (the file, or the URL it stands for) unless
-        ``[offset, offset + nbytes)`` lies within the file as it was opened."""
-        if offset < 0 or offset + nbytes > self._stamp[0]:
+    def check_range(self, offset: int, nbytes: int, shown: str, key: str | None = None) -> None:
+        """`CorruptCheckpointError` naming ``shown`` (the file, or the URL it stands for) and the
+        tensor ``key`` unless ``[offset, offset + nbytes)`` lies within the file as it was opened;
+        reads none of it (and imports no torch). An empty range is anywhere.
+
+        Example:
+            >>> MappedFile(Path("model.safetensors")).check_range(96, 16, "model.safetensors", "w")
+        """
+        size = self._stamp[0]
+        if nbytes and (offset < 0 or offset + nbytes > size):
+            what = f"tensor {key!r} bytes" if key is not None else "tensor bytes"
             raise CorruptCheckpointError(
-                f"{shown}: tensor bytes [{offset}, {offset + nbytes}) lie past the end of the file",
+                f"{shown}: {what} [{offset}, {offset + nbytes}) lie past the end of the file ({size} bytes)",
                 path=shown,
+                key=key,
                 hint="the file is damaged",
             )
 
@@ -125,26 +133,6 @@ class MappedFile:
         if offset % dtype.itemsize:
             raw = raw.clone()  # unaligned data from another writer: copy rather than hand out a misaligned view
         return raw.view(dtype).reshape(shape)
-
-
-def check_in_file(file: MappedFile, begin: int, nbytes: int, name: str) -> None:
-    """Check that tensor ``name``'s bytes ``[begin, begin + nbytes)`` all lie in ``file``, reading
-    none of them (and importing no torch); `CorruptCheckpointError` naming the file and the tensor if not.
-
-    Example:
-        >>> check_in_file(MappedFile(Path("model.safetensors")), 96, 16, "w")
-    """
-    if not nbytes:  # an empty tensor has no bytes to find (and an empty file no map)
-        return
-    size = len(file.map)
-    if begin + nbytes > size:
-        raise CorruptCheckpointError(
-            f"{file.path}: tensor {name!r} bytes [{begin}, {begin + nbytes}) lie past the end of the file "
-            f"({size} bytes)",
-            path=file.path,
-            key=name,
-            hint="the file is damaged",
-        )
 
 
 class Span(NamedTuple):

@@ -253,10 +253,7 @@ class UrlFile(MappedFile):
         """Stream the bytes at each ``offset`` into its ``memoryview`` (see the module `fill`)."""
         jobs = sorted((o, v) for o, v in jobs if len(v))
         for offset, view in jobs:
-            if offset < 0 or offset + len(view) > self._stamp[0]:
-                raise CorruptCheckpointError(
-                    f"{self.url}: tensor bytes [{offset}, {offset + len(view)}) lie past the end of the file"
-                )
+            self.check_range(offset, len(view), self.url)
         buf = self._fetched()
         if buf is not None and not any(a < o + len(v) and o < b for o, v in jobs for a, b in self._filled):
             for offset, view in jobs:  # already here (an optimizer's state was read first): no second transfer

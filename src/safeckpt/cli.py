@@ -607,21 +607,19 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _span_readable(ref: TensorRef) -> bool:
-    """For a reference whose exact bytes lie in a local file (a ``.pt``'s storage): check they are
-    all there, without reading them or importing torch, and return True; False for any other
-    (the caller loads it). Their integrity is the format's checksums' to judge."""
-    from ._fs import check_in_file
-
+    """For a reference whose exact bytes lie in its file (its ``span``: every safetensors-based
+    tensor, a ``.pt``'s stored as they are), local or a URL's: check they are all there, without
+    reading them or importing torch, and return True; False for any other (the caller loads it).
+    Their integrity is the format's checksums' to judge."""
     span = ref.span
-    if span is None or not span.file.local:
+    if span is None:
         return False
-    check_in_file(span.file, span.offset, ref.nbytes, ref.name)
+    span.file.check_range(span.offset, ref.nbytes, str(span.file.path), key=ref.name)
     return True
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from . import _runtime
-    from .formats import _safetensors as st
     from .formats.safeckpt_sharded import ShardedRef
 
     try:
@@ -653,7 +651,7 @@ def _run_verify(args: argparse.Namespace) -> int:
                 try:
                     if isinstance(ref, ShardedRef):  # each chunk against its shard, without torch
                         ref.check_readable()
-                    elif not st.check_readable(ref) and not _span_readable(ref):  # in place, without torch
+                    elif not _span_readable(ref):  # in place, without torch
                         ref.load()
                 except CheckpointError as e:
                     failed += 1

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from .. import _dtypes, _shapes, _sources
-from .._fs import MappedFile, Span, check_in_file, checksum, copy_span, crc32, tensor_bytes, write_all
+from .._fs import MappedFile, Span, checksum, copy_span, crc32, tensor_bytes, write_all
 from .._storage import atomic_write
 from ..errors import CorruptCheckpointError
 from ..tree import TensorRef, is_tensor
@@ -403,9 +403,6 @@ def entry_complex(mapped: MappedFile, e: Entry) -> torch.Tensor:
     return torch.view_as_complex(entry_tensor(mapped, e))
 
 
-_LOADERS = (entry_tensor, entry_bytes, entry_complex)
-
-
 class EntryRef(TensorRef):
     """The `TensorRef` of a header entry, built without running Python per tensor: `entry_refs`
     makes a header's references with ``map`` over its columns in C, and each reads its fields off
@@ -541,23 +538,6 @@ def entry_refs(file: EntryFile, entries: dict[str, Entry]) -> dict[str, EntryRef
 
 
 _CODE = operator.itemgetter(1)
-
-
-def check_readable(ref: Any) -> bool:
-    """For a reference a safetensors-based reader made (``partial(entry_*, mapped, entry)``): check
-    that its bytes are still in its file, without reading them or importing torch, and return True;
-    False for any other reference (the caller loads it to check it). Raises `CorruptCheckpointError`.
-
-    Example:
-        >>> check_readable(safeckpt.open("model.safetensors").tensors()["w"])
-        True
-    """
-    loader = getattr(ref, "loader", None)
-    if not isinstance(loader, partial) or loader.func not in _LOADERS or len(loader.args) != 2:
-        return False
-    mapped, e = loader.args
-    check_in_file(mapped, e.begin, e.end - e.begin, e.name)
-    return True
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -760,12 +740,8 @@ def span_bytes(span: Span, nbytes: int) -> memoryview:
     """The ``nbytes`` at ``span`` in its file's map (`CorruptCheckpointError` if they run past its end)."""
     if nbytes == 0:
         return memoryview(b"")
-    mapped = span.file.map
-    if span.offset < 0 or span.offset + nbytes > len(mapped):
-        raise CorruptCheckpointError(
-            f"{span.file.path}: tensor bytes [{span.offset}, {span.offset + nbytes}) lie past the end of the file"
-        )
-    return memoryview(mapped)[span.offset : span.offset + nbytes]
+    span.file.check_range(span.offset, nbytes, str(span.file.path))
+    return memoryview(span.file.map)[span.offset : span.offset + nbytes]
 
 
 def span_crc(span: Span, nbytes: int, source: BinaryIO) -> int:
