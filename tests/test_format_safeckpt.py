@@ -151,3 +151,12 @@ def test_module_loads_read_straight_into_parameters(tmp_path: Path, monkeypatch:
     safeckpt.load_raw(path, hooked)  # a hook may look at or change the incoming tensors: they go through it
     assert reads == [] and seen == ["l1."]
     assert torch.equal(hooked.l1.weight, model.l1.weight)
+
+
+def test_sizes_count_every_tensor_even_where_two_paths_give_one_name(tmp_path: Path) -> None:
+    """``tensors()`` names tensors by path, so ``"a/b"`` and ``["a"]["b"]`` share a name there;
+    ``nbytes`` and ``numel`` count both (the second gets ``~1`` in the file)."""
+    path = tmp_path / "names.safeckpt"
+    safeckpt.save(path, {"a/b": torch.ones(4), "a": {"b": torch.ones(2)}})
+    ckpt = safeckpt.open(path)
+    assert len(ckpt.tensors()) == 1 and ckpt.nbytes == 24 and ckpt.numel == 6

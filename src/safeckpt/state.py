@@ -420,15 +420,6 @@ def _fits(ref: TensorRef, target: torch.Tensor) -> bool:
     )
 
 
-def read_into(ref: TensorRef, target: torch.Tensor) -> bool:
-    """Read ``ref``'s bytes from its file into ``target``'s memory (one ``preadv`` per GiB, no
-    page faults on a map); False if they cannot go there as they are."""
-    if not fits(ref, target):
-        return False
-    read_all([(ref, target)])
-    return True
-
-
 def fits(ref: TensorRef, target: torch.Tensor) -> bool:
     """Whether ``ref``'s bytes, as its local file holds them, can be read straight into ``target``
     (remote bytes go through `_remote_target`)."""
@@ -440,8 +431,9 @@ PARALLEL_READS = 64 << 20
 
 
 def read_all(pairs: list[tuple[TensorRef, torch.Tensor]]) -> None:
-    """`read_into` for every ``(ref, target)`` that `fits`: each file opened once, and the reads
-    spread over up to 4 threads (half the cores) when there are enough bytes (``preadv`` copies
+    """Read each ``ref``'s bytes from its file into its ``target``'s memory, for pairs that `fits`
+    (one ``preadv`` per GiB, no page faults on a map): each file opened once, and the reads spread
+    over up to 4 threads (half the cores) when there are enough bytes (``preadv`` copies
     page-cache pages without the GIL, so each thread's copy runs on a core of its own)."""
     with contextlib.ExitStack() as stack, torch.no_grad():
         files: dict[int, int] = {}

@@ -238,6 +238,22 @@ def _children(node: Any) -> Iterator[tuple[Any, Any]]:
     return enumerate(node) if type(node) in (list, tuple) else iter(())
 
 
+def _refs(tree: Any) -> list[TensorRef]:
+    """Every `TensorRef` leaf, in tree order: `iter_leaves` without the paths (which `tensors()`
+    would merge where two paths give one name)."""
+    out: list[TensorRef] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, TensorRef):
+            out.append(node)
+        elif isinstance(node, dict):
+            stack.extend(reversed(node.values()))
+        elif type(node) in (list, tuple):
+            stack.extend(reversed(node))
+    return out
+
+
 def is_container(obj: Any) -> bool:
     return isinstance(obj, dict) or type(obj) in (list, tuple)
 
@@ -411,7 +427,7 @@ class Checkpoint:
 
     def _unique(self) -> list[TensorRef]:
         """Each distinct tensor's first reference (tied ones counted once)."""
-        refs = list(self.tensors().values())
+        refs = _refs(self.tree)
         refs.reverse()  # the first of equal keys is the one a dict built in reverse order keeps
         return list(dict(zip(map(_ALIAS_KEY, refs), refs, strict=True)).values())
 
