@@ -65,18 +65,21 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
     source = str(path)
     file, entries = st.EntryFile(source, mapped, crcs), header.entries
 
-    def bind(name: str, flags: int, real_of: str | None) -> TensorRef:
+    def bad(name: str, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path}: {what}", path=path, key=name, hint=_DAMAGED)
+
+    def bind(name: str, flags: int, real_of: str | None) -> TensorRef:  # once per tensor: nothing built it does not need
         e = entries.get(name)
         if e is None:
-            raise CorruptCheckpointError(f"{path}: the skeleton refers to tensor {name!r}, which the file does not hold")
+            raise bad(name, f"the skeleton refers to tensor {name!r}, which the file does not hold")
         if e.code not in st.ROWS:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has dtype {e.code}, which torch cannot represent")
+            raise bad(name, f"tensor {name!r} has dtype {e.code}, which torch cannot represent")
         if real_of is None:
             ref = st.entry_ref(file, e)
         elif real_of in st.REAL_OF and st.REAL_OF[real_of] == st.ROWS[e.code].name and e.shape[-1:] == (2,):
             ref = st.entry_ref(file, e, st.ComplexEntryRef)
         else:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} cannot be read as {real_of!r}")
+            raise bad(name, f"tensor {name!r} cannot be read as {real_of!r}")
         if flags:  # instance values over the class's False (a dict made only for these references)
             ref.__dict__.update(requires_grad=bool(flags & FLAG_REQUIRES_GRAD), parameter=bool(flags & FLAG_PARAMETER))
         return ref
@@ -88,6 +91,9 @@ def read(path: Path, *, allow: Iterable[str] = ()) -> Checkpoint:
         raise CorruptCheckpointError(f"{path}: tensors {sorted(stray)[:5]} are in the file but not in its skeleton")
     plain = {k: v for k, v in meta.items() if not k.startswith("safeckpt.")}
     return Checkpoint(tree, format=NAME, path=path, metadata=plain, info={"format_version": version})
+
+
+_DAMAGED = "the file is damaged or was not written by safeckpt: restore it from a copy or re-save it"
 
 
 def write(ckpt: Checkpoint, path: Path) -> Path:
